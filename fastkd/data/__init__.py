@@ -1,0 +1,27 @@
+"""Data for fastkd: readers for CTR files, feature encoding, synthetic data.
+
+Pipeline: ``iter_table`` / ``read_table`` (file -> :class:`RawTable` of string tokens, with a
+:class:`ReadReport`) -> :class:`FeatureEncoder` (tokens -> per-field ids) -> :class:`CTRData`
+(model-ready int64 ids + float32 labels). :func:`load` does all of it in one call and
+:func:`make_synthetic` draws data from a known hidden click model.
+
+Example:
+    >>> from fastkd.data import load, make_synthetic
+    >>> data = make_synthetic(20_000, seed=0)
+    >>> train, valid, test = data.split((0.8, 0.1, 0.1), seed=0)
+    >>> len(train), len(valid), len(test)
+    (16000, 2000, 2000)
+"""
+from .encoder import FeatureEncoder
+from .loading import load
+from .readers import (AVAZU_COLUMNS, CRITEO_CATEGORICAL, CRITEO_NUMERIC, FRAPPE_FIELDS, IPINYOU_FIELDS, KINDS,
+                      RawTable, ReadReport, bucketize_numeric, iter_table, parse_spec, read_table)
+from .synthetic import default_cardinalities, make_synthetic
+from .table import CTRData
+
+__all__ = [
+    "CTRData", "RawTable", "ReadReport", "FeatureEncoder",
+    "iter_table", "read_table", "load", "make_synthetic",
+    "parse_spec", "bucketize_numeric", "default_cardinalities",
+    "KINDS", "CRITEO_NUMERIC", "CRITEO_CATEGORICAL", "AVAZU_COLUMNS", "FRAPPE_FIELDS", "IPINYOU_FIELDS",
+]

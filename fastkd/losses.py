@@ -1,0 +1,257 @@
+"""``nn.Module`` forms of the distillation losses: configuration and parameters, then ``forward``.
+
+The maths lives in :mod:`fastkd.functional`; see there for the exact formulas.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from . import _validate as V
+from . import functional as FK
+
+__all__ = ["DistillLoss", "GatedDistillLoss", "HintLoss"]
+
+
+class DistillLoss(nn.Module):
+    r"""``hard_weight·CE(y, z_S) + kd_weight·CE(σ(z_T/T), z_S/T)`` — single-teacher soft-label KD.
+
+    Args:
+        temperature: T > 0.
+        hard_weight: weight γ of the hard-label term.
+        kd_weight: weight β of the KD term.
+        reduction: "mean" | "sum" | "none".
+        t2_scale: multiply the KD term by T² (Hinton's scaling; off in the paper's form).
+
+    Shape:
+        - student_logits, teacher_logits: [B] / [B, 1] (binary) or [B, C]
+        - labels: [B] or ``None`` (KD term only)
+        - output: scalar, or [B] with ``reduction="none"``
+
+    Example::
+
+        >>> import torch
+        >>> from fastkd import DistillLoss
+        >>> crit = DistillLoss(temperature=2.0, hard_weight=1.0, kd_weight=0.5)
+        >>> zs = torch.randn(32, requires_grad=True)
+        >>> crit(zs, torch.randn(32), torch.randint(0, 2, (32,)).float()).backward()
+    """
+
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        hard_weight: float = 1.0,
+        kd_weight: float = 1.0,
+        reduction: str = "mean",
+        *,
+        t2_scale: bool = False,
+    ) -> None:
+        super().__init__()
+        self.temperature = V.check_temperature(temperature)
+        self.hard_weight = V.check_weight("hard_weight", hard_weight)
+        self.kd_weight = V.check_weight("kd_weight", kd_weight)
+        V.check_reduction(reduction)
+        self.reduction = reduction
+        self.t2_scale = bool(t2_scale)
+
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        return FK.distill_loss(
+            student_logits, teacher_logits, labels, self.temperature, self.hard_weight,
+            self.kd_weight, self.reduction, self.t2_scale,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"temperature={self.temperature}, hard_weight={self.hard_weight}, kd_weight={self.kd_weight}, "
+            f"reduction={self.reduction!r}, t2_scale={self.t2_scale}"
+        )
+
+
+class GatedDistillLoss(nn.Module):
+    r"""Distillation from M teachers mixed per sample by a learnable teacher gate.
+
+    ``α = softmax_i(w_i·z_Ti + b_i)`` (``gate="logit"``, the paper's gate), ``softmax_i(w_i·h_Ti + b_i)``
+    (``gate="hidden"``), uniform (``gate="mean"``), or fixed (``gate=<tensor [M]>``). The gate
+    parameters start at zero, i.e. at plain averaging. Per sample::
+
+        hard_weight·CE(y, z_S) + kd_weight·CE(target, z_S/T) + gate_loss_weight·CE(y, Σ α_i z_Ti)
+
+    with ``target = σ(Σ α_i z_Ti / T)`` (``ensemble="logit"``) or ``Σ α_i σ(z_Ti / T)``
+    (``ensemble="prob"``). The KD term trains the student (α held constant), the gate term trains
+    the gate only, and the teachers receive no gradient — put the module's parameters in the
+    optimizer together with the student's. After each call ``last_alpha`` holds the batch's α
+    (detached), for inspection.
+
+    Args:
+        num_teachers: M.
+        temperature: T > 0.
+        hard_weight: weight γ of the student's hard-label term.
+        kd_weight: weight β of the KD term.
+        gate: "logit" | "hidden" | "mean" | tensor [M] of fixed weights (non-negative, sum 1).
+        hidden_dim: d, the teachers' hidden width (required by ``gate="hidden"``).
+        ensemble: "logit" | "prob".
+        gate_loss_weight: weight of the gate's own label loss.
+        reduction: "mean" | "sum" | "none".
+        num_classes: 1 for binary CTR logits (default), C ≥ 2 for softmax logits.
+        t2_scale: multiply the KD term by T².
+
+    Shape:
+        - student_logits: [B] / [B, 1] (binary) or [B, C]
+        - teacher_logits: [B, M] (binary) or [B, M, C]
+        - labels: [B]
+        - teacher_hidden: [B, M, d] (``gate="hidden"`` only)
+        - output: scalar, or [B] with ``reduction="none"``
+
+    Example::
+
+        >>> import torch
+        >>> from fastkd import GatedDistillLoss
+        >>> crit = GatedDistillLoss(num_teachers=3, temperature=2.0)
+        >>> zs = torch.randn(64, requires_grad=True)
+        >>> loss = crit(zs, torch.randn(64, 3), torch.randint(0, 2, (64,)).float())
+        >>> loss.backward()
+        >>> crit.last_alpha.shape
+        torch.Size([64, 3])
+    """
+
+    def __init__(
+        self,
+        num_teachers: int,
+        temperature: float = 1.0,
+        hard_weight: float = 1.0,
+        kd_weight: float = 1.0,
+        gate: Union[str, torch.Tensor] = "logit",
+        hidden_dim: Optional[int] = None,
+        ensemble: str = "logit",
+        gate_loss_weight: float = 1.0,
+        reduction: str = "mean",
+        *,
+        num_classes: int = 1,
+        t2_scale: bool = False,
+    ) -> None:
+        super().__init__()
+        if isinstance(num_teachers, bool) or not isinstance(num_teachers, int) or num_teachers < 1:
+            raise ValueError(f"num_teachers must be a positive int, got {num_teachers!r}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be 1 (binary) or a class count >= 2, got {num_classes!r}")
+        self.num_teachers = num_teachers
+        self.num_classes = num_classes
+        self.temperature = V.check_temperature(temperature)
+        self.hard_weight = V.check_weight("hard_weight", hard_weight)
+        self.kd_weight = V.check_weight("kd_weight", kd_weight)
+        self.gate_loss_weight = V.check_weight("gate_loss_weight", gate_loss_weight)
+        V.check_reduction(reduction)
+        self.reduction = reduction
+        if ensemble not in FK.ENSEMBLES:
+            raise ValueError(f"ensemble must be one of {FK.ENSEMBLES}, got {ensemble!r}")
+        self.ensemble = ensemble
+        self.t2_scale = bool(t2_scale)
+        self.hidden_dim = hidden_dim
+
+        self.weight: Optional[nn.Parameter] = None
+        self.bias: Optional[nn.Parameter] = None
+        if isinstance(gate, torch.Tensor):
+            self.gate = "fixed"
+            self.register_buffer("fixed_weights", FK.check_fixed_weights(gate, num_teachers).clone().float())
+        elif gate == "logit":
+            self.gate = gate
+            w_shape = (num_teachers,) if num_classes == 1 else (num_teachers, num_classes)
+            self.weight = nn.Parameter(torch.zeros(w_shape))
+            self.bias = nn.Parameter(torch.zeros(num_teachers))
+        elif gate == "hidden":
+            if isinstance(hidden_dim, bool) or not isinstance(hidden_dim, int) or hidden_dim < 1:
+                raise ValueError(f"gate='hidden' needs hidden_dim, a positive int; got {hidden_dim!r}")
+            self.gate = gate
+            self.weight = nn.Parameter(torch.zeros(num_teachers, hidden_dim))
+            self.bias = nn.Parameter(torch.zeros(num_teachers))
+        elif gate == "mean":
+            self.gate = gate
+        else:
+            raise ValueError(f"gate must be one of {FK.GATES} or a tensor of fixed weights, got {gate!r}")
+        self.last_alpha: Optional[torch.Tensor] = None
+
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        teacher_hidden: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        M = teacher_logits.shape[1] if teacher_logits.dim() >= 2 else None
+        if M != self.num_teachers:
+            raise ValueError(
+                f"teacher_logits must be [B, M, ...] with M = num_teachers = {self.num_teachers}, "
+                f"got {list(teacher_logits.shape)}"
+            )
+        C = 1 if student_logits.dim() == 1 or student_logits.shape[-1] == 1 else student_logits.shape[-1]
+        if C != self.num_classes:
+            raise ValueError(
+                f"student_logits {list(student_logits.shape)} imply {C} classes but the loss was built "
+                f"with num_classes={self.num_classes}"
+            )
+        if self.gate == "hidden" and teacher_hidden is not None and teacher_hidden.shape[-1] != self.hidden_dim:
+            raise ValueError(
+                f"teacher_hidden's last dimension must be hidden_dim = {self.hidden_dim}, got {list(teacher_hidden.shape)}"
+            )
+        gate = self.fixed_weights if self.gate == "fixed" else self.gate
+        loss, alpha = FK.gated_distill_loss(
+            student_logits, teacher_logits, labels, teacher_hidden,
+            gate=gate, gate_weight=self.weight, gate_bias=self.bias,
+            temperature=self.temperature, hard_weight=self.hard_weight, kd_weight=self.kd_weight,
+            ensemble=self.ensemble, gate_loss_weight=self.gate_loss_weight,
+            reduction=self.reduction, t2_scale=self.t2_scale, return_weights=True,
+        )
+        self.last_alpha = alpha
+        return loss
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_teachers={self.num_teachers}, gate={self.gate!r}, ensemble={self.ensemble!r}, "
+            f"temperature={self.temperature}, hard_weight={self.hard_weight}, kd_weight={self.kd_weight}, "
+            f"gate_loss_weight={self.gate_loss_weight}, reduction={self.reduction!r}"
+        )
+
+
+class HintLoss(nn.Module):
+    r"""Hint regression ``‖W v_T − v_S‖²`` (summed over features, reduced over the batch).
+
+    ``W`` (``self.proj``, a bias-free ``nn.Linear(teacher_dim, student_dim)``) maps the teacher's
+    hint into the student's space and is trained with the student; ``v_T`` gets no gradient.
+
+    Args:
+        teacher_dim: d_T, width of the teacher's hint vector.
+        student_dim: d_S, width of the student's guided vector.
+        reduction: "mean" | "sum" | "none".
+
+    Shape:
+        - student_hint: [B, d_S]
+        - teacher_hint: [B, d_T]
+        - output: scalar, or [B] with ``reduction="none"``
+
+    Example::
+
+        >>> import torch
+        >>> from fastkd import HintLoss
+        >>> hint = HintLoss(teacher_dim=64, student_dim=16)
+        >>> vs = torch.randn(8, 16, requires_grad=True)
+        >>> hint(vs, torch.randn(8, 64)).backward()
+    """
+
+    def __init__(self, teacher_dim: int, student_dim: int, reduction: str = "mean") -> None:
+        super().__init__()
+        for name, v in (("teacher_dim", teacher_dim), ("student_dim", student_dim)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        V.check_reduction(reduction)
+        self.reduction = reduction
+        self.proj = nn.Linear(teacher_dim, student_dim, bias=False)
+
+    def forward(self, student_hint: torch.Tensor, teacher_hint: torch.Tensor) -> torch.Tensor:
+        return FK.hint_loss(student_hint, teacher_hint, self.proj.weight, self.reduction)

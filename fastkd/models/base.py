@@ -1,0 +1,208 @@
+"""Shared pieces of the CTR models: the :class:`CTRModel` base class, the MLP block and the
+first-order (linear) term."""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..embedding import DEFAULT_INIT_STD, MultiFieldEmbedding
+
+__all__ = ["CTRModel", "MLP", "FirstOrder"]
+
+ForwardOut = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
+
+
+def _check_hidden_units(hidden_units: Sequence[int], name: str = "hidden_units") -> Tuple[int, ...]:
+    if isinstance(hidden_units, int):
+        raise TypeError(f"{name} must be a sequence of ints (e.g. (400, 400)), got {hidden_units}")
+    units = tuple(hidden_units)
+    for i, u in enumerate(units):
+        if int(u) != u or u <= 0:
+            raise ValueError(f"{name}[{i}] must be a positive int, got {u!r}")
+    return tuple(int(u) for u in units)
+
+
+def _check_dropout(dropout: float) -> float:
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    return float(dropout)
+
+
+class MLP(nn.Sequential):
+    """Stack of ``Linear -> BatchNorm1d -> ReLU -> Dropout`` blocks.
+
+    With ``batch_norm=True`` the Linear layers have no bias: BatchNorm subtracts the batch mean
+    right after, so a bias would be a dead parameter (its gradient is zero up to rounding) and
+    would only cost time.
+
+    An empty ``hidden_units`` gives the identity (``output_dim == in_dim``), which lets models
+    switch their deep part off.
+
+    Args:
+        in_dim: input width.
+        hidden_units: width of each hidden layer.
+        dropout: dropout probability after each block (0 disables the Dropout module).
+        batch_norm: insert ``BatchNorm1d`` after each Linear.
+
+    Shape:
+        - Input: ``[B, in_dim]``.
+        - Output: ``[B, output_dim]`` with ``output_dim = hidden_units[-1]`` (or ``in_dim``).
+
+    Example:
+        >>> import torch
+        >>> mlp = MLP(8, (16, 4), dropout=0.1)
+        >>> mlp(torch.randn(5, 8)).shape
+        torch.Size([5, 4])
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        hidden_units: Sequence[int],
+        dropout: float = 0.0,
+        batch_norm: bool = True,
+    ) -> None:
+        units = _check_hidden_units(hidden_units)
+        dropout = _check_dropout(dropout)
+        layers = []
+        prev = int(in_dim)
+        for u in units:
+            layers.append(nn.Linear(prev, u, bias=not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(u))
+            # In place is safe: neither BatchNorm's nor Linear's backward needs this output.
+            layers.append(nn.ReLU(inplace=True))
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            prev = u
+        super().__init__(*layers)
+        self.in_dim = int(in_dim)
+        self.output_dim = prev
+
+
+class FirstOrder(nn.Module):
+    """First-order (linear / "wide") term: one scalar weight per feature value, summed over fields.
+
+    It shares the fused row layout (and so the offset ids) of the model's
+    :class:`~fastkd.embedding.MultiFieldEmbedding`, so the ids are validated and offset once per
+    forward. No bias: every model's output layer already has one.
+
+    Args:
+        embedding: the model's main embedding, whose layout this term reuses.
+
+    Shape:
+        - Input: flat ids ``[B, F]`` from ``embedding.flat_ids``.
+        - Output: ``[B]``.
+    """
+
+    def __init__(self, embedding: MultiFieldEmbedding) -> None:
+        super().__init__()
+        self.sparse = embedding.sparse
+        # Zero start: the model begins as its deep part alone, and the term still gets a
+        # gradient (d logit / d w = 1 for every looked-up row).
+        self.weight = nn.Parameter(torch.zeros(embedding.num_embeddings, 1))
+
+    def forward(self, flat_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(flat_ids, self.weight, sparse=self.sparse).sum(dim=(1, 2))
+
+
+class CTRModel(nn.Module):
+    """Base class of the CTR models: fused embedding in, one logit per sample out.
+
+    Subclasses build their layers in ``__init__`` (after calling this constructor), set
+    :attr:`hidden_dim`, and implement :meth:`_forward`.
+
+    Args:
+        field_sizes: vocabulary size of each of the ``F`` fields.
+        embed_dim: embedding dimension ``D`` shared by all fields.
+        hidden_units: widths of the DNN part (``()`` switches the DNN off where the model allows).
+        dropout: dropout after each DNN block.
+        batch_norm: BatchNorm1d after each DNN Linear.
+        embed_reg: coefficient of :meth:`regularization_loss` (0 disables it).
+        sparse: sparse gradients for the embedding tables (pair with ``torch.optim.SparseAdam``).
+        init_std: std of the normal embedding initialisation.
+
+    Shape:
+        - Input: ``ids`` int64 ``[B, F]``, per-field ids.
+        - Output: logits float ``[B]`` (pre-sigmoid); with ``return_hidden=True`` also
+          ``hidden`` ``[B, hidden_dim]``, the last representation before the output layer.
+
+    Batch norm needs ``B > 1`` in training mode (a PyTorch restriction); ``B = 1`` works in eval.
+    """
+
+    def __init__(
+        self,
+        field_sizes: Sequence[int],
+        embed_dim: int = 16,
+        hidden_units: Sequence[int] = (400, 400, 400),
+        dropout: float = 0.1,
+        batch_norm: bool = True,
+        *,
+        embed_reg: float = 0.0,
+        sparse: bool = False,
+        init_std: float = DEFAULT_INIT_STD,
+    ) -> None:
+        super().__init__()
+        if embed_reg < 0:
+            raise ValueError(f"embed_reg must be >= 0, got {embed_reg}")
+        self.embedding = MultiFieldEmbedding(field_sizes, embed_dim, sparse=sparse, init_std=init_std)
+        self.hidden_units = _check_hidden_units(hidden_units)
+        self.dropout = _check_dropout(dropout)
+        self.batch_norm = bool(batch_norm)
+        self.embed_reg = float(embed_reg)
+        self.hidden_dim: int = 0  # set by subclasses
+        self._last_emb: Optional[torch.Tensor] = None
+
+    @property
+    def field_sizes(self) -> Tuple[int, ...]:
+        return self.embedding.field_sizes
+
+    @property
+    def num_fields(self) -> int:
+        return self.embedding.num_fields
+
+    @property
+    def embed_dim(self) -> int:
+        return self.embedding.dim
+
+    @property
+    def flat_embed_dim(self) -> int:
+        """``F * D``, the width of the concatenated field embeddings."""
+        return self.embedding.num_fields * self.embedding.dim
+
+    def _mlp(self, in_dim: int) -> MLP:
+        return MLP(in_dim, self.hidden_units, self.dropout, self.batch_norm)
+
+    def _forward(self, flat_ids: torch.Tensor, emb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Model body: ``flat_ids`` ``[B, F]`` (offset ids), ``emb`` ``[B, F, D]`` ->
+        ``(logits [B], hidden [B, hidden_dim])``."""
+        raise NotImplementedError
+
+    def forward(self, ids: torch.Tensor, return_hidden: bool = False) -> ForwardOut:
+        flat_ids = self.embedding.flat_ids(ids)
+        emb = self.embedding.lookup(flat_ids)
+        # Kept (only when regularising) so regularization_loss() can reuse this batch's rows
+        # without a second lookup or a forward hook.
+        self._last_emb = emb if self.embed_reg > 0 else None
+        logits, hidden = self._forward(flat_ids, emb)
+        return (logits, hidden) if return_hidden else logits
+
+    def regularization_loss(self) -> torch.Tensor:
+        """``embed_reg * mean_b sum_{f,d} e[b, f, d]^2`` over the last forward's embeddings.
+
+        The L2 penalty is on the rows looked up in the last batch (rows seen more often are
+        penalised more, like per-step weight decay on the active rows only), which is the
+        usual CTR embedding regulariser and keeps the cost O(B*F*D) instead of O(table).
+        Returns a zero scalar when ``embed_reg == 0`` or before any forward. Only the latest
+        forward counts: call it after the forward whose batch should be regularised.
+        """
+        emb = self._last_emb
+        if self.embed_reg == 0 or emb is None:
+            return self.embedding.weight.new_zeros(())
+        return self.embed_reg * emb.pow(2).sum() / emb.shape[0]
+
+    def extra_repr(self) -> str:
+        return f"hidden_dim={self.hidden_dim}, embed_reg={self.embed_reg}"

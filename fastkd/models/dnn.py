@@ -1,0 +1,114 @@
+"""Embedding + MLP models: the DNN student, Wide&Deep and DeepFM."""
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .base import CTRModel, FirstOrder
+from .layers import fm_interaction
+
+__all__ = ["DNN", "WideDeep", "DeepFM"]
+
+
+class DNN(CTRModel):
+    """Plain embedding + MLP model; the student of the ensemble-KD setup.
+
+    ``logit = w^T MLP(concat_f e_f) + b``.
+
+    Args:
+        field_sizes, embed_dim, hidden_units, dropout, batch_norm, embed_reg, sparse, init_std:
+            see :class:`~fastkd.models.CTRModel`.
+
+    Shape:
+        - Input: ``ids`` int64 ``[B, F]``.
+        - Output: logits ``[B]``; ``hidden`` ``[B, hidden_dim]`` is the last MLP layer's output
+          (``hidden_dim = hidden_units[-1]``, or ``F * D`` with no hidden layers).
+
+    Example:
+        >>> import torch
+        >>> model = DNN([10, 20, 5], embed_dim=4, hidden_units=(32, 16))
+        >>> ids = torch.tensor([[1, 2, 3], [9, 19, 4]])
+        >>> logits, hidden = model(ids, return_hidden=True)
+        >>> logits.shape, hidden.shape
+        (torch.Size([2]), torch.Size([2, 16]))
+    """
+
+    def __init__(
+        self,
+        field_sizes: Sequence[int],
+        embed_dim: int = 16,
+        hidden_units: Sequence[int] = (400, 400, 400),
+        dropout: float = 0.1,
+        batch_norm: bool = True,
+        **kwargs,
+    ) -> None:
+        super().__init__(field_sizes, embed_dim, hidden_units, dropout, batch_norm, **kwargs)
+        self.mlp = self._mlp(self.flat_embed_dim)
+        self.hidden_dim = self.mlp.output_dim
+        self.head = nn.Linear(self.hidden_dim, 1)
+
+    def _forward(self, flat_ids: torch.Tensor, emb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.mlp(emb.flatten(1))
+        return self.head(hidden).squeeze(-1), hidden
+
+
+class WideDeep(DNN):
+    """Wide & Deep: DNN plus a linear ("wide") term over the raw features.
+
+    ``logit = DNN logit + sum_f w[x_f]``. The wide part is linear in the given fields only
+    (no hand-made cross-product features, as in most CTR benchmark re-implementations).
+
+    Args:
+        see :class:`DNN`.
+
+    Shape:
+        - Output: logits ``[B]``; ``hidden`` is the DNN's last hidden layer ``[B, hidden_units[-1]]``
+          (the wide term is added to the logit and is not part of it).
+
+    Example:
+        >>> import torch
+        >>> model = WideDeep([10, 20], embed_dim=4, hidden_units=(8,))
+        >>> model(torch.tensor([[1, 2], [3, 4]])).shape
+        torch.Size([2])
+    """
+
+    def __init__(self, field_sizes: Sequence[int], embed_dim: int = 16, hidden_units: Sequence[int] = (400, 400, 400),
+                 dropout: float = 0.1, batch_norm: bool = True, **kwargs) -> None:
+        super().__init__(field_sizes, embed_dim, hidden_units, dropout, batch_norm, **kwargs)
+        self.wide = FirstOrder(self.embedding)
+
+    def _forward(self, flat_ids: torch.Tensor, emb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.mlp(emb.flatten(1))
+        return self.head(hidden).squeeze(-1) + self.wide(flat_ids), hidden
+
+
+class DeepFM(DNN):
+    """DeepFM: FM (first + second order) and a DNN sharing one embedding.
+
+    ``logit = sum_f w[x_f] + sum_{i<j} <e_i, e_j> + DNN logit``.
+
+    Args:
+        see :class:`DNN`.
+
+    Shape:
+        - Output: logits ``[B]``; ``hidden`` is the DNN's last hidden layer ``[B, hidden_units[-1]]``
+          (the FM terms are added to the logit and are not part of it).
+
+    Example:
+        >>> import torch
+        >>> model = DeepFM([10, 20], embed_dim=4, hidden_units=(8,))
+        >>> model(torch.tensor([[1, 2], [3, 4]])).shape
+        torch.Size([2])
+    """
+
+    def __init__(self, field_sizes: Sequence[int], embed_dim: int = 16, hidden_units: Sequence[int] = (400, 400, 400),
+                 dropout: float = 0.1, batch_norm: bool = True, **kwargs) -> None:
+        super().__init__(field_sizes, embed_dim, hidden_units, dropout, batch_norm, **kwargs)
+        self.first_order = FirstOrder(self.embedding)
+
+    def _forward(self, flat_ids: torch.Tensor, emb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.mlp(emb.flatten(1))
+        logits = self.head(hidden).squeeze(-1) + self.first_order(flat_ids) + fm_interaction(emb)
+        return logits, hidden
