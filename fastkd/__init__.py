@@ -17,12 +17,18 @@ __all__ = [
     "GatedDistillLoss",
     "HintLoss",
     "MultiFieldEmbedding",
+    "Distiller",
+    "TeacherCache",
+    "TrainConfig",
     "functional",
 ]
 
 # Heavier parts load on first use, so `import fastkd` stays cheap for users who only want the losses.
 _LAZY = {
     "MultiFieldEmbedding": ("fastkd.embedding", "MultiFieldEmbedding"),
+    "Distiller": ("fastkd.train", "Distiller"),
+    "TeacherCache": ("fastkd.train", "TeacherCache"),
+    "TrainConfig": ("fastkd.train", "TrainConfig"),
 }
 
 

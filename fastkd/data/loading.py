@@ -52,5 +52,6 @@ def load(spec: str, *, encoder: Optional[FeatureEncoder] = None, kind: str = "vo
     first_pass = chunks()  # validates spec and files before anything is fitted
     if encoder is None:
         encoder = FeatureEncoder(kind, min_count=min_count, num_buckets=num_buckets, seed=seed).fit(first_pass)
+    first_pass.close()  # a hash encoder stops after the first chunk; release the open file now
     data = encoder.transform(chunks())
     return (data, encoder) if return_encoder else data

@@ -13,7 +13,7 @@ __all__ = ["make_synthetic", "default_cardinalities"]
 def default_cardinalities(n_fields: int, max_cardinality: int = 20_000, min_cardinality: int = 5) -> list:
     """Power-law field sizes: geometric from ``max_cardinality`` down to ``min_cardinality``.
 
-    For 12 fields: 20000, 9419, 4436, 2089, 984, 463, 218, 103, 48, 23, 11, 5.
+    For 12 fields: 20000, 9410, 4427, 2083, 980, 461, 217, 102, 48, 23, 11, 5.
     """
     if n_fields < 1:
         raise ValueError(f"n_fields must be >= 1, got {n_fields}")
@@ -34,11 +34,18 @@ def _standardise(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
 class _HiddenModel:
     """The true logit: bias + first-order + field-pair (low-rank) + 3-field (trilinear) terms."""
 
-    def __init__(self, rng: np.random.Generator, cards: Sequence[int], rank: int, pair_density: float,
-                 n_triples: int, triple_rank: int):
+    def __init__(self, rng: np.random.Generator, cards: Sequence[int], perms: Sequence[np.ndarray], rank: int,
+                 pair_density: float, n_triples: int, triple_rank: int, tail_decay: float):
         F = len(cards)
-        self.w = [rng.standard_normal(c) for c in cards]
-        self.v = [rng.standard_normal((c, rank)) / np.sqrt(rank) for c in cards]
+        # Effect size shrinks with popularity rank r as (1 + r/10)^-tail_decay, so rare values carry
+        # less signal (as shrunken estimates of them would); scale[f][id] for the id of rank r.
+        scale = []
+        for c, perm in zip(cards, perms):
+            sc = np.empty(c)
+            sc[perm] = (1.0 + np.arange(c) / 10.0) ** (-tail_decay)
+            scale.append(sc)
+        self.w = [rng.standard_normal(c) * sc for c, sc in zip(cards, scale)]
+        self.v = [rng.standard_normal((c, rank)) / np.sqrt(rank) * sc[:, None] for c, sc in zip(cards, scale)]
         pairs = [(a, b) for a in range(F) for b in range(a + 1, F)]
         keep = rng.random(len(pairs)) < pair_density
         if pairs and not keep.any():
@@ -49,7 +56,7 @@ class _HiddenModel:
         if F >= 3:
             for _ in range(n_triples):
                 fields = tuple(int(f) for f in np.sort(rng.choice(F, size=3, replace=False)))
-                embs = [rng.standard_normal((cards[f], triple_rank)) for f in fields]
+                embs = [rng.standard_normal((cards[f], triple_rank)) * scale[f][:, None] for f in fields]
                 self.triples.append((fields, embs))
 
     def components(self, ids: np.ndarray):
@@ -82,15 +89,18 @@ def _sample_ids(rng: np.random.Generator, n: int, cards: Sequence[int], zipf: fl
 
 def make_synthetic(n_samples: int = 200_000, n_fields: int = 12, seed: int = 0, *,
                    cardinalities: Optional[Sequence[int]] = None, max_cardinality: int = 20_000,
-                   min_cardinality: int = 5, zipf_exponent: float = 1.1,
-                   first_order: float = 1.0, pairwise: float = 1.0, higher_order: float = 0.8,
+                   min_cardinality: int = 5, zipf_exponent: float = 1.2,
+                   first_order: float = 0.8, pairwise: float = 1.0, higher_order: float = 1.0,
                    rank: int = 4, pair_density: float = 0.5, n_triples: int = 4, triple_rank: int = 4,
-                   noise: float = 0.3, positive_rate: float = 0.25, calibration_rows: int = 20_000,
+                   tail_decay: float = 1.0, noise: float = 0.3, positive_rate: float = 0.25, calibration_rows: int = 20_000,
                    return_logits: bool = False) -> Union[CTRData, Tuple[CTRData, np.ndarray]]:
     """Synthetic multi-field CTR data drawn from a hidden click model.
 
     Values of field ``f`` are ids ``0..card_f-1`` with Zipf(``zipf_exponent``) frequencies (the
-    popularity order is a random permutation of ids). The click probability is
+    popularity order is a random permutation of ids). Every per-value parameter below is scaled by
+    ``(1 + r/10) ** -tail_decay`` for the value of popularity rank ``r``, so rare values carry less
+    signal (otherwise most of the signal would sit in values too rare for any model to learn). The
+    click probability is
     ``sigmoid(b + first_order*z1 + pairwise*z2 + higher_order*z3 + noise*eps)`` with
 
     * ``z1``: per-value weights summed over fields (what a logistic regression can learn);
@@ -102,7 +112,10 @@ def make_synthetic(n_samples: int = 200_000, n_fields: int = 12, seed: int = 0, 
     Each ``z`` is scaled to unit standard deviation and the bias ``b`` is set so that the mean click
     probability is ``positive_rate``, both on ``calibration_rows`` rows from a separate stream of the
     same seed, so the hidden model depends only on ``seed`` and the knobs, not on ``n_samples``.
-    With the defaults the true logit reaches AUC ~0.80 while a first-order model is clearly lower.
+
+    With the defaults (200k rows, 80/20 split, seed 0) the true logit has test AUC 0.825, a
+    logistic regression ~0.71 and a quickly trained DeepFM ~0.76: interactions carry much of the
+    signal, so teachers of different architectures differ and distillation has something to transfer.
 
     Args:
         n_samples: rows to draw.
@@ -111,6 +124,7 @@ def make_synthetic(n_samples: int = 200_000, n_fields: int = 12, seed: int = 0, 
         cardinalities: explicit field sizes; default :func:`default_cardinalities`
             (``max_cardinality`` .. ``min_cardinality``).
         zipf_exponent: value-frequency skew within a field (0 = uniform).
+        tail_decay: how fast effect sizes shrink with popularity rank (0 = no shrinkage).
         first_order, pairwise, higher_order: logit std of each component (0 switches it off).
         rank, pair_density: pair-interaction factor rank and fraction of interacting field pairs.
         n_triples, triple_rank: number and rank of 3-field terms.
@@ -125,8 +139,10 @@ def make_synthetic(n_samples: int = 200_000, n_fields: int = 12, seed: int = 0, 
 
     Example:
         >>> data = make_synthetic(10_000, seed=1)
-        >>> data.ids.shape, round(data.positive_rate, 1)
-        ((10000, 12), 0.2)
+        >>> data.ids.shape, data.field_sizes[:3]
+        ((10000, 12), [20000, 9410, 4427])
+        >>> abs(data.positive_rate - 0.25) < 0.03
+        True
     """
     if not isinstance(n_samples, (int, np.integer)) or n_samples < 0:
         raise ValueError(f"n_samples must be a non-negative int, got {n_samples!r}")
@@ -142,6 +158,8 @@ def make_synthetic(n_samples: int = 200_000, n_fields: int = 12, seed: int = 0, 
                       ("noise", noise), ("zipf_exponent", zipf_exponent)):
         if val < 0:
             raise ValueError(f"{name} must be >= 0, got {val}")
+    if tail_decay < 0:
+        raise ValueError(f"tail_decay must be >= 0, got {tail_decay}")
     if rank < 1 or triple_rank < 1 or n_triples < 0 or calibration_rows < 100:
         raise ValueError("need rank >= 1, triple_rank >= 1, n_triples >= 0, calibration_rows >= 100")
 
@@ -149,7 +167,7 @@ def make_synthetic(n_samples: int = 200_000, n_fields: int = 12, seed: int = 0, 
     model_ss, calib_ss, data_ss, noise_ss = np.random.SeedSequence(seed).spawn(4)
     mrng = np.random.default_rng(model_ss)
     perms = [mrng.permutation(c) for c in cards]
-    model = _HiddenModel(mrng, cards, rank, pair_density, n_triples, triple_rank)
+    model = _HiddenModel(mrng, cards, perms, rank, pair_density, n_triples, triple_rank, tail_decay)
 
     cal_ids = _sample_ids(np.random.default_rng(calib_ss), calibration_rows, cards, zipf_exponent, perms)
     cal = model.components(cal_ids)

@@ -16,14 +16,14 @@ from __future__ import annotations
 from typing import Dict, Sequence, Type
 
 from .autoint import AutoInt
-from .base import MLP, CTRModel, FirstOrder
+from .base import MLP, CTRModel, FastDropout, FirstOrder
 from .dcn import DCN, DCNv2
 from .dnn import DNN, DeepFM, WideDeep
 from .layers import CIN, CrossNet, CrossNetV2, InteractingLayer, fm_interaction
 from .xdeepfm import xDeepFM
 
 __all__ = [
-    "CTRModel", "MLP", "FirstOrder",
+    "CTRModel", "MLP", "FirstOrder", "FastDropout",
     "DNN", "WideDeep", "DeepFM", "DCN", "DCNv2", "xDeepFM", "AutoInt",
     "CIN", "CrossNet", "CrossNetV2", "InteractingLayer", "fm_interaction",
     "MODELS", "build_model",

@@ -1,0 +1,711 @@
+"""Training: plain models, pre-train and co-train distillation, early stopping, checkpoints.
+
+The loops index whole-dataset tensors directly (one gather per epoch for the shuffle, then
+contiguous slices): at CTR batch sizes a ``DataLoader`` costs more than the model.
+
+Early stopping, exactly (see :class:`TrainConfig`):
+
+* ``early_stop="auc"`` / ``"logloss"``: after each epoch the model is scored on the validation
+  split (labels); the best epoch's weights are restored at the end.
+* ``early_stop="kd"`` (the paper's rule, student only): after each epoch the *distillation term*
+  ``CE(target, z_S/T)`` (no label terms) is averaged over the monitor split, whose targets come
+  from the frozen teachers. With ``merge_validation=False`` the monitor split is the validation
+  split; with ``merge_validation=True`` the validation split is cut in two: its first
+  ``monitor_fraction`` (by the split order) is held out as the monitor split and the rest is added
+  to the student's training data.
+
+``patience`` counts epochs without improvement; with ``reduce_lr_on_plateau`` each such epoch
+also divides the learning rate by 10 (FuxiCTR's schedule).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import CTRData
+from .losses import GatedDistillLoss, HintLoss
+from .metrics import log_loss, roc_auc
+
+__all__ = [
+    "TrainConfig", "EarlyStopper", "TeacherCache", "Distiller", "train_model", "predict",
+    "evaluate", "seed_everything", "atomic_save",
+]
+
+MONITORS = {"auc": "max", "logloss": "min", "kd": "min"}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and stopping settings shared by teachers, baselines and students.
+
+    Args:
+        max_epochs: upper bound on epochs.
+        batch_size: training batch size.
+        lr: Adam learning rate.
+        early_stop: "auc" | "logloss" (validation labels) | "kd" (distillation loss; students).
+        patience: epochs without improvement before stopping (None: 2 for auc/logloss, 3 for kd).
+        reduce_lr_on_plateau: divide the learning rate by 10 after each epoch without improvement.
+        eval_batch_size: batch size for scoring.
+        merge_validation: with ``early_stop="kd"``, train the student on the validation split too,
+            except a held-out ``monitor_fraction`` of it that monitors the distillation loss.
+        monitor_fraction: share of the validation split held out as the monitor split.
+        seed: seeds initialisation and data order.
+        progress: show tqdm progress bars (default: when stderr is a terminal).
+    """
+
+    max_epochs: int = 50
+    batch_size: int = 2048
+    lr: float = 1e-3
+    early_stop: str = "auc"
+    patience: Optional[int] = None
+    reduce_lr_on_plateau: bool = True
+    eval_batch_size: int = 16384
+    merge_validation: bool = False
+    monitor_fraction: float = 0.2
+    seed: int = 0
+    progress: Optional[bool] = None
+
+    def __post_init__(self) -> None:
+        if self.early_stop not in MONITORS:
+            raise ValueError(f"early_stop must be one of {tuple(MONITORS)}, got {self.early_stop!r}")
+        if self.patience is None:
+            self.patience = 3 if self.early_stop == "kd" else 2
+        if self.patience < 1 or self.max_epochs < 1 or self.batch_size < 1:
+            raise ValueError("patience, max_epochs and batch_size must be >= 1")
+        if not 0.0 < self.monitor_fraction < 1.0:
+            raise ValueError(f"monitor_fraction must be in (0, 1), got {self.monitor_fraction}")
+        if self.merge_validation and self.early_stop != "kd":
+            raise ValueError("merge_validation=True needs early_stop='kd' (the validation labels are trained on)")
+
+    @property
+    def show_progress(self) -> bool:
+        return sys.stderr.isatty() if self.progress is None else bool(self.progress)
+
+
+class EarlyStopper:
+    """Tracks the monitored value, the best epoch and its weights."""
+
+    def __init__(self, monitor: str, patience: int) -> None:
+        self.mode = MONITORS[monitor]
+        self.patience = patience
+        self.best: Optional[float] = None
+        self.best_epoch = -1
+        self.bad_epochs = 0
+        self.best_state: Optional[dict] = None
+
+    def step(self, value: float, epoch: int, modules: Dict[str, nn.Module]) -> bool:
+        """Record an epoch's value; returns True when it improved on the best so far."""
+        if not math.isfinite(value):
+            improved = False
+        elif self.best is None:
+            improved = True
+        else:
+            improved = value > self.best if self.mode == "max" else value < self.best
+        if improved:
+            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+            self.best_state = {k: copy.deepcopy(m.state_dict()) for k, m in modules.items()}
+        else:
+            self.bad_epochs += 1
+        return improved
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
+                "best_state": self.best_state}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.best, self.best_epoch = sd["best"], sd["best_epoch"]
+        self.bad_epochs, self.best_state = sd["bad_epochs"], sd["best_state"]
+
+
+def atomic_save(obj, path: Union[str, Path]) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename: a crash mid-write
+    leaves the previous checkpoint intact, never a truncated one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _as_tensors(data: CTRData) -> Tuple[torch.Tensor, torch.Tensor]:
+    return torch.from_numpy(data.ids), torch.from_numpy(data.labels)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: Union[CTRData, torch.Tensor], batch_size: int = 16384,
+            return_hidden: bool = False):
+    """Logits [N] (and hidden [N, d] with ``return_hidden``) of ``model`` in eval mode."""
+    ids = torch.from_numpy(data.ids) if isinstance(data, CTRData) else data
+    was_training = model.training
+    model.eval()
+    logits, hidden = [], []
+    try:
+        for i in range(0, ids.shape[0], batch_size):
+            out = model(ids[i:i + batch_size], return_hidden=return_hidden)
+            if return_hidden:
+                logits.append(out[0])
+                hidden.append(out[1])
+            else:
+                logits.append(out)
+    finally:
+        model.train(was_training)
+    z = torch.cat(logits) if logits else torch.zeros(0)
+    return (z, torch.cat(hidden)) if return_hidden else z
+
+
+def scores(labels: np.ndarray, logits: torch.Tensor) -> Dict[str, float]:
+    z = logits.detach().double().numpy()
+    return {"auc": roc_auc(labels, z), "logloss": log_loss(labels, 1.0 / (1.0 + np.exp(-z)))}
+
+
+def evaluate(model: nn.Module, data: CTRData, batch_size: int = 16384) -> Dict[str, float]:
+    """Test metrics of ``model`` on ``data``: {"auc", "logloss"}."""
+    return scores(data.labels, predict(model, data, batch_size))
+
+
+# ------------------------------------------------------------------------------------------------
+# Teacher cache
+# ------------------------------------------------------------------------------------------------
+class TeacherCache:
+    """Frozen teachers' outputs for every sample of a dataset, computed once.
+
+    Row ``i`` holds the M teachers' logits (and, when requested, their hidden vectors) for sample
+    ``i`` of the dataset it was built on, so a pre-train student epoch reads them by index and
+    never runs a teacher. With ``path`` the arrays live in memory-mapped ``.npy`` files (for data
+    larger than RAM); they are written under temporary names and renamed only when complete, so
+    an interrupted build never leaves a cache that a later run would trust.
+
+    Shape:
+        - ``logits``: [N, M] float32
+        - ``hidden``: [N, M, d] float32, or None
+    """
+
+    META = "cache.json"
+
+    def __init__(self, logits, hidden=None) -> None:
+        self.logits = torch.as_tensor(np.asarray(logits))
+        self.hidden = None if hidden is None else torch.as_tensor(np.asarray(hidden))
+        if self.logits.dim() != 2:
+            raise ValueError(f"logits must be [N, M], got {list(self.logits.shape)}")
+        if self.hidden is not None and tuple(self.hidden.shape[:2]) != tuple(self.logits.shape):
+            raise ValueError("hidden must be [N, M, d] with the logits' N and M")
+
+    def __len__(self) -> int:
+        return self.logits.shape[0]
+
+    @property
+    def num_teachers(self) -> int:
+        return self.logits.shape[1]
+
+    def gather(self, index: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        h = None if self.hidden is None else self.hidden[index]
+        return self.logits[index], h
+
+    @classmethod
+    def build(cls, teachers: Sequence[nn.Module], data: Union[CTRData, torch.Tensor], *,
+              hidden: bool = False, batch_size: int = 16384, path: Optional[Union[str, Path]] = None,
+              progress: bool = False) -> "TeacherCache":
+        """Run each teacher once over ``data`` (eval mode, no grad) and store its outputs."""
+        ids = torch.from_numpy(data.ids) if isinstance(data, CTRData) else data
+        n, m = ids.shape[0], len(teachers)
+        if m == 0:
+            raise ValueError("teachers is empty")
+        # Teachers of different hidden widths are zero-padded to the widest: exact for the hidden
+        # gate and for hint losses, whose per-teacher weights meet the padding only as zeros.
+        d = max(int(getattr(t, "hidden_dim", 0)) for t in teachers) if hidden else 0
+        if hidden and d < 1:
+            raise ValueError("hidden vectors requested but the teachers declare no hidden_dim")
+        if path is not None:
+            path = Path(path)
+            path.mkdir(parents=True, exist_ok=True)
+            tmp_l, tmp_h = path / "logits.npy.tmp", path / "hidden.npy.tmp"
+            logits = np.lib.format.open_memmap(tmp_l, mode="w+", dtype=np.float32, shape=(n, m))
+            hid = np.lib.format.open_memmap(tmp_h, mode="w+", dtype=np.float32, shape=(n, m, d)) if hidden else None
+        else:
+            logits = np.empty((n, m), dtype=np.float32)
+            hid = np.empty((n, m, d), dtype=np.float32) if hidden else None
+        from tqdm.auto import tqdm
+
+        for j, t in enumerate(tqdm(teachers, desc="teacher cache", disable=not progress, leave=False)):
+            out = predict(t, ids, batch_size, return_hidden=hidden)
+            if hidden:
+                logits[:, j] = out[0].float().numpy()
+                h = out[1].float().numpy()
+                hid[:, j, : h.shape[1]] = h
+                hid[:, j, h.shape[1]:] = 0.0
+            else:
+                logits[:, j] = out.float().numpy()
+        if path is None:
+            return cls(logits, hid)
+        logits.flush()
+        del logits
+        os.replace(tmp_l, path / "logits.npy")
+        if hidden:
+            hid.flush()
+            del hid
+            os.replace(tmp_h, path / "hidden.npy")
+        elif (path / "hidden.npy").exists():
+            os.unlink(path / "hidden.npy")
+        # the metadata file is written last: its presence marks a complete cache
+        meta = {"rows": n, "teachers": m, "hidden_dim": d if hidden else None}
+        tmp_meta = path / (cls.META + ".tmp")
+        tmp_meta.write_text(json.dumps(meta))
+        os.replace(tmp_meta, path / cls.META)
+        return cls.load(path)
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "TeacherCache":
+        """Open a cache written by :meth:`build` (memory-mapped, read-only)."""
+        path = Path(path)
+        if not (path / cls.META).exists():
+            raise FileNotFoundError(f"{path} holds no complete teacher cache (no {cls.META})")
+        meta = json.loads((path / cls.META).read_text())
+        logits = np.load(path / "logits.npy", mmap_mode="r")
+        hidden = np.load(path / "hidden.npy", mmap_mode="r") if meta["hidden_dim"] else None
+        if logits.shape != (meta["rows"], meta["teachers"]):
+            raise ValueError(f"{path}: logits.npy has shape {logits.shape}, metadata says {meta}")
+        # torch.as_tensor cannot wrap a read-only memmap without a copy; index through numpy
+        cache = cls.__new__(cls)
+        cache.logits = _MemmapRows(logits)
+        cache.hidden = None if hidden is None else _MemmapRows(hidden)
+        return cache
+
+
+class _MemmapRows:
+    """Row access to a read-only memory-mapped array, returning tensors."""
+
+    def __init__(self, arr: np.ndarray) -> None:
+        self.arr = arr
+        self.shape = torch.Size(arr.shape)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        idx = index.numpy() if isinstance(index, torch.Tensor) else index
+        return torch.from_numpy(np.ascontiguousarray(self.arr[idx]))
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+
+# ------------------------------------------------------------------------------------------------
+# The training loop
+# ------------------------------------------------------------------------------------------------
+class _Loop:
+    """One optimisation run with early stopping and atomic per-epoch checkpoints.
+
+    ``step(ids, labels, index) -> loss`` does one batch's forward; ``monitor() -> float`` scores
+    an epoch. ``modules`` are what the checkpoint and the best-epoch snapshot hold.
+    """
+
+    def __init__(self, modules: Dict[str, nn.Module], params: List[nn.Parameter], cfg: TrainConfig,
+                 monitor_name: str, checkpoint: Optional[Path], resume: bool, desc: str,
+                 stop_after_epoch: Optional[int] = None) -> None:
+        self.modules = modules
+        self.cfg = cfg
+        self.opt = torch.optim.Adam(params, lr=cfg.lr)
+        self.stopper = EarlyStopper(monitor_name, cfg.patience)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.checkpoint = checkpoint
+        self.resume = resume
+        self.desc = desc
+        self.history: List[dict] = []
+        self.epoch = 0
+        self.stop_after_epoch = stop_after_epoch  # testing hook: simulate a crash
+
+    def _state(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "modules": {k: m.state_dict() for k, m in self.modules.items()},
+            "optimizer": self.opt.state_dict(),
+            "stopper": self.stopper.state_dict(),
+            "gen": self.gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "numpy_rng": np.random.get_state(),
+            "python_rng": random.getstate(),
+            "history": self.history,
+        }
+
+    def _restore(self, st: dict) -> None:
+        self.epoch = st["epoch"]
+        for k, m in self.modules.items():
+            m.load_state_dict(st["modules"][k])
+        self.opt.load_state_dict(st["optimizer"])
+        self.stopper.load_state_dict(st["stopper"])
+        self.gen.set_state(st["gen"])
+        torch.set_rng_state(st["torch_rng"])
+        np.random.set_state(st["numpy_rng"])
+        random.setstate(st["python_rng"])
+        self.history = st["history"]
+
+    def run(self, ids: torch.Tensor, labels: torch.Tensor,
+            step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+            monitor: Callable[[], float]) -> dict:
+        from tqdm.auto import tqdm
+
+        if self.resume and self.checkpoint is not None and self.checkpoint.exists():
+            self._restore(torch.load(self.checkpoint, weights_only=False))
+        n = ids.shape[0]
+        bs = self.cfg.batch_size
+        done = self.stopper.should_stop
+        while not done and self.epoch < self.cfg.max_epochs:
+            t0 = time.perf_counter()
+            for m in self.modules.values():
+                m.train()
+            perm = torch.randperm(n, generator=self.gen)
+            ids_e, lab_e = ids[perm], labels[perm]
+            total, seen = torch.zeros((), dtype=torch.float64), 0
+            bar = tqdm(total=n, desc=f"{self.desc} epoch {self.epoch + 1}", unit="sample",
+                       disable=not self.cfg.show_progress, leave=False)
+            # a final batch of one sample would break BatchNorm; fold it into the previous batch
+            stops = list(range(bs, n, bs))
+            if stops and n - stops[-1] < 2:
+                stops.pop()
+            bounds = list(zip([0] + stops, stops + [n]))
+            for k, (a, b) in enumerate(bounds):
+                loss = step(ids_e[a:b], lab_e[a:b], perm[a:b])
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                self.opt.step()
+                total += loss.detach() * (b - a)
+                seen += b - a
+                if bar.disable is False and (k % 10 == 0 or b == n):
+                    bar.set_postfix(loss=f"{float(total) / seen:.4f}")
+                bar.update(b - a)
+            bar.close()
+            train_time = time.perf_counter() - t0
+            for m in self.modules.values():
+                m.eval()
+            value = monitor()
+            improved = self.stopper.step(value, self.epoch, self.modules)
+            if not improved and self.cfg.reduce_lr_on_plateau:
+                for g in self.opt.param_groups:
+                    g["lr"] *= 0.1
+            self.history.append({"epoch": self.epoch + 1, "train_loss": float(total) / max(seen, 1),
+                                 "monitor": value, "train_seconds": train_time,
+                                 "samples_per_s": n / train_time})
+            self.epoch += 1
+            done = self.stopper.should_stop
+            if self.checkpoint is not None:
+                atomic_save(self._state(), self.checkpoint)
+            if self.stop_after_epoch is not None and self.epoch >= self.stop_after_epoch:
+                raise KeyboardInterrupt(f"stopped after epoch {self.epoch} (stop_after_epoch)")
+        if self.stopper.best_state is not None:
+            for k, m in self.modules.items():
+                m.load_state_dict(self.stopper.best_state[k])
+        for m in self.modules.values():
+            m.eval()
+        return {"epochs": self.epoch, "best_epoch": self.stopper.best_epoch + 1,
+                "best_monitor": self.stopper.best, "history": self.history}
+
+
+def _label_monitor(model: nn.Module, data: CTRData, metric: str, batch_size: int) -> Callable[[], float]:
+    def monitor() -> float:
+        return scores(data.labels, predict(model, data, batch_size))[metric]
+    return monitor
+
+
+def _bce_step(model: nn.Module) -> Callable:
+    bce = nn.BCEWithLogitsLoss()
+
+    def step(ids, y, _index):
+        loss = bce(model(ids), y)
+        reg = getattr(model, "regularization_loss", None)
+        return loss + reg() if reg is not None else loss
+    return step
+
+
+def train_model(model: nn.Module, train: CTRData, valid: CTRData, cfg: TrainConfig, *,
+                checkpoint: Optional[Union[str, Path]] = None, resume: bool = False,
+                desc: str = "model", stop_after_epoch: Optional[int] = None) -> dict:
+    """Train ``model`` on labels (binary cross-entropy) with early stopping on ``valid``.
+
+    Returns a summary dict (epochs run, best epoch, per-epoch history). The best epoch's weights
+    are loaded into ``model`` at the end.
+    """
+    if cfg.early_stop == "kd":
+        raise ValueError("early_stop='kd' needs teachers; use Distiller (plain models stop on auc or logloss)")
+    seed_everything(cfg.seed)
+    ids, labels = _as_tensors(train)
+    loop = _Loop({"model": model}, list(model.parameters()), cfg, cfg.early_stop,
+                 Path(checkpoint) if checkpoint else None, resume, desc, stop_after_epoch)
+    return loop.run(ids, labels, _bce_step(model), _label_monitor(model, valid, cfg.early_stop, cfg.eval_batch_size))
+
+
+# ------------------------------------------------------------------------------------------------
+# Distillation
+# ------------------------------------------------------------------------------------------------
+class Distiller:
+    """Distil an ensemble of CTR teachers into a student, by pre-training or co-training.
+
+    ``mode="pretrain"``: the teachers are trained first (unless ``teachers_trained=True``), frozen,
+    and their outputs cached once in a :class:`TeacherCache`; student epochs read the cache by
+    sample index and never run a teacher. ``mode="cotrain"``: teachers, gate and student train
+    together; each teacher learns from its own label loss, and the distillation gradient flows
+    from teachers to student only (teacher logits enter the loss detached).
+
+    Args:
+        teachers: the M teacher models.
+        student: the student model (one logit per sample; ``return_hidden`` for hints).
+        mode: "pretrain" | "cotrain".
+        gate: "logit" | "hidden" | "mean" (see :class:`~fastkd.GatedDistillLoss`).
+        ensemble: "logit" | "prob".
+        temperature, hard_weight, kd_weight, gate_loss_weight: loss settings.
+        hint_weight: weight of the hint loss ``‖W_i v_Ti − v_S‖²`` averaged over teachers (0: off).
+        config: optimisation and early stopping (:class:`TrainConfig`).
+        teacher_config: settings for training the teachers (default: ``config`` with
+            ``early_stop="auc"`` when ``config`` stops on the distillation loss).
+
+    Example::
+
+        >>> from fastkd import Distiller, TrainConfig
+        >>> from fastkd.data import make_synthetic
+        >>> from fastkd.models import build_model
+        >>> train, valid, test = make_synthetic(6000, seed=0).split((0.8, 0.1, 0.1))
+        >>> fs = train.field_sizes
+        >>> cfg = TrainConfig(max_epochs=2, batch_size=512)
+        >>> teachers = [build_model(n, fs, hidden_units=(32,)) for n in ("deepfm", "dcn")]
+        >>> kd = Distiller(teachers, build_model("dnn", fs, hidden_units=(16,)), config=cfg)
+        >>> summary = kd.fit(train, valid)
+        >>> round(kd.evaluate(test)["auc"], 1) > 0.5
+        True
+    """
+
+    def __init__(
+        self,
+        teachers: Sequence[nn.Module],
+        student: nn.Module,
+        *,
+        mode: str = "pretrain",
+        gate: str = "logit",
+        ensemble: str = "logit",
+        temperature: float = 1.0,
+        hard_weight: float = 1.0,
+        kd_weight: float = 1.0,
+        gate_loss_weight: float = 1.0,
+        hint_weight: float = 0.0,
+        config: Optional[TrainConfig] = None,
+        teacher_config: Optional[TrainConfig] = None,
+        teachers_trained: bool = False,
+        cache_dir: Optional[Union[str, Path]] = None,
+    ) -> None:
+        if mode not in ("pretrain", "cotrain"):
+            raise ValueError(f"mode must be 'pretrain' or 'cotrain', got {mode!r}")
+        if len(teachers) == 0:
+            raise ValueError("at least one teacher is needed")
+        self.teachers = nn.ModuleList(teachers)
+        self.student = student
+        self.mode = mode
+        self.config = config or TrainConfig()
+        if teacher_config is None:
+            # teachers have no distillation loss to stop on: they use the validation AUC then
+            teacher_config = self.config if self.config.early_stop != "kd" else dataclasses.replace(
+                self.config, early_stop="auc", patience=None, merge_validation=False)
+        self.teacher_config = teacher_config
+        if mode == "cotrain" and self.config.early_stop == "kd":
+            raise ValueError("co-training stops on the student's validation AUC/logloss: the teachers "
+                             "(and so the distillation targets) move during training")
+        self.teachers_trained = teachers_trained
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.hint_weight = float(hint_weight)
+        needs_hidden = gate == "hidden" or self.hint_weight > 0
+        self.needs_hidden = needs_hidden
+        # teachers' hidden vectors are zero-padded to the widest one (see TeacherCache.build)
+        self.hidden_dim = max(int(getattr(t, "hidden_dim", 0)) for t in teachers)
+        self.loss = GatedDistillLoss(
+            len(teachers), temperature=temperature, hard_weight=hard_weight, kd_weight=kd_weight,
+            gate=gate, hidden_dim=self.hidden_dim if gate == "hidden" else None, ensemble=ensemble,
+            gate_loss_weight=gate_loss_weight,
+        )
+        self.hints = None
+        if self.hint_weight > 0:
+            sd = int(getattr(student, "hidden_dim", 0))
+            self.hints = nn.ModuleList(HintLoss(self.hidden_dim, sd) for _ in teachers)
+        self.cache: Optional[TeacherCache] = None
+        self.summary: Dict[str, object] = {}
+
+    # -- pieces -------------------------------------------------------------------------------
+    def _student_out(self, ids):
+        if self.hints is not None:
+            return self.student(ids, return_hidden=True)
+        return self.student(ids), None
+
+    @torch.no_grad()
+    def _kd_term(self, z_s: torch.Tensor, t_logits: torch.Tensor, t_hidden) -> torch.Tensor:
+        """Summed distillation term ``CE(target, z_S/T)`` alone: what ``early_stop="kd"`` monitors."""
+        from .reference import gated_distill_loss_ref
+
+        crit = self.loss
+        gate = crit.fixed_weights if crit.gate == "fixed" else crit.gate
+        loss, _ = gated_distill_loss_ref(
+            z_s, t_logits, None, t_hidden, gate=gate,
+            gate_weight=None if crit.weight is None else crit.weight.detach(),
+            gate_bias=None if crit.bias is None else crit.bias.detach(),
+            temperature=crit.temperature, hard_weight=0.0, kd_weight=1.0, ensemble=crit.ensemble,
+            gate_loss_weight=0.0, reduction="sum")
+        return loss
+
+    def _student_loss(self, ids, y, t_logits, t_hidden) -> torch.Tensor:
+        z_s, h_s = self._student_out(ids)
+        loss = self.loss(z_s, t_logits, y, t_hidden)
+        if self.hints is not None:
+            hint = sum(h(h_s, t_hidden[:, i]) for i, h in enumerate(self.hints)) / len(self.hints)
+            loss = loss + self.hint_weight * hint
+        reg = getattr(self.student, "regularization_loss", None)
+        return loss + reg() if reg is not None else loss
+
+    def _student_params(self) -> List[nn.Parameter]:
+        params = list(self.student.parameters()) + list(self.loss.parameters())
+        if self.hints is not None:
+            params += list(self.hints.parameters())
+        return params
+
+    def _student_modules(self) -> Dict[str, nn.Module]:
+        mods = {"student": self.student, "loss": self.loss}
+        if self.hints is not None:
+            mods["hints"] = self.hints
+        return mods
+
+    # -- fit ----------------------------------------------------------------------------------
+    def fit(self, train: CTRData, valid: CTRData, *, checkpoint_dir: Optional[Union[str, Path]] = None,
+            resume: bool = False, stop_after_epoch: Optional[int] = None) -> dict:
+        """Train (teachers, then) the student. Returns a summary with per-phase histories."""
+        ckpt = Path(checkpoint_dir) if checkpoint_dir else None
+        if self.mode == "cotrain":
+            return self._fit_cotrain(train, valid, ckpt, resume, stop_after_epoch)
+        cfg = self.config
+        t0 = time.perf_counter()
+        if not self.teachers_trained:
+            self.summary["teachers"] = []
+            for i, t in enumerate(self.teachers):
+                tc = dataclasses.replace(self.teacher_config, seed=self.teacher_config.seed + 1000 * (i + 1))
+                s = train_model(t, train, valid, tc, desc=f"teacher {i}",
+                                checkpoint=ckpt / f"teacher{i}.pt" if ckpt else None, resume=resume)
+                self.summary["teachers"].append(s)
+        for t in self.teachers:
+            t.eval()
+            t.requires_grad_(False)
+        self.summary["teacher_seconds"] = time.perf_counter() - t0
+
+        student_train = train
+        monitor_data = valid
+        if cfg.early_stop == "kd" and cfg.merge_validation:
+            k = max(1, int(round(cfg.monitor_fraction * len(valid))))
+            monitor_data = valid.subset(np.arange(k))
+            student_train = CTRData.concat([train, valid.subset(np.arange(k, len(valid)))])
+        t1 = time.perf_counter()
+        self.cache = TeacherCache.build(list(self.teachers), student_train, hidden=self.needs_hidden,
+                                        batch_size=cfg.eval_batch_size,
+                                        path=self.cache_dir, progress=cfg.show_progress)
+        self.summary["cache_seconds"] = time.perf_counter() - t1
+        cache = self.cache
+
+        def step(ids, y, index):
+            t_logits, t_hidden = cache.gather(index)
+            return self._student_loss(ids, y, t_logits, t_hidden)
+
+        if cfg.early_stop == "kd":
+            mon_cache = TeacherCache.build(list(self.teachers), monitor_data, hidden=self.needs_hidden,
+                                           batch_size=cfg.eval_batch_size)
+
+            def monitor() -> float:
+                ids_m = torch.from_numpy(monitor_data.ids)
+                z = predict(self.student, ids_m, cfg.eval_batch_size)
+                tl, th = mon_cache.gather(torch.arange(len(monitor_data)))
+                return float(self._kd_term(z, tl, th)) / len(monitor_data)
+        else:
+            monitor = _label_monitor(self.student, valid, cfg.early_stop, cfg.eval_batch_size)
+
+        seed_everything(cfg.seed)
+        ids, labels = _as_tensors(student_train)
+        loop = _Loop(self._student_modules(), self._student_params(), cfg, cfg.early_stop,
+                     ckpt / "student.pt" if ckpt else None, resume, "student", stop_after_epoch)
+        self.summary["student"] = loop.run(ids, labels, step, monitor)
+        return self.summary
+
+    def _fit_cotrain(self, train, valid, ckpt, resume, stop_after_epoch) -> dict:
+        cfg = self.config
+        bce = nn.BCEWithLogitsLoss()
+        teachers = self.teachers
+
+        def step(ids, y, _index):
+            outs = [t(ids, return_hidden=self.needs_hidden) for t in teachers]
+            if self.needs_hidden:
+                t_logits = torch.stack([o[0] for o in outs], 1)
+                d = self.hidden_dim
+                t_hidden = torch.stack([nn.functional.pad(o[1], (0, d - o[1].shape[1])) for o in outs], 1)
+            else:
+                t_logits, t_hidden = torch.stack(outs, 1), None
+            teacher_loss = sum(bce(t_logits[:, i], y) for i in range(len(teachers)))
+            for t in teachers:
+                reg = getattr(t, "regularization_loss", None)
+                if reg is not None:
+                    teacher_loss = teacher_loss + reg()
+            # detached: the distillation gradient flows teacher -> student only
+            student_loss = self._student_loss(ids, y, t_logits.detach(),
+                                              None if t_hidden is None else t_hidden.detach())
+            return teacher_loss + student_loss
+
+        seed_everything(cfg.seed)
+        ids, labels = _as_tensors(train)
+        mods = {**self._student_modules(), "teachers": teachers}
+        params = self._student_params() + list(teachers.parameters())
+        loop = _Loop(mods, params, cfg, cfg.early_stop, ckpt / "cotrain.pt" if ckpt else None, resume,
+                     "co-train", stop_after_epoch)
+        self.summary["student"] = loop.run(ids, labels, step,
+                                           _label_monitor(self.student, valid, cfg.early_stop, cfg.eval_batch_size))
+        for t in teachers:
+            t.eval()
+            t.requires_grad_(False)
+        return self.summary
+
+    # -- use ----------------------------------------------------------------------------------
+    def predict(self, data: CTRData) -> torch.Tensor:
+        """Student logits [N]."""
+        return predict(self.student, data, self.config.eval_batch_size)
+
+    def evaluate(self, data: CTRData) -> Dict[str, float]:
+        """Student test metrics {"auc", "logloss"}."""
+        return evaluate(self.student, data, self.config.eval_batch_size)
+
+    @torch.no_grad()
+    def gate_weights(self, data: CTRData) -> torch.Tensor:
+        """Per-sample teacher weights α [N, M] of the trained gate on ``data``."""
+        from .reference import gate_weights_ref
+
+        cache = TeacherCache.build(list(self.teachers), data, hidden=self.needs_hidden,
+                                   batch_size=self.config.eval_batch_size)
+        tl, th = cache.gather(torch.arange(len(data)))
+        crit = self.loss
+        gate = crit.fixed_weights if crit.gate == "fixed" else crit.gate
+        return gate_weights_ref(tl, gate, crit.weight, crit.bias, th)
