@@ -1,95 +1,180 @@
-"""Command-line entry point: ``fastkd demo`` (and, with the training path, ``fastkd distill``)."""
+"""Command line: ``fastkd demo`` (the main job) and ``fastkd distill`` (the same on a real file)."""
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import List, Optional
 
+MODEL_NAMES = ("dnn", "widedeep", "deepfm", "dcn", "dcnv2", "xdeepfm", "autoint")
 
-def _loss_demo(args) -> int:
-    """Distil a fixed ensemble of three teachers into a small student on generated data.
 
-    Each teacher sees the hidden click model well on one region of the input space and badly
-    elsewhere, so the per-sample teacher gate has something to learn. Student and baseline get
-    the same architecture, steps and learning rate; only the loss differs.
-    """
+def _csv(kind):
+    def parse(text: str):
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("expected a comma-separated list")
+        return [kind(t) for t in items]
+    return parse
+
+
+def _models(text: str):
+    names = [t.strip().lower() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in MODEL_NAMES]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"unknown model {', '.join(bad) or text!r}; choose from {', '.join(MODEL_NAMES)}")
+    return names
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _add_training_args(p: argparse.ArgumentParser, *, max_epochs: int, batch_size: int) -> None:
+    p.add_argument("--teachers", type=_models, default=["deepfm", "dcn", "xdeepfm"], help="teacher models")
+    p.add_argument("--student", type=lambda s: _models(s)[0], default="dnn", help="student model")
+    p.add_argument("--mode", choices=("pretrain", "cotrain"), default="pretrain")
+    p.add_argument("--gate", choices=("logit", "hidden", "mean"), default="logit")
+    p.add_argument("--ensemble", choices=("logit", "prob"), default="logit")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--kd-weight", type=float, default=1.0)
+    p.add_argument("--hard-weight", type=float, default=1.0)
+    p.add_argument("--early-stop", choices=("auc", "logloss", "kd"), default="auc",
+                   help="what every row stops on (default: validation AUC)")
+    p.add_argument("--patience", type=_positive_int, default=None, help="default 2 (auc/logloss), 3 (kd)")
+    p.add_argument("--seeds", type=_positive_int, default=1, help="number of seeds (0..N-1)")
+    p.add_argument("--max-epochs", type=_positive_int, default=max_epochs)
+    p.add_argument("--batch-size", type=_positive_int, default=batch_size)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--embed-dim", type=_positive_int, default=16)
+    p.add_argument("--hidden-units", type=_csv(int), default=[400, 400, 400])
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--ablations", type=_csv(str), default=[],
+                   help="comma list of: hint, cotrain, kd-stop, kd-stop-merge, partition (or 'all')")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--progress", action="store_true", help="show progress bars")
+
+
+def _spec(args):
+    from .experiment import ABLATIONS, ExperimentSpec
+    from .train import TrainConfig
+
+    abl = list(ABLATIONS) if args.ablations == ["all"] else args.ablations
+    for a in abl:
+        if a not in ABLATIONS:
+            raise ValueError(f"--ablations: unknown {a!r}; choose from {', '.join(ABLATIONS)} or 'all'")
+    cfg = TrainConfig(max_epochs=args.max_epochs, batch_size=args.batch_size, lr=args.lr,
+                      early_stop=args.early_stop, patience=args.patience, progress=args.progress or None)
+    return ExperimentSpec(
+        teachers=args.teachers, student=args.student, mode=args.mode, gate=args.gate, ensemble=args.ensemble,
+        temperature=args.temperature, hard_weight=args.hard_weight, kd_weight=args.kd_weight,
+        seeds=list(range(args.seeds)), ablations=abl,
+        model_kwargs={"embed_dim": args.embed_dim, "hidden_units": tuple(args.hidden_units), "dropout": args.dropout},
+        config=cfg)
+
+
+def _run(args, train, valid, test, data_desc: str) -> int:
     import torch
 
-    from . import GatedDistillLoss
-    from .metrics import log_loss, roc_auc
+    from .experiment import command_line, run_experiment, table, write_report
 
-    torch.manual_seed(args.seed)
-    g = torch.Generator().manual_seed(args.seed)
-    n, d = 30_000, 16
-    x = torch.randn(n, d, generator=g)
-    true = x[:, 0] * x[:, 1] + 0.8 * x[:, 2] - 0.5 * x[:, 3] * x[:, 4] + 0.5 * torch.sin(2 * x[:, 5])
-    y = torch.bernoulli(torch.sigmoid(true), generator=g)
-    region = (x[:, 6] > 0).long() + (x[:, 7] > 0).long()  # 0, 1, 2: where each teacher is good
-    noise = torch.randn(n, 3, generator=g)
-    good = torch.nn.functional.one_hot(region, 3).bool()
-    teachers = true.unsqueeze(1) + torch.where(good, 0.2, 1.5) * noise
-    tr, te = slice(0, 24_000), slice(24_000, n)
-
-    def train(distill: bool):
-        torch.manual_seed(args.seed)
-        student = torch.nn.Sequential(torch.nn.Linear(d, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
-        crit = GatedDistillLoss(3, temperature=1.0)
-        bce = torch.nn.BCEWithLogitsLoss()
-        opt = torch.optim.Adam(list(student.parameters()) + list(crit.parameters()), lr=3e-3)
-        curve = []
-        for epoch in range(args.epochs):
-            perm = torch.randperm(24_000)
-            total = 0.0
-            for i in range(0, 24_000, 256):
-                idx = perm[i:i + 256]
-                z = student(x[tr][idx]).squeeze(1)
-                loss = crit(z, teachers[tr][idx], y[tr][idx]) if distill else bce(z, y[tr][idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                total += loss.item() * idx.numel()
-            curve.append(total / 24_000)
-        with torch.no_grad():
-            z = student(x[te]).squeeze(1)
-            crit(z, teachers[te], y[te])
-        return curve, z, crit.last_alpha
-
-    print("fastkd loss demo: 3 fixed teachers, each good on one region; student MLP 16-32-1")
-    t0 = time.time()
-    base_curve, z_base, _ = train(distill=False)
-    kd_curve, z_kd, alpha = train(distill=True)
-    print("epoch  label-only loss  gated-KD loss")
-    for e, (a, b) in enumerate(zip(base_curve, kd_curve)):
-        print(f"{e + 1:5d}  {a:15.4f}  {b:13.4f}")
-    yt = y[te].numpy()
-    rows = [("teacher " + str(i), teachers[te][:, i]) for i in range(3)]
-    rows += [("teacher mean", teachers[te].mean(1)), ("student, labels only", z_base), ("student, gated KD", z_kd)]
-    print(f"\n{'model':22s} {'test AUC':>8s} {'logloss':>8s}")
-    for name, z in rows:
-        print(f"{name:22s} {roc_auc(yt, z.numpy()):8.4f} {log_loss(yt, torch.sigmoid(z).numpy()):8.4f}")
-    by_region = [alpha[region[te] == r].mean(0).tolist() for r in range(3)]
-    print("\nmean gate weight per region (rows: region, cols: teacher):")
-    for r, w in enumerate(by_region):
-        print(f"  region {r}: " + "  ".join(f"{v:.2f}" for v in w))
-    print(f"\ndone in {time.time() - t0:.1f}s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec = _spec(args)
+    t0 = time.perf_counter()
+    print(f"data: {data_desc}", flush=True)
+    result = run_experiment(train, valid, test, spec, log=lambda m: print(m, flush=True))
+    wall = time.perf_counter() - t0
+    report = write_report(Path(args.out), result, command=command_line(), data_desc=data_desc, spec=spec,
+                          wall_seconds=wall)
+    print()
+    print(table(result.records))
+    print(f"\nreport: {report}  (results.json and plots beside it; {wall:.0f} s)")
     return 0
+
+
+def cmd_demo(args) -> int:
+    from .data import make_synthetic
+
+    data = make_synthetic(args.rows, seed=args.data_seed)
+    train, valid, test = data.split((0.8, 0.1, 0.1), seed=0)
+    desc = (f"built-in synthetic CTR generator (fastkd.data.make_synthetic, seed {args.data_seed}): "
+            f"{len(data):,} rows, {len(data.field_sizes)} fields, positive rate {data.labels.mean():.3f}; "
+            f"split 80/10/10 -> {len(train):,} / {len(valid):,} / {len(test):,}")
+    return _run(args, train, valid, test, desc)
+
+
+def cmd_distill(args) -> int:
+    from .data import load
+
+    numeric = args.numeric or ()
+    common = dict(kind=args.encoder, min_count=args.min_count, strict=args.strict, label=args.label, numeric=numeric)
+    if args.data:
+        if args.train or args.valid or args.test:
+            raise ValueError("give either --data or --train/--valid/--test, not both")
+        data = load(args.data, **common)
+        train, valid, test = data.split((0.8, 0.1, 0.1), seed=args.split_seed)
+        desc = (f"`{args.data}`: {len(data):,} rows, {len(data.field_sizes)} fields, positive rate "
+                f"{data.labels.mean():.3f}; rows permuted by numpy.random.default_rng({args.split_seed}), "
+                f"80/10/10 -> {len(train):,} / {len(valid):,} / {len(test):,}; {args.encoder} encoding fitted on "
+                f"the whole file (no labels used)")
+    else:
+        if not (args.train and args.valid and args.test):
+            raise ValueError("give --data KIND:PATH, or all three of --train, --valid and --test")
+        train, enc = load(args.train, return_encoder=True, **common)
+        valid = load(args.valid, encoder=enc, strict=args.strict, label=args.label, numeric=numeric)
+        test = load(args.test, encoder=enc, strict=args.strict, label=args.label, numeric=numeric)
+        desc = (f"train `{args.train}` ({len(train):,}), valid `{args.valid}` ({len(valid):,}), test "
+                f"`{args.test}` ({len(test):,}); {args.encoder} encoding fitted on train")
+    return _run(args, train, valid, test, desc)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastkd", description="Ensemble knowledge distillation for CTR prediction")
     sub = p.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the built-in demonstration")
-    demo.add_argument("--epochs", type=int, default=8)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=_loss_demo)
+
+    demo = sub.add_parser("demo", help="teachers, plain DNN and distilled students on built-in synthetic data")
+    demo.add_argument("--rows", type=_positive_int, default=120_000)
+    demo.add_argument("--data-seed", type=int, default=0)
+    demo.add_argument("--out", default="runs/demo")
+    _add_training_args(demo, max_epochs=8, batch_size=2048)
+    demo.set_defaults(func=cmd_demo)
+
+    d = sub.add_parser("distill", help="the same on a real CTR file")
+    d.add_argument("--data", help="KIND:PATH[,PATH...] with KIND in criteo, avazu, libfm, csv, parquet")
+    d.add_argument("--train")
+    d.add_argument("--valid")
+    d.add_argument("--test")
+    d.add_argument("--split-seed", type=int, default=0)
+    d.add_argument("--label", default=None, help="label column (csv/parquet)")
+    d.add_argument("--numeric", type=_csv(str), default=None, help="numeric columns (bucketised)")
+    d.add_argument("--encoder", choices=("vocab", "hash"), default="vocab")
+    d.add_argument("--min-count", type=_positive_int, default=1)
+    d.add_argument("--strict", action="store_true", help="raise on the first malformed line")
+    d.add_argument("--out", required=True)
+    _add_training_args(d, max_epochs=50, batch_size=2048)
+    d.set_defaults(func=cmd_distill)
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, TypeError, OSError) as e:
+        print(f"fastkd: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastkd: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from functools import lru_cache
 from itertools import repeat
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
@@ -17,6 +18,7 @@ MISSING_ID = 0
 OOV_ID = 1
 
 
+@lru_cache(maxsize=1)
 def _native_hasher():
     """``fastkd.hashing.hash_strings`` if the native extension is built, else None."""
     try:

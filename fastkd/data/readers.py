@@ -406,6 +406,14 @@ def _libfm_fast(lines: List[str], width: Optional[int]) -> Optional[np.ndarray]:
     return np.array(flat, dtype=object).reshape(len(lines), width + 1)
 
 
+def _is_float(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
 def _libfm_line(s: str):
     """One libFM line -> (label token, idx tokens), or a reason string if an entry is malformed."""
     parts = s.split()
@@ -436,11 +444,7 @@ def _read_libfm(paths, chunk_rows, strict, label, numeric, columns):
                     # The first line whose label and entries parse fixes the number of fields.
                     for s in lines:
                         parsed = _libfm_line(s)
-                        if not isinstance(parsed, str):
-                            try:
-                                float(parsed[0])
-                            except ValueError:
-                                continue
+                        if not isinstance(parsed, str) and _is_float(parsed[0]):
                             width = len(parsed[1])
                             names = [f"f{i}" for i in range(width)]
                             break
@@ -454,6 +458,9 @@ def _read_libfm(paths, chunk_rows, strict, label, numeric, columns):
                         parsed = _libfm_line(s)
                         if isinstance(parsed, str):
                             ch.bad.append((line_no, parsed))
+                        elif not _is_float(parsed[0]):
+                            # checked before the width so the reason does not depend on chunking
+                            ch.bad.append((line_no, f"unparsable label {parsed[0][:40]!r}"))
                         elif len(parsed[1]) != width:
                             ch.bad.append((line_no, f"expected {width} idx:val entries, got {len(parsed[1])}"))
                         else:
@@ -664,8 +671,9 @@ def iter_table(spec: str, chunk_rows: int = 200_000, strict: bool = False, label
         FileNotFoundError: a path does not exist.
 
     Example:
-        >>> for chunk in iter_table("criteo:train.txt.gz", chunk_rows=100_000):  # doctest: +SKIP
-        ...     encoder_counts(chunk)
+        >>> enc = FeatureEncoder().fit(iter_table("criteo:train.txt.gz", chunk_rows=100_000))  # doctest: +SKIP
+        >>> for chunk in iter_table("criteo:train.txt.gz", chunk_rows=100_000):              # doctest: +SKIP
+        ...     print(chunk.report)
     """
     kind, paths = parse_spec(spec)
     if not isinstance(chunk_rows, int) or chunk_rows < 1:

@@ -1,0 +1,100 @@
+"""The command line: demo and distill end to end on small data, report files, bad arguments."""
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO, SHARED_DATA
+from fastkd.cli import main
+
+FAST = ["--max-epochs", "2", "--embed-dim", "4", "--hidden-units", "16", "--teachers", "deepfm,dcn",
+        "--batch-size", "512"]
+
+
+def _check_outputs(out, n_seeds, distills):
+    records = json.loads((out / "results.json").read_text())
+    for r in records:
+        assert {"model", "role", "distill", "seed", "auc", "logloss"} <= set(r)
+        assert r["role"] in ("teacher", "ensemble", "student")
+        assert r["distill"] in ("none", "single", "mean", "gate")
+        assert 0.0 <= r["auc"] <= 1.0 and r["logloss"] > 0
+    got = {(r["role"], r["distill"]) for r in records}
+    assert {("teacher", "none"), ("ensemble", "mean"), ("student", "none")} <= got
+    assert {("student", d) for d in distills} <= got
+    assert sorted({r["seed"] for r in records}) == list(range(n_seeds))
+    report = (out / "report.md").read_text()
+    assert "Command: `fastkd" in report and "| model |" in report and "torch" in report
+    assert (out / "auc.png").stat().st_size > 1000
+    return records
+
+
+def test_demo_small(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--rows", "4000", "--out", str(out), *FAST]) == 0
+    printed = capsys.readouterr().out
+    assert "| dnn (gate) |" in printed and "report:" in printed
+    _check_outputs(out, 1, ["single", "mean", "gate"])
+    assert (out / "gate_weights.png").exists()
+
+
+def _write_libfm(path, n=3000, seed=0):
+    rng = np.random.default_rng(seed)
+    sizes = [30, 50, 7, 4]
+    offsets = np.cumsum([0] + sizes[:-1])
+    ids = np.stack([rng.integers(0, s, n) for s in sizes], 1)
+    logit = np.sin(ids[:, 0]) + np.cos(ids[:, 1] * 0.7) * (ids[:, 2] - 3) / 3 + 0.3 * ids[:, 3]
+    y = rng.random(n) < 1 / (1 + np.exp(-2 * logit))
+    lines = [" ".join([("1" if yi else "-1")] + [f"{o + v}:1" for o, v in zip(offsets, row)])
+             for yi, row in zip(y, ids)]
+    with gzip.open(path, "wt") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+def test_distill_libfm_with_ablations_two_seeds(tmp_path):
+    data = tmp_path / "toy.libfm.gz"
+    _write_libfm(data)
+    out = tmp_path / "run"
+    code = main(["distill", "--data", f"libfm:{data}", "--seeds", "2", "--out", str(out), *FAST,
+                 "--ablations", "all"])
+    assert code == 0
+    records = _check_outputs(out, 2, ["single", "mean", "gate"])
+    variants = {r.get("variant") for r in records}
+    for v in ("hint instead of soft label", "co-train", "stop on kd loss", "stop on kd loss, merged valid"):
+        assert v in variants
+    assert any(v.startswith("D: ") for v in variants)
+    report = (out / "report.md").read_text()
+    assert " ± " in report  # two seeds: mean ± std
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["distill", "--data", "libfm:/nonexistent.gz", "--out", "x"], "nonexistent"),
+    (["distill", "--data", "nosuchkind:/tmp/x", "--out", "x"], "nosuchkind"),
+    (["distill", "--out", "x"], "--data"),
+    (["distill", "--data", "libfm:a", "--train", "libfm:b", "--out", "x"], "not both"),
+    (["demo", "--teachers", "deepfm,resnet"], "resnet"),
+    (["demo", "--seeds", "0"], "positive"),
+    (["demo", "--ablations", "magic"], "magic"),
+    (["demo", "--temperature", "-1", "--rows", "500", "--max-epochs", "1"], "temperature"),
+])
+def test_bad_arguments_give_one_line_error(argv, needle):
+    proc = subprocess.run([sys.executable, "-m", "fastkd", *argv], capture_output=True, text=True, cwd=REPO,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    err = [ln for ln in proc.stderr.strip().splitlines() if "error" in ln]
+    assert err and needle in err[-1]
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "criteo").exists(), reason="../shared/data not present")
+def test_distill_real_criteo_smoke(tmp_path):
+    d = SHARED_DATA / "criteo"
+    out = tmp_path / "criteo"
+    code = main(["distill", "--train", f"criteo:{d / 'criteo_train.txt.gz'}", "--valid", f"criteo:{d / 'criteo_dev.txt.gz'}",
+                 "--test", f"criteo:{d / 'criteo_test.txt.gz'}", "--out", str(out), *FAST, "--max-epochs", "1"])
+    assert code == 0
+    _check_outputs(out, 1, ["single", "mean", "gate"])
