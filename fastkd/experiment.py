@@ -61,10 +61,11 @@ def _infer_rate(model: torch.nn.Module, data: CTRData, batch_size: int) -> float
 class _Run:
     """State of one experiment: data, spec, output records and logging."""
 
-    def __init__(self, train, valid, test, spec: ExperimentSpec, log) -> None:
+    def __init__(self, train, valid, test, spec: ExperimentSpec, log, partial: Optional[Path]) -> None:
         self.train, self.valid, self.test = train, valid, test
         self.spec = spec
         self.log = log
+        self.partial = partial
         self.records: List[dict] = []
         self.gate_alphas: Dict[str, np.ndarray] = {}
 
@@ -87,6 +88,11 @@ class _Run:
             rec["train_samples_per_s"] = float(np.median(rates)) if rates else None
         rec["seconds"] = round(seconds, 2)
         self.records.append(rec)
+        if self.partial is not None:  # a long run keeps what it has finished if it is stopped
+            self.partial.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.partial.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.records, indent=1))
+            tmp.replace(self.partial)
         label = f"{model_name}" + (f" [{variant}]" if variant else "")
         self.log(f"  seed {seed}  {label:38s} AUC {rec['auc']:.4f}  logloss {rec['logloss']:.4f}  ({seconds:.0f}s)")
         return rec
@@ -148,12 +154,15 @@ class ExperimentResult:
 
 
 def run_experiment(train: CTRData, valid: CTRData, test: CTRData, spec: ExperimentSpec,
-                   log=print) -> ExperimentResult:
-    """Train every row of the table for every seed."""
+                   log=print, partial: Optional[Path] = None) -> ExperimentResult:
+    """Train every row of the table for every seed.
+
+    With ``partial``, the records finished so far are rewritten to that JSON file after each one.
+    """
     for a in spec.ablations:
         if a not in ABLATIONS:
             raise ValueError(f"unknown ablation {a!r}; choose from {ABLATIONS}")
-    run = _Run(train, valid, test, spec, log)
+    run = _Run(train, valid, test, spec, log, partial)
     cfg = spec.config
     for seed in spec.seeds:
         log(f"seed {seed}: teachers {', '.join(spec.teachers)}")

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, SHARED_DATA
+from helpers import REPO, SHARED_DATA
 from fastkd.cli import main
 
 FAST = ["--max-epochs", "2", "--embed-dim", "4", "--hidden-units", "16", "--teachers", "deepfm,dcn",

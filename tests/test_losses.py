@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import requires_cuda
+from helpers import requires_cuda
 from fastkd import DistillLoss, GatedDistillLoss, HintLoss
 from fastkd.functional import distill_loss, gated_distill_loss, hint_loss
 from fastkd.reference import distill_loss_ref, gated_distill_loss_ref, hint_loss_ref

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import fastkd.models as models_pkg
 from fastkd.embedding import MultiFieldEmbedding
-from fastkd.models import MODELS, CTRModel, FastDropout, build_model
+from fastkd.models import MODELS, CTRModel, FastDropout, ReLUDropout, build_model
 
 FIELD_SIZES = [7, 13, 3, 5, 2]
 NF = len(FIELD_SIZES)
@@ -121,8 +121,9 @@ def test_common_attributes_and_defaults():
     assert model.embed_dim == 16 and model.hidden_units == (400, 400, 400)
     assert model.hidden_dim == 400
     # the MLP block is Linear -> BatchNorm1d -> ReLU -> Dropout, without a dead pre-BN bias
-    kinds = [type(m).__name__ for m in model.mlp[:4]]
-    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "FastDropout"]
+    # (ReLU and Dropout fused into one module)
+    kinds = [type(m).__name__ for m in model.mlp[:3]]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLUDropout"]
     assert model.mlp[0].bias is None
     assert model.regularization_loss().item() == 0.0
 
@@ -146,7 +147,7 @@ def test_output_shapes(name, kw):
 def test_every_parameter_gets_a_gradient(name, kw):
     model = small_model(name, **kw).train()
     logits, hidden = model(random_ids(32, seed=1), return_hidden=True)
-    # include the hidden vector as a hint loss would, but the logit alone must reach everything
+    # the logit alone must reach every parameter (hidden is returned but not used here)
     F.binary_cross_entropy_with_logits(logits, torch.rand(32)).backward()
     dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not dead, f"parameters without gradient: {dead}"
@@ -156,7 +157,19 @@ def test_every_parameter_gets_a_gradient(name, kw):
 def test_sparse_embedding_gradient(name):
     model = small_model(name, sparse=True)
     model(random_ids(16)).sum().backward()
-    assert model.embedding.weight.grad.is_sparse
+    sparse = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.is_sparse}
+    linear_terms = {"first_order.weight", "wide.weight"}
+    expected = {"embedding.weight"} | {n for n, _ in model.named_parameters() if n in linear_terms}
+    assert sparse == expected
+    # the documented optimiser split trains it
+    opt_sparse = torch.optim.SparseAdam([p for n, p in model.named_parameters() if n in sparse])
+    opt_dense = torch.optim.Adam([p for n, p in model.named_parameters() if n not in sparse])
+    opt_sparse.step()
+    opt_dense.step()
+
+
+def test_import_does_not_touch_cuda():
+    assert not torch.cuda.is_initialized()
 
 
 @pytest.mark.parametrize("name", ALL_NAMES)
@@ -210,6 +223,81 @@ def test_regularization_loss():
     assert grad[unused].abs().sum() == 0
 
 
+@pytest.mark.parametrize("activation", ["identity", "relu"])
+def test_cin_matches_naive_formula(activation):
+    from fastkd.models import CIN
+
+    torch.manual_seed(0)
+    cin = CIN(5, (4, 3), activation).double()
+    emb = torch.randn(7, 5, 6, dtype=torch.float64)
+    xk, pooled = emb, []
+    for weight, bias in zip(cin.weights, cin.biases):
+        w = weight.view(weight.shape[0], 5, -1)  # [H_k, F, H_{k+1}]
+        # X^{k+1}[b, h, d] = sum_{i,j} W[h, i, j] X^k[b, i, d] X^0[b, j, d] + bias[h]
+        xk = torch.einsum("bid,bjd,ijh->bhd", xk, emb, w) + bias.view(1, -1, 1)
+        if activation == "relu":
+            xk = torch.relu(xk)
+        pooled.append(xk.sum(dim=2))
+    torch.testing.assert_close(cin(emb), torch.cat(pooled, dim=1))
+
+
+def test_cin_gradcheck():
+    # CIN's field contraction has a hand-written backward
+    from fastkd.models import CIN
+
+    torch.manual_seed(0)
+    cin = CIN(4, (3, 2)).double()
+    emb = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda e: cin(e), (emb,))
+    params = tuple(cin.parameters())
+    assert torch.autograd.gradcheck(lambda *ps: torch.func.functional_call(
+        cin, dict(zip([n for n, _ in cin.named_parameters()], ps)), (emb.detach(),)), params)
+
+
+def test_fm_interaction_matches_pairwise_sum():
+    from fastkd.models import fm_interaction
+
+    emb = torch.randn(4, 6, 3, dtype=torch.float64)
+    pairs = sum((emb[:, i] * emb[:, j]).sum(-1) for i in range(6) for j in range(i + 1, 6))
+    torch.testing.assert_close(fm_interaction(emb), pairs)
+
+
+def test_cross_layers_match_formulas():
+    from fastkd.models import CrossNet, CrossNetV2
+
+    torch.manual_seed(0)
+    x0 = torch.randn(5, 8, dtype=torch.float64)
+    v1 = CrossNet(8, 2).double()
+    with torch.no_grad():
+        v1.bias.normal_()
+    x = x0
+    for layer in range(2):
+        x = x0 * (x @ v1.weight[layer]).unsqueeze(1) + v1.bias[layer] + x
+    torch.testing.assert_close(v1(x0), x)
+    v2 = CrossNetV2(8, 2).double()
+    x = x0
+    for lin in v2.layers:
+        x = x0 * (x @ lin.weight.T + lin.bias) + x
+    torch.testing.assert_close(v2(x0), x)
+
+
+def test_deepcopy_and_pickle_after_forward():
+    import copy
+    import io
+
+    model = small_model("deepfm", embed_reg=0.1)
+    ids = random_ids(4)
+    model(ids)  # caches the batch embeddings for regularization_loss
+    clone = copy.deepcopy(model)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    model.eval(), clone.eval(), loaded.eval()
+    assert torch.equal(model(ids), clone(ids)) and torch.equal(model(ids), loaded(ids))
+    assert model._last_emb is not None  # the original keeps its cache
+
+
 def test_fast_dropout():
     drop = FastDropout(0.1)
     assert abs(drop.effective_p - 0.1) < 1e-5
@@ -227,6 +315,23 @@ def test_fast_dropout():
     assert drop(odd).shape == odd.shape
     assert torch.equal(drop.eval()(odd), odd)
     assert torch.equal(FastDropout(0.0).train()(odd), odd)
+
+
+def test_relu_dropout_matches_relu_then_dropout():
+    x1 = torch.randn(33, 17, requires_grad=True)  # odd sizes: mask words are cut to length
+    x2 = x1.detach().clone().requires_grad_(True)
+    g = torch.randn(33, 17)
+    fused, drop = ReLUDropout(0.3), FastDropout(0.3)
+    torch.manual_seed(1)
+    y1 = fused(x1)
+    torch.manual_seed(1)
+    y2 = drop(torch.relu(x2))
+    assert torch.equal(y1, y2)
+    y1.backward(g)
+    y2.backward(g)
+    assert torch.equal(x1.grad, x2.grad)
+    assert torch.equal(fused.eval()(x1), torch.relu(x1))
+    assert torch.equal(ReLUDropout(0.0)(x1), torch.relu(x1))
 
 
 def auc(scores, labels):
@@ -267,10 +372,13 @@ def test_docstring_examples():
     import fastkd.models.base
     import fastkd.models.dcn
     import fastkd.models.dnn
+    import fastkd.models.layers
+    import fastkd.models.perf
     import fastkd.models.xdeepfm
 
     mods = [models_pkg, fastkd.models.base, fastkd.models.dnn, fastkd.models.dcn,
-            fastkd.models.xdeepfm, fastkd.models.autoint]
+            fastkd.models.xdeepfm, fastkd.models.autoint, fastkd.models.layers,
+            fastkd.models.perf]
     attempted = 0
     for mod in mods:
         result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)

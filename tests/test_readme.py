@@ -3,7 +3,7 @@ import re
 
 import torch
 
-from conftest import REPO
+from helpers import REPO
 
 
 def _example(tag: str) -> str:
@@ -22,3 +22,9 @@ def test_readme_gated_example_runs_and_trains():
     # the loop really trained the gate (parameters left their zero init) and the loss is finite
     assert torch.isfinite(ns["loss"])
     assert crit.weight.abs().sum() > 0
+
+
+def test_readme_distiller_example_runs():
+    ns = {}
+    exec(compile(_example("distiller"), "README.md", "exec"), ns)
+    assert ns["kd"].evaluate(ns["test"])["auc"] > 0.6

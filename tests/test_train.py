@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import REPO
+from helpers import REPO
 from fastkd import Distiller, TeacherCache, TrainConfig
 from fastkd.data import make_synthetic
 from fastkd.models import build_model

@@ -16,17 +16,18 @@ from __future__ import annotations
 from typing import Dict, Sequence, Type
 
 from .autoint import AutoInt
-from .base import MLP, CTRModel, FastDropout, FirstOrder
+from .base import MLP, CTRModel, FastDropout, FirstOrder, ReLUDropout
 from .dcn import DCN, DCNv2
 from .dnn import DNN, DeepFM, WideDeep
 from .layers import CIN, CrossNet, CrossNetV2, InteractingLayer, fm_interaction
+from .perf import tune_cpu_allocator
 from .xdeepfm import xDeepFM
 
 __all__ = [
-    "CTRModel", "MLP", "FirstOrder", "FastDropout",
+    "CTRModel", "MLP", "FirstOrder", "FastDropout", "ReLUDropout",
     "DNN", "WideDeep", "DeepFM", "DCN", "DCNv2", "xDeepFM", "AutoInt",
     "CIN", "CrossNet", "CrossNetV2", "InteractingLayer", "fm_interaction",
-    "MODELS", "build_model",
+    "MODELS", "build_model", "tune_cpu_allocator",
 ]
 
 MODELS: Dict[str, Type[CTRModel]] = {

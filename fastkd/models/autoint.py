@@ -40,8 +40,9 @@ class AutoInt(CTRModel):
         torch.Size([2, 12])
     """
 
-    def __init__(self, field_sizes: Sequence[int], embed_dim: int = 16, hidden_units: Sequence[int] = (400, 400, 400),
-                 dropout: float = 0.1, batch_norm: bool = True, *, attention_layers: int = 3,
+    def __init__(self, field_sizes: Sequence[int], embed_dim: int = 16,
+                 hidden_units: Sequence[int] = (400, 400, 400), dropout: float = 0.1,
+                 batch_norm: bool = True, *, attention_layers: int = 3,
                  num_heads: int = 2, attention_dim: int = 32, residual: bool = True, **kwargs) -> None:
         super().__init__(field_sizes, embed_dim, hidden_units, dropout, batch_norm, **kwargs)
         if attention_layers <= 0:

@@ -34,8 +34,9 @@ class DCN(CTRModel):
         torch.Size([2, 16])
     """
 
-    def __init__(self, field_sizes: Sequence[int], embed_dim: int = 16, hidden_units: Sequence[int] = (400, 400, 400),
-                 dropout: float = 0.1, batch_norm: bool = True, *, num_cross_layers: int = 3, **kwargs) -> None:
+    def __init__(self, field_sizes: Sequence[int], embed_dim: int = 16,
+                 hidden_units: Sequence[int] = (400, 400, 400), dropout: float = 0.1,
+                 batch_norm: bool = True, *, num_cross_layers: int = 3, **kwargs) -> None:
         super().__init__(field_sizes, embed_dim, hidden_units, dropout, batch_norm, **kwargs)
         self.cross = CrossNet(self.flat_embed_dim, num_cross_layers)
         self.mlp = self._mlp(self.flat_embed_dim)
@@ -72,8 +73,9 @@ class DCNv2(CTRModel):
         torch.Size([2, 8])
     """
 
-    def __init__(self, field_sizes: Sequence[int], embed_dim: int = 16, hidden_units: Sequence[int] = (400, 400, 400),
-                 dropout: float = 0.1, batch_norm: bool = True, *, num_cross_layers: int = 3,
+    def __init__(self, field_sizes: Sequence[int], embed_dim: int = 16,
+                 hidden_units: Sequence[int] = (400, 400, 400), dropout: float = 0.1,
+                 batch_norm: bool = True, *, num_cross_layers: int = 3,
                  structure: str = "parallel", low_rank: Optional[int] = None, **kwargs) -> None:
         super().__init__(field_sizes, embed_dim, hidden_units, dropout, batch_norm, **kwargs)
         if structure not in ("parallel", "stacked"):

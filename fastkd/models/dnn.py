@@ -74,8 +74,9 @@ class WideDeep(DNN):
         torch.Size([2])
     """
 
-    def __init__(self, field_sizes: Sequence[int], embed_dim: int = 16, hidden_units: Sequence[int] = (400, 400, 400),
-                 dropout: float = 0.1, batch_norm: bool = True, **kwargs) -> None:
+    def __init__(self, field_sizes: Sequence[int], embed_dim: int = 16,
+                 hidden_units: Sequence[int] = (400, 400, 400), dropout: float = 0.1,
+                 batch_norm: bool = True, **kwargs) -> None:
         super().__init__(field_sizes, embed_dim, hidden_units, dropout, batch_norm, **kwargs)
         self.wide = FirstOrder(self.embedding)
 
@@ -103,8 +104,9 @@ class DeepFM(DNN):
         torch.Size([2])
     """
 
-    def __init__(self, field_sizes: Sequence[int], embed_dim: int = 16, hidden_units: Sequence[int] = (400, 400, 400),
-                 dropout: float = 0.1, batch_norm: bool = True, **kwargs) -> None:
+    def __init__(self, field_sizes: Sequence[int], embed_dim: int = 16,
+                 hidden_units: Sequence[int] = (400, 400, 400), dropout: float = 0.1,
+                 batch_norm: bool = True, **kwargs) -> None:
         super().__init__(field_sizes, embed_dim, hidden_units, dropout, batch_norm, **kwargs)
         self.first_order = FirstOrder(self.embedding)
 

@@ -1,0 +1,5 @@
+import sys
+from pathlib import Path
+
+# the shared test helpers (input factories) live in tests/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
