@@ -59,6 +59,8 @@ def _add_training_args(p: argparse.ArgumentParser, *, max_epochs: int, batch_siz
                    help="dropout of every model's DNN part (0.3: best validation AUC of the plain DNN on Frappe)")
     p.add_argument("--ablations", type=_csv(str), default=[],
                    help="comma list of: hint, cotrain, kd-stop, kd-stop-merge, partition (or 'all')")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: autocast the training forward passes (fast on CPUs with AMX)")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--progress", action="store_true", help="show progress bars")
 
@@ -72,7 +74,8 @@ def _spec(args):
         if a not in ABLATIONS:
             raise ValueError(f"--ablations: unknown {a!r}; choose from {', '.join(ABLATIONS)} or 'all'")
     cfg = TrainConfig(max_epochs=args.max_epochs, batch_size=args.batch_size, lr=args.lr,
-                      early_stop=args.early_stop, patience=args.patience, progress=args.progress or None)
+                      early_stop=args.early_stop, patience=args.patience, progress=args.progress or None,
+                      precision=args.precision)
     return ExperimentSpec(
         teachers=args.teachers, student=args.student, mode=args.mode, gate=args.gate, ensemble=args.ensemble,
         temperature=args.temperature, hard_weight=args.hard_weight, kd_weight=args.kd_weight,

@@ -71,6 +71,10 @@ class TrainConfig:
         monitor_fraction: share of the validation split held out as the monitor split.
         seed: seeds initialisation and data order.
         progress: show tqdm progress bars (default: when stderr is a terminal).
+        precision: "fp32", or "bf16" to run the training forward passes under
+            ``torch.autocast(dtype=torch.bfloat16)`` (weights, optimizer and losses stay float32).
+            On CPUs with AMX (Sapphire Rapids and later) this is several times faster; scoring
+            for early stopping and evaluation always runs in float32.
     """
 
     max_epochs: int = 50
@@ -84,6 +88,7 @@ class TrainConfig:
     monitor_fraction: float = 0.2
     seed: int = 0
     progress: Optional[bool] = None
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.early_stop not in MONITORS:
@@ -94,6 +99,8 @@ class TrainConfig:
             raise ValueError("patience, max_epochs and batch_size must be >= 1")
         if not 0.0 < self.monitor_fraction < 1.0:
             raise ValueError(f"monitor_fraction must be in (0, 1), got {self.monitor_fraction}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.merge_validation and self.early_stop != "kd":
             raise ValueError("merge_validation=True needs early_stop='kd' (the validation labels are trained on)")
 
@@ -392,8 +399,10 @@ class _Loop:
             if stops and n - stops[-1] < 2:
                 stops.pop()
             bounds = list(zip([0] + stops, stops + [n]))
+            bf16 = self.cfg.precision == "bf16"
             for k, (a, b) in enumerate(bounds):
-                loss = step(ids_e[a:b], lab_e[a:b], perm[a:b])
+                with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+                    loss = step(ids_e[a:b], lab_e[a:b], perm[a:b])
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 self.opt.step()

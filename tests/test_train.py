@@ -236,3 +236,19 @@ def test_resume_after_sigkill(tmp_path):
                            env=env, timeout=300)
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout.strip().splitlines()[-1]) == json.loads(ref.stdout.strip().splitlines()[-1])
+
+
+def test_bf16_precision_trains_with_float32_state(splits):
+    train, valid, test = splits
+    fs = train.field_sizes
+    auc = {}
+    for precision in ("fp32", "bf16"):
+        model = small("dnn", fs)
+        out = train_model(model, train, valid, cfg(max_epochs=3, precision=precision, lr=0.01))
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert np.isfinite(out["history"][-1]["train_loss"])
+        auc[precision] = evaluate(model, test)["auc"]
+    assert auc["bf16"] != auc["fp32"]  # autocast really ran
+    assert abs(auc["bf16"] - auc["fp32"]) < 0.03
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(precision="fp16")
