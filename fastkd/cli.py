@@ -89,8 +89,13 @@ def _run(args, train, valid, test, data_desc: str) -> int:
 
     from .experiment import command_line, run_experiment, table, write_report
 
+    from .models.perf import tune_cpu_allocator
+
     if args.threads:
         torch.set_num_threads(args.threads)
+    # process-wide, so only an entry point may do it: keeps freed activation buffers mapped
+    # between steps instead of page-faulting them back in (15-20% of a CPU training step)
+    tune_cpu_allocator()
     spec = _spec(args)
     t0 = time.perf_counter()
     print(f"data: {data_desc}", flush=True)
