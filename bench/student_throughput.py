@@ -38,7 +38,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                    help="fastkd's TrainConfig.precision (DeepCTR-Torch always trains in fp32)")
     args = ap.parse_args()
+    from fastkd.models.perf import tune_cpu_allocator
+
+    tune_cpu_allocator()  # as the fastkd CLI does; process-wide, so DeepCTR-Torch gets it too
     torch.set_num_threads(args.threads)
     if FRAPPE.exists():
         data = load(f"libfm:{FRAPPE / 'frappe.validation.libfm.gz'},{FRAPPE / 'frappe.test.libfm.gz'}")
@@ -51,7 +56,8 @@ def main() -> None:
     x = {f"f{i}": train.ids[:, i] for i in range(len(fs))}
     dc = deepctr_model(fs)
     fk = build_model("dnn", fs, dropout=0.1)
-    cfg = TrainConfig(max_epochs=1, patience=2, reduce_lr_on_plateau=False, progress=False)
+    cfg = TrainConfig(max_epochs=1, patience=2, reduce_lr_on_plateau=False, progress=False,
+                      precision=args.precision)
     t_dc, t_fk = [], []
     for e in range(args.epochs + 1):  # epoch 0 of each warms up and is not counted
         t0 = time.perf_counter()
@@ -64,7 +70,7 @@ def main() -> None:
     d, f = statistics.median(t_dc), statistics.median(t_fk)
     print(f"{name}: {n:,} training rows, batch 2048, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"DeepCTR-Torch DNN  {n / d:10,.0f} samples/s  (median of {len(t_dc)} epochs)")
-    print(f"fastkd DNN         {n / f:10,.0f} samples/s  (median of {len(t_fk)} epochs)")
+    print(f"fastkd DNN ({args.precision})  {n / f:10,.0f} samples/s  (median of {len(t_fk)} epochs)")
     print(f"ratio fastkd / DeepCTR-Torch: {d / f:.2f}x")
 
 

@@ -152,10 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="teachers, plain DNN and distilled students on built-in synthetic data")
-    demo.add_argument("--rows", type=_positive_int, default=120_000)
+    demo.add_argument("--rows", type=_positive_int, default=100_000)
     demo.add_argument("--data-seed", type=int, default=0)
     demo.add_argument("--out", default="runs/demo")
-    _add_training_args(demo, max_epochs=8, batch_size=2048)
+    _add_training_args(demo, max_epochs=6, batch_size=2048)
+    demo.set_defaults(hidden_units=[256, 256])  # keeps `make demo` within a few minutes on 2 cores
     demo.set_defaults(func=cmd_demo)
 
     d = sub.add_parser("distill", help="the same on a real CTR file")
