@@ -214,6 +214,17 @@ def _softmax_ce(target: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(z, dim=-1) * target.sum(-1) - (target * z).sum(-1)
 
 
+def _label_ce_with_grad(z: torch.Tensor, labels: torch.Tensor, binary: bool):
+    """Per-sample CE(y, z) against hard labels and its gradient: σ(z) − y or softmax(z) − onehot(y)."""
+    if binary:
+        y = labels.to(z.dtype)
+        return _binary_ce(y, z), torch.sigmoid(z) - y
+    logp = torch.log_softmax(z, dim=-1)
+    grad = logp.exp()
+    grad.scatter_add_(1, labels.view(-1, 1), torch.full_like(grad[:, :1], -1.0))
+    return -logp.gather(1, labels.view(-1, 1)).squeeze(1), grad
+
+
 def distill_loss_fwd_ref(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -239,20 +250,14 @@ def distill_loss_fwd_ref(
         p = torch.sigmoid(zt * inv_t)
         loss = kd_weight * _binary_ce(p, xs) + 0.0 * zt
         grad = (kd_weight * inv_t) * (torch.sigmoid(xs) - p)
-        if labels is not None and hard_weight != 0.0:
-            y = labels.to(dt)
-            loss = loss + hard_weight * _binary_ce(y, zs)
-            grad = grad + hard_weight * (torch.sigmoid(zs) - y)
     else:
         p = torch.softmax(zt * inv_t, dim=-1)
         loss = kd_weight * _softmax_ce(p, xs) + 0.0 * zt.sum(-1)
         grad = (kd_weight * inv_t) * (torch.softmax(xs, dim=-1) - p)
-        if labels is not None and hard_weight != 0.0:
-            logp = torch.log_softmax(zs, dim=-1)
-            loss = loss - hard_weight * logp.gather(1, labels.view(-1, 1)).squeeze(1)
-            g_hard = logp.exp()
-            g_hard.scatter_add_(1, labels.view(-1, 1), torch.full_like(g_hard[:, :1], -1.0))
-            grad = grad + hard_weight * g_hard
+    if labels is not None and hard_weight != 0.0:
+        hard, g_hard = _label_ce_with_grad(zs, labels, binary)
+        loss = loss + hard_weight * hard
+        grad = grad + hard_weight * g_hard
     return loss, grad
 
 
@@ -317,33 +322,19 @@ def gated_distill_loss_fwd_ref(
         grad = (kd_weight * inv_t) * (torch.softmax(xs, dim=-1) - p)
 
     if labels is not None and hard_weight != 0.0:
-        if binary:
-            y = labels.to(dt)
-            loss = loss + hard_weight * _binary_ce(y, zs)
-            grad = grad + hard_weight * (torch.sigmoid(zs) - y)
-        else:
-            logp = torch.log_softmax(zs, dim=-1)
-            loss = loss - hard_weight * logp.gather(1, labels.view(-1, 1)).squeeze(1)
-            g_hard = logp.exp()
-            g_hard.scatter_add_(1, labels.view(-1, 1), torch.full_like(g_hard[:, :1], -1.0))
-            grad = grad + hard_weight * g_hard
+        hard, g_hard = _label_ce_with_grad(zs, labels, binary)
+        loss = loss + hard_weight * hard
+        grad = grad + hard_weight * g_hard
 
     grad_scores = None
     if gate in TRAINABLE_GATES:
+        m = (alpha * zt).sum(1) if binary else (alpha.unsqueeze(-1) * zt).sum(1)  # [B] or [B, C]
+        g_term, r = _label_ce_with_grad(m, labels, binary)
+        if gate_loss_weight != 0.0:
+            loss = loss + gate_loss_weight * g_term
         if binary:
-            m = (alpha * zt).sum(1)
-            y = labels.to(dt)
-            if gate_loss_weight != 0.0:
-                loss = loss + gate_loss_weight * _binary_ce(y, m)
-            r = torch.sigmoid(m) - y  # [B]
             grad_scores = gate_loss_weight * alpha * (r.unsqueeze(1) * (zt - m.unsqueeze(1)))
         else:
-            m = (alpha.unsqueeze(-1) * zt).sum(1)  # [B, C]
-            logq = torch.log_softmax(m, dim=-1)
-            if gate_loss_weight != 0.0:
-                loss = loss - gate_loss_weight * logq.gather(1, labels.view(-1, 1)).squeeze(1)
-            r = logq.exp()
-            r.scatter_add_(1, labels.view(-1, 1), torch.full_like(r[:, :1], -1.0))
             rz = (zt * r.unsqueeze(1)).sum(-1)  # [B, M]
             rm = (m * r).sum(-1, keepdim=True)  # [B, 1]
             grad_scores = gate_loss_weight * alpha * (rz - rm)
