@@ -24,7 +24,10 @@ test: install
 	$(PY) -m pytest -q
 
 bench: install
+	$(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) -m pytest -q bench --benchmark-only --benchmark-group-by=group --benchmark-columns=min,median,mean,rounds
+	$(PY) bench/epoch_cost.py
+	$(PY) bench/student_throughput.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

@@ -41,6 +41,8 @@ setup(
         "triton": ["triton>=3.0; platform_system == 'Linux'"],
         "data": ["pandas>=1.5", "pyarrow>=12"],
         "report": ["matplotlib>=3.5"],
+        # side-by-side throughput comparison (bench/student_throughput.py)
+        "bench": ["pytest-benchmark>=4", "deepctr-torch>=0.3", "requests"],
         "test": [
             "pytest>=7",
             "pytest-benchmark>=4",
