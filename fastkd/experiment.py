@@ -100,9 +100,7 @@ class _Run:
     # ------------------------------------------------------------------------------------------
     def teachers(self, seed: int, names: Sequence[str], train: Optional[Sequence[CTRData]] = None,
                  variant: str = ""):
-        cfg = self.spec.config
-        tcfg = cfg if cfg.early_stop != "kd" else dataclasses.replace(cfg, early_stop="auc", patience=None,
-                                                                      merge_validation=False)
+        tcfg = self.spec.config.for_teachers()
         out = []
         for i, name in enumerate(names):
             model = self.build(name, seed * 100 + i + 1)

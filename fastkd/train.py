@@ -104,6 +104,13 @@ class TrainConfig:
         if self.merge_validation and self.early_stop != "kd":
             raise ValueError("merge_validation=True needs early_stop='kd' (the validation labels are trained on)")
 
+    def for_teachers(self) -> "TrainConfig":
+        """The settings teachers train with: these, but stopped on validation AUC when these stop on
+        the distillation loss (teachers have none) and without merged validation."""
+        if self.early_stop != "kd":
+            return self
+        return dataclasses.replace(self, early_stop="auc", patience=None, merge_validation=False)
+
     @property
     def show_progress(self) -> bool:
         return sys.stderr.isatty() if self.progress is None else bool(self.progress)
@@ -440,7 +447,7 @@ class _Loop:
 
 def _label_monitor(model: nn.Module, data: CTRData, metric: str, batch_size: int) -> Callable[[], float]:
     def monitor() -> float:
-        return scores(data.labels, predict(model, data, batch_size))[metric]
+        return evaluate(model, data, batch_size)[metric]
     return monitor
 
 
@@ -492,8 +499,7 @@ class Distiller:
         temperature, hard_weight, kd_weight, gate_loss_weight: loss settings.
         hint_weight: weight of the hint loss ``‖W_i v_Ti − v_S‖²`` averaged over teachers (0: off).
         config: optimisation and early stopping (:class:`TrainConfig`).
-        teacher_config: settings for training the teachers (default: ``config`` with
-            ``early_stop="auc"`` when ``config`` stops on the distillation loss).
+        teacher_config: settings for training the teachers (default: ``config.for_teachers()``).
 
     Example::
 
@@ -536,11 +542,7 @@ class Distiller:
         self.student = student
         self.mode = mode
         self.config = config or TrainConfig()
-        if teacher_config is None:
-            # teachers have no distillation loss to stop on: they use the validation AUC then
-            teacher_config = self.config if self.config.early_stop != "kd" else dataclasses.replace(
-                self.config, early_stop="auc", patience=None, merge_validation=False)
-        self.teacher_config = teacher_config
+        self.teacher_config = teacher_config or self.config.for_teachers()
         if mode == "cotrain" and self.config.early_stop == "kd":
             raise ValueError("co-training stops on the student's validation AUC/logloss: the teachers "
                              "(and so the distillation targets) move during training")
