@@ -200,16 +200,20 @@ class GatedDistillLoss(nn.Module):
             raise ValueError(
                 f"teacher_hidden's last dimension must be hidden_dim = {self.hidden_dim}, got {list(teacher_hidden.shape)}"
             )
-        gate = self.fixed_weights if self.gate == "fixed" else self.gate
         loss, alpha = FK.gated_distill_loss(
             student_logits, teacher_logits, labels, teacher_hidden,
-            gate=gate, gate_weight=self.weight, gate_bias=self.bias,
+            gate=self.gate_arg, gate_weight=self.weight, gate_bias=self.bias,
             temperature=self.temperature, hard_weight=self.hard_weight, kd_weight=self.kd_weight,
             ensemble=self.ensemble, gate_loss_weight=self.gate_loss_weight,
             reduction=self.reduction, t2_scale=self.t2_scale, return_weights=True,
         )
         self.last_alpha = alpha
         return loss
+
+    @property
+    def gate_arg(self) -> Union[str, torch.Tensor]:
+        """The ``gate`` argument of :func:`fastkd.functional.gated_distill_loss` for this module."""
+        return self.fixed_weights if self.gate == "fixed" else self.gate
 
     def extra_repr(self) -> str:
         return (

@@ -451,13 +451,23 @@ def _label_monitor(model: nn.Module, data: CTRData, metric: str, batch_size: int
     return monitor
 
 
+def _plus_regularization(model: nn.Module, loss: torch.Tensor) -> torch.Tensor:
+    """``loss`` plus the model's own penalty, for models that define ``regularization_loss()``."""
+    reg = getattr(model, "regularization_loss", None)
+    return loss + reg() if reg is not None else loss
+
+
+def _freeze(models) -> None:
+    for m in models:
+        m.eval()
+        m.requires_grad_(False)
+
+
 def _bce_step(model: nn.Module) -> Callable:
     bce = nn.BCEWithLogitsLoss()
 
     def step(ids, y, _index):
-        loss = bce(model(ids), y)
-        reg = getattr(model, "regularization_loss", None)
-        return loss + reg() if reg is not None else loss
+        return _plus_regularization(model, bce(model(ids), y))
     return step
 
 
@@ -577,9 +587,8 @@ class Distiller:
         from .reference import gated_distill_loss_ref
 
         crit = self.loss
-        gate = crit.fixed_weights if crit.gate == "fixed" else crit.gate
         loss, _ = gated_distill_loss_ref(
-            z_s, t_logits, None, t_hidden, gate=gate,
+            z_s, t_logits, None, t_hidden, gate=crit.gate_arg,
             gate_weight=None if crit.weight is None else crit.weight.detach(),
             gate_bias=None if crit.bias is None else crit.bias.detach(),
             temperature=crit.temperature, hard_weight=0.0, kd_weight=1.0, ensemble=crit.ensemble,
@@ -592,8 +601,7 @@ class Distiller:
         if self.hints is not None:
             hint = sum(h(h_s, t_hidden[:, i]) for i, h in enumerate(self.hints)) / len(self.hints)
             loss = loss + self.hint_weight * hint
-        reg = getattr(self.student, "regularization_loss", None)
-        return loss + reg() if reg is not None else loss
+        return _plus_regularization(self.student, loss)
 
     def _student_params(self) -> List[nn.Parameter]:
         params = list(self.student.parameters()) + list(self.loss.parameters())
@@ -623,9 +631,7 @@ class Distiller:
                 s = train_model(t, train, valid, tc, desc=f"teacher {i}",
                                 checkpoint=ckpt / f"teacher{i}.pt" if ckpt else None, resume=resume)
                 self.summary["teachers"].append(s)
-        for t in self.teachers:
-            t.eval()
-            t.requires_grad_(False)
+        _freeze(self.teachers)
         self.summary["teacher_seconds"] = time.perf_counter() - t0
 
         student_train = train
@@ -650,10 +656,8 @@ class Distiller:
                                            batch_size=cfg.eval_batch_size)
 
             def monitor() -> float:
-                ids_m = torch.from_numpy(monitor_data.ids)
-                z = predict(self.student, ids_m, cfg.eval_batch_size)
-                tl, th = mon_cache.gather(torch.arange(len(monitor_data)))
-                return float(self._kd_term(z, tl, th)) / len(monitor_data)
+                z = predict(self.student, monitor_data, cfg.eval_batch_size)
+                return float(self._kd_term(z, mon_cache.logits, mon_cache.hidden)) / len(monitor_data)
         else:
             monitor = _label_monitor(self.student, valid, cfg.early_stop, cfg.eval_batch_size)
 
@@ -677,11 +681,7 @@ class Distiller:
                 t_hidden = torch.stack([nn.functional.pad(o[1], (0, d - o[1].shape[1])) for o in outs], 1)
             else:
                 t_logits, t_hidden = torch.stack(outs, 1), None
-            teacher_loss = sum(bce(t_logits[:, i], y) for i in range(len(teachers)))
-            for t in teachers:
-                reg = getattr(t, "regularization_loss", None)
-                if reg is not None:
-                    teacher_loss = teacher_loss + reg()
+            teacher_loss = sum(_plus_regularization(t, bce(t_logits[:, i], y)) for i, t in enumerate(teachers))
             # detached: the distillation gradient flows teacher -> student only
             student_loss = self._student_loss(ids, y, t_logits.detach(),
                                               None if t_hidden is None else t_hidden.detach())
@@ -695,9 +695,7 @@ class Distiller:
                      "co-train", stop_after_epoch)
         self.summary["student"] = loop.run(ids, labels, step,
                                            _label_monitor(self.student, valid, cfg.early_stop, cfg.eval_batch_size))
-        for t in teachers:
-            t.eval()
-            t.requires_grad_(False)
+        _freeze(teachers)
         return self.summary
 
     # -- use ----------------------------------------------------------------------------------
@@ -716,7 +714,5 @@ class Distiller:
 
         cache = TeacherCache.build(list(self.teachers), data, hidden=self.needs_hidden,
                                    batch_size=self.config.eval_batch_size)
-        tl, th = cache.gather(torch.arange(len(data)))
         crit = self.loss
-        gate = crit.fixed_weights if crit.gate == "fixed" else crit.gate
-        return gate_weights_ref(tl, gate, crit.weight, crit.bias, th)
+        return gate_weights_ref(cache.logits, crit.gate_arg, crit.weight, crit.bias, cache.hidden)
