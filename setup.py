@@ -51,6 +51,8 @@ setup(
             "matplotlib>=3.5",
             "scikit-learn>=1.2",
             "mmh3>=4",
+            # the Triton kernels are tested on the CPU under TRITON_INTERPRET=1
+            "triton>=3.0; platform_system == 'Linux'",
         ],
     },
     entry_points={"console_scripts": ["fastkd=fastkd.cli:main"]},
