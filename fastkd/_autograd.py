@@ -12,20 +12,65 @@ Inputs reaching these Functions are already validated and normalised by
 """
 from __future__ import annotations
 
-from typing import Optional
+import importlib
+import importlib.util
+import os
+from typing import Callable, Optional
 
 import torch
 
 from . import reference
 
+# op -> (plain-PyTorch twin, module and name of the Triton launcher). Both sides of a row take
+# the same arguments and return the same outputs, so the seam below only picks one.
+_IMPLS = {
+    "distill_loss": (reference.distill_loss_fwd_ref, "fastkd.kernels.distill_loss", "distill_loss_forward"),
+    "gated_distill_loss": (
+        reference.gated_distill_loss_fwd_ref, "fastkd.kernels.gated_distill_loss", "gated_distill_loss_forward",
+    ),
+    "gated_distill_loss_reduced": (
+        reference.gated_distill_loss_fwd_reduced_ref, "fastkd.kernels.gated_distill_loss",
+        "gated_distill_loss_forward_reduced",
+    ),
+}
+BACKENDS = ("torch", "triton")
+# find_spec locates the package without importing it: importing fastkd stays cheap and CUDA-free.
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
-def _fwd_impl(op: str, device: torch.device):
+
+def _triton_launcher(op: str) -> Callable:
+    _, module, name = _IMPLS[op]
+    return getattr(importlib.import_module(module), name)
+
+
+def _fwd_impl(op: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> Callable:
     """The single place where an implementation is chosen for an op on a device.
 
-    Every device runs the plain-PyTorch closed-form path for now; the fused Triton launchers
-    (``fastkd.kernels``) plug in here for CUDA tensors, with identical signatures.
+    CUDA tensors run the fused Triton launcher (``fastkd.kernels``) when Triton is installed,
+    everything else the plain-PyTorch twin in :mod:`fastkd.reference`. float64 stays on the
+    reference (the kernels compute in float32), so gradcheck works on any device. The
+    environment variable ``FASTKD_BACKEND=torch|triton`` forces one side; Triton on CPU tensors
+    needs the interpreter (``TRITON_INTERPRET=1``, set before Triton is first imported).
     """
-    return getattr(reference, f"{op}_fwd_ref")
+    forced = os.environ.get("FASTKD_BACKEND", "").strip().lower()
+    if forced not in ("", "auto") + BACKENDS:
+        raise ValueError(f"FASTKD_BACKEND must be one of {BACKENDS} (or unset), got {forced!r}")
+    if forced == "torch":
+        return _IMPLS[op][0]
+    if forced == "triton":
+        if not _HAS_TRITON:
+            raise RuntimeError("FASTKD_BACKEND=triton but Triton is not installed (pip install 'fastkd[triton]')")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise RuntimeError(
+                f"FASTKD_BACKEND=triton needs CUDA tensors (got {device.type}); Triton runs CPU tensors only "
+                "in its interpreter (TRITON_INTERPRET=1)"
+            )
+        if dtype == torch.float64:
+            raise TypeError("the Triton kernels compute in float32; use FASTKD_BACKEND=torch for float64 inputs")
+        return _triton_launcher(op)
+    if device.type == "cuda" and _HAS_TRITON and dtype != torch.float64:
+        return _triton_launcher(op)
+    return _IMPLS[op][0]
 
 
 def _refuse_double_backward() -> None:
@@ -59,7 +104,7 @@ class DistillLossFunction(torch.autograd.Function):
         kd_weight: float,
         reduction: str,
     ) -> torch.Tensor:
-        fwd = _fwd_impl("distill_loss", student.device)
+        fwd = _fwd_impl("distill_loss", student.device, student.dtype)
         loss, grad = fwd(student, teacher, labels, temperature, hard_weight, kd_weight)
         if reduction == "mean":
             loss = loss.mean()
@@ -106,35 +151,32 @@ class GatedDistillLossFunction(torch.autograd.Function):
         gate_loss_weight: float,
         reduction: str,
     ):
-        fwd = _fwd_impl("gated_distill_loss", student.device)
-        loss, grad, grad_scores, alpha = fwd(
-            student, teacher, labels, teacher_hidden, gate, gate_weight, gate_bias,
-            fixed_weights, temperature, hard_weight, kd_weight, ensemble, gate_loss_weight,
-        )
-        B = student.shape[0]
-        if reduction == "mean":
-            loss = loss.mean()
-            grad = grad / B
-            if grad_scores is not None:
-                grad_scores = grad_scores / B
-        elif reduction == "sum":
-            loss = loss.sum()
-
+        args = (student, teacher, labels, teacher_hidden, gate, gate_weight, gate_bias, fixed_weights,
+                temperature, hard_weight, kd_weight, ensemble, gate_loss_weight)
         ctx.reduction = reduction
         ctx.gate = gate
         ctx.student_dtype = student.dtype
         ctx.param_dtype = gate_weight.dtype if gate_weight is not None else None
-        feats = None
-        if grad_scores is not None:
-            feats = teacher_hidden if gate == "hidden" else teacher
-        if grad_scores is not None and reduction != "none":
-            # Reduce to parameter gradients now; backward then scales two small tensors.
-            gw, gb = _gate_param_grads(grad_scores, feats, gate)
-            ctx.save_for_backward(grad, gw, gb)
-        elif grad_scores is not None:
-            ctx.save_for_backward(grad, grad_scores, feats)
+        if reduction == "none":
+            # grad_output is per sample: keep d loss / d s and reduce to parameters in backward
+            fwd = _fwd_impl("gated_distill_loss", student.device, student.dtype)
+            loss, grad, grad_scores, alpha = fwd(*args)
+            if grad_scores is not None:
+                feats = teacher_hidden if gate == "hidden" else teacher
+                ctx.save_for_backward(grad, grad_scores, feats)
+            else:
+                ctx.save_for_backward(grad)
         else:
-            ctx.save_for_backward(grad)
+            # the batch reduction is folded into the forward: the gate gradients arrive summed
+            # (deterministically, on the Triton path), backward scales two small tensors
+            scale = 1.0 / student.shape[0] if reduction == "mean" else 1.0
+            fwd = _fwd_impl("gated_distill_loss_reduced", student.device, student.dtype)
+            loss, grad, g_w, g_b, alpha = fwd(*args, scale)
+            loss = loss.mean() if reduction == "mean" else loss.sum()
+            if g_w is not None:
+                ctx.save_for_backward(grad, g_w, g_b)
+            else:
+                ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(alpha)
         return loss, alpha
 
@@ -161,10 +203,4 @@ class GatedDistillLossFunction(torch.autograd.Function):
 
 def _gate_param_grads(grad_scores: torch.Tensor, feats: torch.Tensor, gate: str):
     """Chain rule through s_bi = w_i·x_bi + b_i: dW_i = Σ_b g_bi x_bi, db_i = Σ_b g_bi."""
-    gs = grad_scores
-    x = feats.to(gs.dtype)
-    if x.dim() == 2:  # binary logit gate: x_bi is a scalar
-        g_w = (gs * x).sum(0)
-    else:  # class-logit gate ([B, M, C]) or hidden gate ([B, M, d])
-        g_w = torch.einsum("bm,bmk->mk", gs, x)
-    return g_w, gs.sum(0)
+    return reference.gate_param_grads_ref(grad_scores, feats)

@@ -41,6 +41,8 @@ __all__ = [
     "gate_weights_ref",
     "distill_loss_fwd_ref",
     "gated_distill_loss_fwd_ref",
+    "gated_distill_loss_fwd_reduced_ref",
+    "gate_param_grads_ref",
     "TRAINABLE_GATES",
 ]
 
@@ -341,3 +343,52 @@ def gated_distill_loss_fwd_ref(
 
     loss = loss + 0.0 * (zt.sum(1) if binary else zt.sum((1, 2)))
     return loss, grad, grad_scores, alpha
+
+
+def gate_param_grads_ref(grad_scores: torch.Tensor, feats: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Chain rule through ``s_bi = w_i·x_bi + b_i``: ``dW_i = Σ_b g_bi x_bi``, ``db_i = Σ_b g_bi``.
+
+    ``grad_scores`` g [B, M]; ``feats`` x: teacher logits [B, M] (binary logit gate), [B, M, C]
+    (class logit gate) or hidden vectors [B, M, d] (hidden gate).
+    """
+    x = feats.to(grad_scores.dtype)
+    if x.dim() == 2:
+        g_w = (grad_scores * x).sum(0)
+    else:
+        g_w = torch.einsum("bm,bmk->mk", grad_scores, x)
+    return g_w, grad_scores.sum(0)
+
+
+def gated_distill_loss_fwd_reduced_ref(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    teacher_hidden: Optional[torch.Tensor],
+    gate: str,
+    gate_weight: Optional[torch.Tensor],
+    gate_bias: Optional[torch.Tensor],
+    fixed_weights: Optional[torch.Tensor],
+    temperature: float,
+    hard_weight: float,
+    kd_weight: float,
+    ensemble: str,
+    gate_loss_weight: float,
+    grad_scale: float,
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
+    """:func:`gated_distill_loss_fwd_ref` with the gate gradients summed over the batch.
+
+    Returns loss [B], ``grad_scale``·d loss / d z_S, ``grad_scale``·Σ_b d loss_b / d w and
+    ``grad_scale``·Σ_b d loss_b / d b (None for gates without parameters), α [B, M]. This is the
+    twin of the fused Triton launcher used for ``reduction`` "mean" (``grad_scale`` = 1/B) and
+    "sum" (1), which never materialises the per-sample gate gradients.
+    """
+    loss, grad, grad_scores, alpha = gated_distill_loss_fwd_ref(
+        student, teacher, labels, teacher_hidden, gate, gate_weight, gate_bias, fixed_weights,
+        temperature, hard_weight, kd_weight, ensemble, gate_loss_weight,
+    )
+    grad = grad * grad_scale
+    if grad_scores is None:
+        return loss, grad, None, None, alpha
+    feats = teacher_hidden if gate == "hidden" else teacher
+    g_w, g_b = gate_param_grads_ref(grad_scores * grad_scale, feats)
+    return loss, grad, g_w, g_b, alpha

@@ -1,0 +1,99 @@
+"""Device helpers shared by the loss kernels, and the deterministic partial-sum reduction.
+
+Everything here is fp32 maths on values already upcast in registers. Nothing touches CUDA at
+import; the kernels compile on first launch.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Elements per program for element-wise row tiles: CTR rows hold one logit per teacher, so one
+# row per program would leave the GPU idle on launch overhead.
+ROW_TILE_ELEMS = 2048
+# Rows per program in the partial-sum reduction, columns per program.
+REDUCE_BLOCK_P = 64
+REDUCE_BLOCK_N = 128
+
+
+@triton.jit
+def softplus(x):
+    # log(1 + e^x) = max(x, 0) + log1p(e^-|x|): finite for any |x|. log1p by Kahan's trick
+    # (log(v)·u/(v−1) with v = 1+u) because tl has no log1p and log(1+u) loses u when u < eps.
+    u = tl.exp(-tl.abs(x))
+    v = 1.0 + u
+    safe = tl.where(v == 1.0, 1.0, v - 1.0)
+    lp = tl.where(v == 1.0, u, tl.log(v) * (u / safe))
+    return tl.maximum(x, 0.0) + lp
+
+
+@triton.jit
+def sigmoid(x):
+    # 1/(1+e^-x): e^-x = inf gives exactly 0, so |x| = 1e4 needs no special case
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def lse_update(m, l, x):
+    """One step of the online log-sum-exp over the last axis of x [R, K] (masked lanes = -inf).
+
+    Returns the new running max m [R] and the running sum l [R] of exp(x - m).
+    """
+    m_new = tl.maximum(m, tl.max(x, 1))
+    l_new = l * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), 1)
+    return m_new, l_new
+
+
+@triton.jit
+def _sum_partials_kernel(
+    part_ptr,  # [P, N] fp32 per-program partial sums (row p = program p of the loss kernel)
+    out_ptr,  # [N] fp32 column sums
+    P,
+    N,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # Sums the rows in a fixed order (tiles of BLOCK_P rows, in sequence), with no atomics, so
+    # the gate-parameter gradients are bit-identical from run to run.
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        rows = (p0 + tl.arange(0, BLOCK_P)).to(tl.int64)
+        tile = tl.load(part_ptr + rows[:, None] * N + cols[None, :],
+                       mask=(rows[:, None] < P) & cmask[None, :], other=0.0)
+        acc += tl.sum(tile, 0)
+    tl.store(out_ptr + cols, acc, mask=cmask)
+
+
+def sum_partials(partials: torch.Tensor, wrap=lambda k: k) -> torch.Tensor:
+    """Deterministic column sums of ``partials`` [P, *S] -> [*S] (fp32).
+
+    ``wrap`` is ``torch.library.wrap_triton`` inside a ``triton_op`` body.
+    """
+    P = partials.shape[0]
+    out = partials.new_empty(partials.shape[1:])
+    N = out.numel()
+    if N == 0:
+        return out
+    grid = (triton.cdiv(N, REDUCE_BLOCK_N),)
+    wrap(_sum_partials_kernel)[grid](partials, out, P, N, BLOCK_P=REDUCE_BLOCK_P, BLOCK_N=REDUCE_BLOCK_N)
+    return out
+
+
+def next_pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+# Test-only cap on rows per program (None: the tuned default). The interpreter tests lower it so
+# that a small batch still spans several programs and exercises the partial-sum reduction.
+MAX_BLOCK_B = None
+
+
+def rows_per_program(elems_per_row: int, cap: int = 1024) -> int:
+    """Rows per program: about ROW_TILE_ELEMS elements per tile, a power of two in [1, cap]."""
+    block = max(1, min(cap, ROW_TILE_ELEMS // next_pow2(elems_per_row)))
+    if MAX_BLOCK_B is not None:
+        block = max(1, min(block, MAX_BLOCK_B))
+    return 1 << (block.bit_length() - 1)  # round down to a power of two (tl.arange needs one)
