@@ -58,7 +58,7 @@ def _add_training_args(p: argparse.ArgumentParser, *, max_epochs: int, batch_siz
     p.add_argument("--dropout", type=float, default=0.3,
                    help="dropout of every model's DNN part (0.3: best validation AUC of the plain DNN on Frappe)")
     p.add_argument("--ablations", type=_csv(str), default=[],
-                   help="comma list of: hint, cotrain, kd-stop, kd-stop-merge, partition (or 'all')")
+                   help="comma list of: hint, cotrain, kd-stop, kd-stop-merge, merge, partition (or 'all')")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: autocast the training forward passes (fast on CPUs with AMX)")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")

@@ -25,7 +25,7 @@ from .train import Distiller, TrainConfig, predict, scores, train_model
 
 __all__ = ["ExperimentSpec", "ExperimentResult", "run_experiment", "write_report", "ABLATIONS"]
 
-ABLATIONS = ("hint", "cotrain", "kd-stop", "kd-stop-merge", "partition")
+ABLATIONS = ("hint", "cotrain", "kd-stop", "kd-stop-merge", "merge", "partition")
 
 
 @dataclass
@@ -188,6 +188,12 @@ def run_experiment(train: CTRData, valid: CTRData, test: CTRData, spec: Experime
         if "kd-stop-merge" in abl:
             c = dataclasses.replace(cfg, early_stop="kd", patience=None, merge_validation=True)
             run.student(seed, teachers, "gate", variant="stop on kd loss, merged valid", config=c)
+        if "merge" in abl:
+            # same training rows as "stop on kd loss, merged valid", stopped on the held-out
+            # slice's labels: separates what the extra rows give from what distillation gives
+            c = dataclasses.replace(cfg, merge_validation=True)
+            run.plain(seed, config=c, variant="merged valid, AUC on held-out slice")
+            run.student(seed, teachers, "gate", variant="merged valid, AUC on held-out slice", config=c)
         if "partition" in abl:
             m = len(spec.teachers)
             rng = np.random.default_rng(seed)

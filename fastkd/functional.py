@@ -272,16 +272,24 @@ def hint_loss(
     teacher_hint: torch.Tensor,
     weight: torch.Tensor,
     reduction: str = "mean",
+    normalize: bool = False,
 ) -> torch.Tensor:
     r"""Hint regression ``‖W v_T − v_S‖²``: squared error summed over features, then reduced.
 
     W maps the teacher's hint into the student's space (as in the paper); ``v_T`` gets no gradient.
+
+    When W is trained together with the student (as in :class:`~fastkd.Distiller`), the plain
+    formula has a trivial minimum, ``W = 0`` and ``v_S = 0``: on Frappe the student's last layer
+    died and its AUC fell to 0.50. ``normalize=True`` compares directions instead,
+    ``‖W v_T/‖W v_T‖ − v_S/‖v_S‖‖² = 2 − 2 cos(W v_T, v_S)``, which is scale-free, so shrinking
+    either side no longer lowers the loss (a zero vector counts as direction 0).
 
     Args:
         student_hint: v_S, the student's hidden vector.
         teacher_hint: v_T, the teacher's hidden vector.
         weight: W.
         reduction: "mean" (over the batch) | "sum" | "none".
+        normalize: compare L2-normalised vectors (see above).
 
     Shape:
         - student_hint: [B, d_S]
@@ -313,4 +321,11 @@ def hint_loss(
         )
     V.check_nonempty("student_hint", student_hint.shape[0])
     V.check_same_device(student_hint=student_hint, teacher_hint=teacher_hint, weight=weight)
-    return hint_loss_ref(student_hint, teacher_hint, weight, reduction)
+    if not normalize:
+        return hint_loss_ref(student_hint, teacher_hint, weight, reduction)
+    dt = torch.promote_types(student_hint.dtype, torch.float32)
+    target = torch.nn.functional.normalize(
+        torch.nn.functional.linear(teacher_hint.detach().to(dt), weight.to(dt)), dim=-1)
+    diff = target - torch.nn.functional.normalize(student_hint.to(dt), dim=-1)
+    per_sample = diff.pow(2).sum(-1)
+    return per_sample if reduction == "none" else (per_sample.sum() if reduction == "sum" else per_sample.mean())

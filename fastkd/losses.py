@@ -233,6 +233,9 @@ class HintLoss(nn.Module):
         teacher_dim: d_T, width of the teacher's hint vector.
         student_dim: d_S, width of the student's guided vector.
         reduction: "mean" | "sum" | "none".
+        normalize: compare L2-normalised ``W v_T`` and ``v_S`` (``2 − 2 cos``). Use it when W
+            trains with the student: the plain formula then has the trivial minimum W = 0,
+            v_S = 0 (see :func:`fastkd.functional.hint_loss`).
 
     Shape:
         - student_hint: [B, d_S]
@@ -248,14 +251,15 @@ class HintLoss(nn.Module):
         >>> hint(vs, torch.randn(8, 64)).backward()
     """
 
-    def __init__(self, teacher_dim: int, student_dim: int, reduction: str = "mean") -> None:
+    def __init__(self, teacher_dim: int, student_dim: int, reduction: str = "mean", normalize: bool = False) -> None:
         super().__init__()
         for name, v in (("teacher_dim", teacher_dim), ("student_dim", student_dim)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         V.check_reduction(reduction)
         self.reduction = reduction
+        self.normalize = bool(normalize)
         self.proj = nn.Linear(teacher_dim, student_dim, bias=False)
 
     def forward(self, student_hint: torch.Tensor, teacher_hint: torch.Tensor) -> torch.Tensor:
-        return FK.hint_loss(student_hint, teacher_hint, self.proj.weight, self.reduction)
+        return FK.hint_loss(student_hint, teacher_hint, self.proj.weight, self.reduction, self.normalize)

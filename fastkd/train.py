@@ -13,6 +13,10 @@ Early stopping, exactly (see :class:`TrainConfig`):
   split; with ``merge_validation=True`` the validation split is cut in two: its first
   ``monitor_fraction`` (by the split order) is held out as the monitor split and the rest is added
   to the student's training data.
+* ``merge_validation=True`` with ``"auc"`` / ``"logloss"``: the same cut, the held-out slice's
+  *labels* are monitored. This is the label-stopped baseline with the same training data as a
+  student stopped on the distillation loss with merged validation (so a gain of that student over
+  it is not just the extra rows).
 
 ``patience`` counts epochs without improvement; with ``reduce_lr_on_plateau`` each such epoch
 also divides the learning rate by 10 (FuxiCTR's schedule).
@@ -66,8 +70,9 @@ class TrainConfig:
         patience: epochs without improvement before stopping (None: 2 for auc/logloss, 3 for kd).
         reduce_lr_on_plateau: divide the learning rate by 10 after each epoch without improvement.
         eval_batch_size: batch size for scoring.
-        merge_validation: with ``early_stop="kd"``, train the student on the validation split too,
-            except a held-out ``monitor_fraction`` of it that monitors the distillation loss.
+        merge_validation: train on the validation split too, except a held-out
+            ``monitor_fraction`` of it (its first rows) that monitors the stopping quantity
+            (distillation loss, or labels for "auc"/"logloss").
         monitor_fraction: share of the validation split held out as the monitor split.
         seed: seeds initialisation and data order.
         progress: show tqdm progress bars (default: when stderr is a terminal).
@@ -101,15 +106,26 @@ class TrainConfig:
             raise ValueError(f"monitor_fraction must be in (0, 1), got {self.monitor_fraction}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
-        if self.merge_validation and self.early_stop != "kd":
-            raise ValueError("merge_validation=True needs early_stop='kd' (the validation labels are trained on)")
 
     def for_teachers(self) -> "TrainConfig":
         """The settings teachers train with: these, but stopped on validation AUC when these stop on
         the distillation loss (teachers have none) and without merged validation."""
-        if self.early_stop != "kd":
+        if self.early_stop != "kd" and not self.merge_validation:
             return self
-        return dataclasses.replace(self, early_stop="auc", patience=None, merge_validation=False)
+        early_stop = "auc" if self.early_stop == "kd" else self.early_stop
+        return dataclasses.replace(self, early_stop=early_stop, patience=None if early_stop != self.early_stop
+                                   else self.patience, merge_validation=False)
+
+    def split_validation(self, train: CTRData, valid: CTRData) -> Tuple[CTRData, CTRData]:
+        """``(training data, monitor data)`` under these settings: ``(train, valid)``, or with
+        ``merge_validation`` the train split plus the validation rows after the first
+        ``monitor_fraction``, and those first rows as the monitor split."""
+        if not self.merge_validation:
+            return train, valid
+        k = max(1, int(round(self.monitor_fraction * len(valid))))
+        if k >= len(valid):
+            raise ValueError(f"merge_validation needs a validation split of at least 2 rows, got {len(valid)}")
+        return CTRData.concat([train, valid.subset(np.arange(k, len(valid)))]), valid.subset(np.arange(k))
 
     @property
     def show_progress(self) -> bool:
@@ -482,10 +498,12 @@ def train_model(model: nn.Module, train: CTRData, valid: CTRData, cfg: TrainConf
     if cfg.early_stop == "kd":
         raise ValueError("early_stop='kd' needs teachers; use Distiller (plain models stop on auc or logloss)")
     seed_everything(cfg.seed)
+    train, monitor_data = cfg.split_validation(train, valid)
     ids, labels = _as_tensors(train)
     loop = _Loop({"model": model}, list(model.parameters()), cfg, cfg.early_stop,
                  Path(checkpoint) if checkpoint else None, resume, desc, stop_after_epoch)
-    return loop.run(ids, labels, _bce_step(model), _label_monitor(model, valid, cfg.early_stop, cfg.eval_batch_size))
+    return loop.run(ids, labels, _bce_step(model),
+                    _label_monitor(model, monitor_data, cfg.early_stop, cfg.eval_batch_size))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -508,6 +526,9 @@ class Distiller:
         ensemble: "logit" | "prob".
         temperature, hard_weight, kd_weight, gate_loss_weight: loss settings.
         hint_weight: weight of the hint loss ``‖W_i v_Ti − v_S‖²`` averaged over teachers (0: off).
+        hint_normalize: compare L2-normalised hints (default). With the plain formula and W_i
+            trained alongside, ``W_i = 0, v_S = 0`` is a minimum, and on Frappe the student
+            collapsed to AUC 0.50 (see :func:`fastkd.functional.hint_loss`).
         config: optimisation and early stopping (:class:`TrainConfig`).
         teacher_config: settings for training the teachers (default: ``config.for_teachers()``).
 
@@ -539,6 +560,7 @@ class Distiller:
         kd_weight: float = 1.0,
         gate_loss_weight: float = 1.0,
         hint_weight: float = 0.0,
+        hint_normalize: bool = True,
         config: Optional[TrainConfig] = None,
         teacher_config: Optional[TrainConfig] = None,
         teachers_trained: bool = False,
@@ -571,7 +593,7 @@ class Distiller:
         self.hints = None
         if self.hint_weight > 0:
             sd = int(getattr(student, "hidden_dim", 0))
-            self.hints = nn.ModuleList(HintLoss(self.hidden_dim, sd) for _ in teachers)
+            self.hints = nn.ModuleList(HintLoss(self.hidden_dim, sd, normalize=hint_normalize) for _ in teachers)
         self.cache: Optional[TeacherCache] = None
         self.summary: Dict[str, object] = {}
 
@@ -634,12 +656,7 @@ class Distiller:
         _freeze(self.teachers)
         self.summary["teacher_seconds"] = time.perf_counter() - t0
 
-        student_train = train
-        monitor_data = valid
-        if cfg.early_stop == "kd" and cfg.merge_validation:
-            k = max(1, int(round(cfg.monitor_fraction * len(valid))))
-            monitor_data = valid.subset(np.arange(k))
-            student_train = CTRData.concat([train, valid.subset(np.arange(k, len(valid)))])
+        student_train, monitor_data = cfg.split_validation(train, valid)
         t1 = time.perf_counter()
         self.cache = TeacherCache.build(list(self.teachers), student_train, hidden=self.needs_hidden,
                                         batch_size=cfg.eval_batch_size,
@@ -659,7 +676,7 @@ class Distiller:
                 z = predict(self.student, monitor_data, cfg.eval_batch_size)
                 return float(self._kd_term(z, mon_cache.logits, mon_cache.hidden)) / len(monitor_data)
         else:
-            monitor = _label_monitor(self.student, valid, cfg.early_stop, cfg.eval_batch_size)
+            monitor = _label_monitor(self.student, monitor_data, cfg.early_stop, cfg.eval_batch_size)
 
         seed_everything(cfg.seed)
         ids, labels = _as_tensors(student_train)
@@ -688,13 +705,15 @@ class Distiller:
             return teacher_loss + student_loss
 
         seed_everything(cfg.seed)
+        train, monitor_data = cfg.split_validation(train, valid)
         ids, labels = _as_tensors(train)
         mods = {**self._student_modules(), "teachers": teachers}
         params = self._student_params() + list(teachers.parameters())
         loop = _Loop(mods, params, cfg, cfg.early_stop, ckpt / "cotrain.pt" if ckpt else None, resume,
                      "co-train", stop_after_epoch)
         self.summary["student"] = loop.run(ids, labels, step,
-                                           _label_monitor(self.student, valid, cfg.early_stop, cfg.eval_batch_size))
+                                           _label_monitor(self.student, monitor_data, cfg.early_stop,
+                                                          cfg.eval_batch_size))
         _freeze(teachers)
         return self.summary
 

@@ -64,8 +64,11 @@ def test_distill_libfm_with_ablations_two_seeds(tmp_path):
     assert code == 0
     records = _check_outputs(out, 2, ["single", "mean", "gate"])
     variants = {r.get("variant") for r in records}
-    for v in ("hint instead of soft label", "co-train", "stop on kd loss", "stop on kd loss, merged valid"):
+    for v in ("hint instead of soft label", "co-train", "stop on kd loss", "stop on kd loss, merged valid",
+              "merged valid, AUC on held-out slice"):
         assert v in variants
+    merged_plain = [r for r in records if r["distill"] == "none" and r.get("variant")]
+    assert len(merged_plain) == 2 and merged_plain[0]["variant"] == "merged valid, AUC on held-out slice"
     assert any(v.startswith("D: ") for v in variants)
     report = (out / "report.md").read_text()
     assert " ± " in report  # two seeds: mean ± std

@@ -536,3 +536,22 @@ def test_cpu_cuda_parity(gate, C):
         outs.append([loss.cpu()] + [g.cpu() for g in grads])
     for a, b_ in zip(*outs):
         torch.testing.assert_close(a, b_, atol=1e-5, rtol=1e-5)
+
+
+def test_normalized_hint_is_scale_free_and_matches_cosine_formula():
+    torch.manual_seed(0)
+    vs = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    vt = torch.randn(5, 7, dtype=torch.float64)
+    W = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    out = hint_loss(vs, vt, W, "none", normalize=True)
+    cos = torch.nn.functional.cosine_similarity(vt @ W.T, vs, dim=-1)
+    torch.testing.assert_close(out, 2 - 2 * cos)
+    # shrinking W or v_S (the collapse of the plain formula) does not lower it
+    torch.testing.assert_close(hint_loss(0.01 * vs, vt, 0.01 * W, "none", normalize=True), out)
+    assert hint_loss(0.01 * vs, vt, 0.01 * W).item() < 1e-2 * hint_loss(vs, vt, W).item()
+    # its gradient is orthogonal to each vector: gradient steps cannot shrink them to zero
+    g_vs, g_w = torch.autograd.grad(out.sum(), [vs, W])
+    torch.testing.assert_close((g_vs * vs).sum(-1), torch.zeros(5, dtype=torch.float64))
+    mod = HintLoss(7, 4, reduction="sum", normalize=True)
+    torch.testing.assert_close(mod(vs.float(), vt.float()),
+                               hint_loss(vs.float(), vt.float(), mod.proj.weight, "sum", normalize=True))

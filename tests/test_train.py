@@ -167,6 +167,26 @@ def test_kd_early_stopping_with_merged_validation(splits):
     assert s["best_monitor"] == min(mon)
 
 
+def test_label_stopping_with_merged_validation_monitors_the_held_out_slice(splits):
+    """The label-stopped baseline with the same training rows as a merged-validation student."""
+    train, valid, test = splits
+    c = cfg(max_epochs=4, early_stop="auc", merge_validation=True, monitor_fraction=0.25)
+    grown, monitor = c.split_validation(train, valid)
+    k = round(0.25 * len(valid))
+    assert (len(grown), len(monitor)) == (len(train) + len(valid) - k, k)
+    np.testing.assert_array_equal(monitor.ids, valid.ids[:k])
+    np.testing.assert_array_equal(grown.ids[len(train):], valid.ids[k:])
+    model = small("dnn", train.field_sizes)
+    s = train_model(model, train, valid, c)
+    assert s["best_monitor"] == pytest.approx(evaluate(model, monitor)["auc"], abs=1e-12)
+    assert s["best_monitor"] != pytest.approx(evaluate(model, valid)["auc"], abs=1e-12)
+    # teachers never train on validation rows: their predictions there are the student's targets
+    assert c.for_teachers().merge_validation is False
+    assert c.for_teachers().early_stop == "auc"
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        c.split_validation(train, valid.subset(np.arange(1)))
+
+
 def test_same_seed_same_result(splits):
     train, valid, test = splits
     fs = train.field_sizes
