@@ -12,7 +12,6 @@ Inputs reaching these Functions are already validated and normalised by
 """
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
 from typing import Callable, Optional
@@ -39,8 +38,13 @@ _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def _triton_launcher(op: str) -> Callable:
+    # Plain import statements, not importlib: torch.compile traces through them (it refuses
+    # importlib), and importing only here keeps Triton out of `import fastkd`.
+    from .kernels import distill_loss as distill_kernels
+    from .kernels import gated_distill_loss as gated_kernels
+
     _, module, name = _IMPLS[op]
-    return getattr(importlib.import_module(module), name)
+    return getattr(distill_kernels if module.endswith(".distill_loss") else gated_kernels, name)
 
 
 def _fwd_impl(op: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> Callable:

@@ -5,6 +5,10 @@ import; the kernels compile on first launch.
 """
 from __future__ import annotations
 
+import inspect
+import os
+from typing import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -68,15 +72,15 @@ def _sum_partials_kernel(
     tl.store(out_ptr + cols, acc, mask=cmask)
 
 
-def sum_partials(partials: torch.Tensor, wrap=lambda k: k) -> torch.Tensor:
+def sum_partials(partials: torch.Tensor, wrap) -> torch.Tensor:
     """Deterministic column sums of ``partials`` [P, *S] -> [*S] (fp32).
 
-    ``wrap`` is ``torch.library.wrap_triton`` inside a ``triton_op`` body.
+    ``wrap`` as in :func:`register_op` (``None``: allocate only, launch nothing).
     """
     P = partials.shape[0]
     out = partials.new_empty(partials.shape[1:])
     N = out.numel()
-    if N == 0:
+    if N == 0 or wrap is None:
         return out
     grid = (triton.cdiv(N, REDUCE_BLOCK_N),)
     wrap(_sum_partials_kernel)[grid](partials, out, P, N, BLOCK_P=REDUCE_BLOCK_P, BLOCK_N=REDUCE_BLOCK_N)
@@ -97,3 +101,38 @@ def rows_per_program(elems_per_row: int, cap: int = 1024) -> int:
     if MAX_BLOCK_B is not None:
         block = max(1, min(block, MAX_BLOCK_B))
     return 1 << (block.bit_length() - 1)  # round down to a power of two (tl.arange needs one)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def register_op(name: str, launch: Callable) -> Callable:
+    """Decorator: register ``launch(*args, wrap=...)`` as the torch op ``name``.
+
+    The decorated stub only declares the signature (the op schema is inferred from its
+    annotations). With compiled Triton the op is a ``torch.library.triton_op`` (``wrap`` =
+    ``wrap_triton``), so ``torch.compile`` traces into the kernels without a graph break.
+    Interpreted kernels cannot run on fake tensors, so under ``TRITON_INTERPRET=1`` the op is an
+    opaque ``custom_op`` whose fake implementation allocates the outputs and launches nothing
+    (``wrap=None``).
+    """
+    def dec(stub: Callable):
+        sig = inspect.signature(stub, eval_str=True)  # the stub module may use string annotations
+
+        def bind(wrap):
+            def fn(*args, **kwargs):
+                bound = sig.bind(*args, **kwargs)
+                return launch(*bound.args, wrap=wrap)
+
+            fn.__signature__ = sig
+            fn.__name__ = stub.__name__
+            return fn
+
+        if interpreting():
+            op = torch.library.custom_op(name, bind(lambda kernel: kernel), mutates_args=())
+            op.register_fake(bind(None))
+            return op
+        return torch.library.triton_op(name, bind(torch.library.wrap_triton), mutates_args=())
+
+    return dec

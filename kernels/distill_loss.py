@@ -13,7 +13,6 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 from . import _common
 from ._common import lse_update, sigmoid, softplus
@@ -134,15 +133,8 @@ def _distill_loss_classes_fwd_kernel(
         tl.store(grad_ptr + base + cols[None, :], g, mask=mask)
 
 
-@triton_op("fastkd::distill_loss_fwd", mutates_args=())
-def _distill_loss_fwd_op(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    labels: Optional[torch.Tensor],
-    temperature: float,
-    hard_weight: float,
-    kd_weight: float,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+def _launch(student, teacher, labels, temperature, hard_weight, kd_weight, wrap):
+    """Allocate, pick tiles, launch (``wrap`` None: allocate only, for fake tensors)."""
     zs = student.contiguous()
     zt = teacher.contiguous()
     B = zs.shape[0]
@@ -150,11 +142,13 @@ def _distill_loss_fwd_op(
     y = labels.contiguous() if has_hard else zs  # a dummy pointer when HAS_HARD is off
     loss = torch.empty(B, device=zs.device, dtype=torch.float32)
     grad = torch.empty(zs.shape, device=zs.device, dtype=torch.float32)
+    if wrap is None:
+        return loss, grad
     inv_t = 1.0 / temperature
     if zs.dim() == 1:
         block_b = _common.rows_per_program(1)
         grid = (triton.cdiv(B, block_b),)
-        wrap_triton(_distill_loss_binary_fwd_kernel)[grid](
+        wrap(_distill_loss_binary_fwd_kernel)[grid](
             zs, zt, y, loss, grad, B, inv_t, hard_weight, kd_weight,
             HAS_HARD=has_hard, BLOCK_B=block_b,
         )
@@ -163,11 +157,23 @@ def _distill_loss_fwd_op(
         block_c = min(_common.next_pow2(C), MAX_BLOCK_C)
         block_b = _common.rows_per_program(block_c)
         grid = (triton.cdiv(B, block_b),)
-        wrap_triton(_distill_loss_classes_fwd_kernel)[grid](
+        wrap(_distill_loss_classes_fwd_kernel)[grid](
             zs, zt, y, loss, grad, B, C, inv_t, hard_weight, kd_weight,
             HAS_HARD=has_hard, BLOCK_B=block_b, BLOCK_C=block_c,
         )
     return loss, grad
+
+
+@_common.register_op("fastkd::distill_loss_fwd", _launch)
+def _distill_loss_fwd_op(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    temperature: float,
+    hard_weight: float,
+    kd_weight: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Schema of the op: (loss [B], grad) as in :func:`distill_loss_forward`."""
 
 
 def distill_loss_forward(

@@ -17,7 +17,6 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 from . import _common
 from ._common import lse_update, sigmoid, softplus
@@ -367,8 +366,11 @@ def _gated_distill_loss_classes_fwd_kernel(
 
 
 def _launch(student, teacher, labels, teacher_hidden, gate, gate_weight, gate_bias, fixed_weights,
-            temperature, hard_weight, kd_weight, ensemble, gate_loss_weight, grad_scale, reduce_gate):
-    """Allocate, pick tiles, launch. Returns (loss, grad, grad_scores | empty, dW | empty, db | empty, α)."""
+            temperature, hard_weight, kd_weight, ensemble, gate_loss_weight, grad_scale, reduce_gate, wrap):
+    """Allocate, pick tiles, launch (``wrap`` None: allocate only, for fake tensors).
+
+    Returns (loss, grad, grad_scores | empty, dW | empty, db | empty, α).
+    """
     if gate not in GATES:
         raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
     if ensemble not in ENSEMBLES:
@@ -412,26 +414,30 @@ def _launch(student, teacher, labels, teacher_hidden, gate, gate_weight, gate_bi
     common = dict(GATE=gate, ENSEMBLE=ensemble, HAS_HARD=has_hard, HAS_GATE_TERM=gate_loss_weight != 0.0,
                   WRITE_GRAD_SCORES=write_gs, REDUCE_GATE=reduce_gate, BLOCK_B=block_b, BLOCK_M=block_m,
                   BLOCK_D=block_d)
+    if wrap is None:
+        g_w = torch.empty(gate_weight.shape, device=dev, dtype=f32) if reduce_gate else loss.new_empty(0)
+        g_b = torch.empty(M, device=dev, dtype=f32) if reduce_gate else loss.new_empty(0)
+        return loss, grad, gs, g_w, g_b, alpha
     inv_t = 1.0 / temperature
     if binary:
-        wrap_triton(_gated_distill_loss_binary_fwd_kernel)[(P,)](
+        wrap(_gated_distill_loss_binary_fwd_kernel)[(P,)](
             zs, zt, y, h, w, b, fixed, loss, grad, gs, alpha, pw, pb,
             B, M, D, inv_t, hard_weight, kd_weight, gate_loss_weight, grad_scale, **common,
         )
     else:
-        wrap_triton(_gated_distill_loss_classes_fwd_kernel)[(P,)](
+        wrap(_gated_distill_loss_classes_fwd_kernel)[(P,)](
             zs, zt, y, h, w, b, fixed, loss, grad, gs, alpha, pw, pb,
             B, M, C, D, inv_t, hard_weight, kd_weight, gate_loss_weight, grad_scale, BLOCK_C=block_c, **common,
         )
     if reduce_gate:
-        g_w = _common.sum_partials(pw, wrap_triton)
-        g_b = _common.sum_partials(pb, wrap_triton)
+        g_w = _common.sum_partials(pw, wrap)
+        g_b = _common.sum_partials(pb, wrap)
     else:
         g_w, g_b = loss.new_empty(0), loss.new_empty(0)  # distinct: op outputs may not alias
     return loss, grad, gs, g_w, g_b, alpha
 
 
-@triton_op("fastkd::gated_distill_loss_fwd", mutates_args=())
+@_common.register_op("fastkd::gated_distill_loss_fwd", _launch)
 def _gated_distill_loss_fwd_op(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -449,9 +455,8 @@ def _gated_distill_loss_fwd_op(
     grad_scale: float,
     reduce_gate: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    # Optional outputs are not expressible in an op schema: absent ones come back as empty tensors.
-    return _launch(student, teacher, labels, teacher_hidden, gate, gate_weight, gate_bias, fixed_weights,
-                   temperature, hard_weight, kd_weight, ensemble, gate_loss_weight, grad_scale, reduce_gate)
+    """Schema of the op: (loss, grad, grad_scores, dW, db, α); absent outputs are empty tensors
+    (an op schema cannot express optional outputs)."""
 
 
 def gated_distill_loss_forward(
