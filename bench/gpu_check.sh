@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# One prepared GPU check for fastkd, sized for a single call on a lent H100/H200 (~8 min).
+#
+#   bash bench/gpu_check.sh            # from the repository root; results under $OUT
+#
+# It uses the machine's own Python (torch + Triton + pytest + pytest-benchmark, as the lent
+# machines have them) and installs nothing from the network: fastkd itself is installed in place
+# with --no-index --no-deps (building the native hashing extension for sm_90 when nvcc is there).
+# Stages, each under its own timeout so the summary always prints:
+#   1. every CUDA-marked test in tests/ (all ops, not only the losses)
+#   2. the fused-loss kernel matrix (tests/test_kernels_losses.py), compiled on CUDA tensors,
+#      and the CPU/CUDA parity tests of tests/test_losses.py
+#   3. every CUDA benchmark in bench/ (pytest -m cuda --benchmark-only), JSON to $OUT/bench.json
+#   4. a short table of the benchmarks, printed last
+# Exit status: non-zero if any stage failed or timed out.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/fastkd_gpu_check}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
+# FASTKD_BACKEND unset: CUDA tensors take the Triton kernels, as users get them
+unset FASTKD_BACKEND TRITON_INTERPRET
+status=0
+
+stage() {  # stage NAME SECONDS CMD...
+    local name=$1 secs=$2
+    shift 2
+    echo "=== $name (limit ${secs}s)"
+    local t0=$SECONDS
+    timeout "$secs" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    tail -n 15 "$OUT/$name.log"
+    echo "=== $name: rc=$rc in $((SECONDS - t0))s"
+    [ "$rc" -eq 0 ] || status=1
+}
+
+"$PY" - <<'EOF' | tee "$OUT/env.txt"
+import torch, triton
+p = torch.cuda.get_device_properties(0)
+print(f"torch {torch.__version__}, triton {triton.__version__}, {p.name}, {p.total_memory / 2**30:.0f} GiB, "
+      f"{p.multi_processor_count} SMs")
+EOF
+
+echo "=== install (in place, no network)"
+FASTKD_CUDA_ARCHS="${FASTKD_CUDA_ARCHS:-90}" timeout 240 "$PY" -m pip install -q --no-index --no-deps \
+    --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { tail -n 20 "$OUT/install.log"; status=1; }
+
+PYTEST=("$PY" -m pytest -q -p no:cacheprovider)
+stage tests_cuda 150 "${PYTEST[@]}" -m cuda tests
+stage kernels_on_cuda 120 "${PYTEST[@]}" tests/test_kernels_losses.py -m "not cuda" \
+    tests/test_losses.py -k "kernel or oracle or parity or cuda"
+stage bench_cuda 300 "${PYTEST[@]}" bench -m cuda --benchmark-only --benchmark-json "$OUT/bench.json" \
+    --benchmark-group-by=group --benchmark-columns=min,median,rounds
+
+echo "=== summary (median of each fwd+bwd; speedup = eager or compile time / fastkd time)"
+"$PY" - "$OUT/bench.json" <<'EOF'
+import collections, json, sys
+try:
+    runs = json.load(open(sys.argv[1]))["benchmarks"]
+except (OSError, ValueError, KeyError) as exc:
+    sys.exit(f"no benchmark results ({exc})")
+groups = collections.defaultdict(dict)
+other = []
+for r in runs:
+    info = r.get("extra_info", {})
+    if "provider" in info:
+        groups[r["group"]][info["provider"]] = (r["stats"]["median"], info)
+    else:
+        other.append(r)
+print(f"{'group':<24}{'fastkd ms':>10}{'eager ms':>10}{'compile ms':>11}{'x eager':>9}{'x compile':>10}"
+      f"{'GB/s':>8}{'floor ms':>9}{'x floor':>8}{'peak MB f/e/c':>20}")
+for name, p in sorted(groups.items(), key=lambda kv: (kv[1][next(iter(kv[1]))][1]["gate"],
+                                                       kv[1][next(iter(kv[1]))][1]["B"],
+                                                       kv[1][next(iter(kv[1]))][1]["M"])):
+    get = lambda k: p.get(k, (float("nan"), {}))
+    (f, fi), (e, ei), (c, ci) = get("fastkd"), get("eager"), get("compile")
+    peaks = "/".join(str(x.get("peak_mem_MB", "-")) for x in (fi, ei, ci))
+    floor = fi.get("floor_ms", float("nan"))
+    print(f"{name:<24}{f * 1e3:>10.3f}{e * 1e3:>10.3f}{c * 1e3:>11.3f}{e / f:>9.2f}{c / f:>10.2f}"
+          f"{fi.get('GB/s', float('nan')):>8}{floor:>9.4f}{f * 1e3 / floor:>8.2f}{peaks:>20}")
+for r in other:
+    print(f"{r['group'] or '-':<24}{r['name']:<60}{r['stats']['median'] * 1e3:>10.3f} ms")
+EOF
+echo "=== gpu_check: $([ $status -eq 0 ] && echo OK || echo FAILED)"
+exit $status
