@@ -46,7 +46,11 @@ def _hash_column(values: Sequence[Optional[str]], num_buckets: int, seed: int) -
     """
     native = _native_hasher()
     if native is not None:
-        return np.asarray(native(values, num_buckets, seed), dtype=np.int64)
+        from fastkd import hashing
+
+        # hash_strings itself is plain `h % nb`; the reserved-0 contract above is the bucket0 mode
+        if hashing.NATIVE:
+            return hashing._hash_field(values, num_buckets, seed)
     h = xxhash.xxh3_64_intdigest
     m = num_buckets - 1
     # Python ints: the 64-bit digest does not fit int64, so take the modulus before numpy sees it.

@@ -1,0 +1,804 @@
+"""Sparse feature hashing: raw categorical values -> embedding ids, stable and bit-exact.
+
+Two hashes, both pinned to their PyPI reference packages bit for bit:
+
+* ``algorithm="xxh3"`` (default): XXH3-64 with a 64-bit seed, ``xxhash.xxh3_64_intdigest(data, seed)``;
+* ``algorithm="murmur3"``: MurmurHash3 x86_32 with a 32-bit seed, ``mmh3.hash(data, seed, signed=False)``.
+
+Strings are hashed as their UTF-8 bytes, ``bytes`` as they are (invalid UTF-8 included), int64 ids
+as their 8 little-endian bytes. A bucket is exactly ``hash % num_buckets``.
+
+The work is done by the native extension ``fastkd._hashing`` (C++, multi-threaded, GIL released,
+Arrow buffers read in place) when it is built (:data:`NATIVE`), and by
+``fastkd._hashing_cuda`` for int64 CUDA tensors (:data:`NATIVE_CUDA`; the output stays on the
+device). Without the extension the same ids come from a pure-Python loop (:mod:`fastkd._hashing_ref`).
+
+Accepted columns: pyarrow ``string``/``large_string``/``binary``/``large_binary`` (and view/dictionary
+types, converted) arrays and chunked arrays, pandas Series (Arrow-backed ones read without a copy),
+polars Series (via Arrow), numpy ``object``/``str``/``bytes`` arrays, Python lists/tuples of
+``str``/``bytes``/``None``; for integers numpy/torch/Arrow int64 (no other integer dtype: hashing
+int32 as 4 bytes or 8 is a choice the caller makes explicitly).
+
+Example:
+    >>> import numpy as np
+    >>> from fastkd.hashing import hash_strings, hash_ints, FeatureHasher
+    >>> import xxhash
+    >>> ids = hash_strings(["apple", "pear", None], num_buckets=1000, seed=7)
+    >>> int(ids[0]) == xxhash.xxh3_64_intdigest(b"apple", 7) % 1000
+    True
+    >>> hash_ints(np.array([1, 2, 3]), 10).shape
+    (3,)
+    >>> hasher = FeatureHasher([100, 50])
+    >>> x = hasher.transform([["a", "", "b"], np.array([10, 11, 12])])
+    >>> x.shape, x.dtype, int(x[1, 0])           # "" is missing -> id 0 of field 0
+    ((3, 2), dtype('int64'), 0)
+    >>> hasher.offsets
+    [0, 100]
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import _hashing_ref as _ref
+
+try:  # the CPU engine; absent when the package was installed without a C++ compiler
+    from . import _hashing as _C
+except ImportError:  # pragma: no cover - exercised only on broken builds
+    _C = None
+try:  # the CUDA launchers; built only where nvcc was available. Importing touches no GPU.
+    from . import _hashing_cuda as _CUDA
+except ImportError:
+    _CUDA = None
+
+__all__ = ["NATIVE", "NATIVE_CUDA", "ALGORITHMS", "hash_strings", "hash_ints", "hash_string_tensors",
+           "FeatureHasher"]
+
+#: True when the native CPU extension is built (else a pure-Python loop gives the same ids).
+NATIVE: bool = _C is not None
+#: True when the CUDA launchers are built (else CUDA tensors are hashed on the CPU and copied back).
+NATIVE_CUDA: bool = _CUDA is not None
+#: Algorithm name -> (engine id, largest seed).
+ALGORITHMS = {"xxh3": (0, 2**64 - 1), "murmur3": (1, 2**32 - 1)}
+MISSING_MODES = ("bucket0", "hash")
+
+_MAX_BUCKETS = 2**63
+_MODE_PLAIN, _MODE_BUCKET0 = 0, 1
+# chunk kinds understood by fastkd._hashing.hash_columns (csrc/hash_cpu.h)
+_OFF32, _OFF64, _OBJ_SEQ, _INT64, _FIXED, _OBJ_ARRAY = 0, 1, 2, 3, 4, 5
+
+
+# ------------------------------------------------------------------ argument checks
+def _check_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return int(value)
+
+
+def _check_buckets(num_buckets: Any, minimum: int = 1) -> int:
+    nb = _check_int("num_buckets", num_buckets)
+    if nb < minimum or nb > _MAX_BUCKETS:
+        raise ValueError(f"num_buckets must lie in [{minimum}, 2**63], got {nb}")
+    return nb
+
+
+def _check_algorithm(algorithm: str) -> int:
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {sorted(ALGORITHMS)}, got {algorithm!r}")
+    return ALGORITHMS[algorithm][0]
+
+
+def _check_seed(seed: Any, algorithm: str) -> int:
+    s = _check_int("seed", seed)
+    top = ALGORITHMS[algorithm][1]
+    if not 0 <= s <= top:
+        raise ValueError(f"seed for {algorithm} must lie in [0, {top}], got {s}")
+    return s
+
+
+def _threads(num_threads: Optional[int]) -> int:
+    if num_threads is None:
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # not Linux
+            return max(1, os.cpu_count() or 1)
+    n = _check_int("num_threads", num_threads)
+    if n < 1:
+        raise ValueError(f"num_threads must be >= 1, got {n}")
+    return n
+
+
+def _is_torch(x: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def _module_of(x: Any) -> str:
+    return type(x).__module__.split(".", 1)[0]
+
+
+def _missing_singletons() -> tuple:
+    pd = sys.modules.get("pandas")
+    return (pd.NA, pd.NaT) if pd is not None else ()
+
+
+# ------------------------------------------------------------------ inputs -> chunk descriptors
+class _Column:
+    """One input column unpacked for the engine: chunk descriptors plus the objects that own the
+    buffers they point into (kept alive until the call returns)."""
+
+    __slots__ = ("chunks", "sources", "n", "keep", "is_int", "cuda")
+
+    def __init__(self):
+        self.chunks: List[tuple] = []
+        self.sources: List[Any] = []  # per chunk, the Python-level values (for the pure-Python path)
+        self.n = 0
+        self.keep: List[Any] = []
+        self.is_int = False
+        self.cuda = None  # a CUDA int64 tensor, when the column lives on the GPU
+
+
+def _arrow_chunks(col: _Column, arr, want_int: bool) -> None:
+    import pyarrow as pa
+
+    t = arr.type
+    if pa.types.is_dictionary(t):
+        arr, t = arr.dictionary_decode(), arr.type.value_type
+    if want_int:
+        if not pa.types.is_int64(t):
+            raise TypeError(f"expected an int64 column, got Arrow {t}; cast it explicitly (the hash "
+                            "depends on the byte width)")
+    elif pa.types.is_null(t) or (hasattr(pa.types, "is_string_view") and
+                                 (pa.types.is_string_view(t) or pa.types.is_binary_view(t))):
+        arr = arr.cast(pa.large_binary())
+        t = arr.type
+    elif not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
+              or pa.types.is_large_binary(t)):
+        raise TypeError(f"expected a string or binary column, got Arrow {t}"
+                        + ("; use hash_ints for integers" if pa.types.is_integer(t) else ""))
+    n = len(arr)
+    if n == 0:
+        return
+    bufs = arr.buffers()
+    validity = bufs[0].address if (bufs[0] is not None and arr.null_count) else 0
+    col.keep.append(arr)
+    col.sources.append(arr)
+    if want_int:
+        col.chunks.append((_INT64, bufs[1].address + 8 * arr.offset, validity, arr.offset, n))
+    else:
+        wide = pa.types.is_large_string(t) or pa.types.is_large_binary(t)
+        data = bufs[2].address if bufs[2] is not None else 0
+        col.chunks.append((_OFF64 if wide else _OFF32, bufs[1].address + (8 if wide else 4) * arr.offset, data,
+                           validity, arr.offset, n))
+    col.n += n
+
+
+def _numpy_chunks(col: _Column, a: np.ndarray, want_int: bool) -> None:
+    if a.ndim != 1:
+        raise ValueError(f"expected a 1-D column, got an array of shape {a.shape}")
+    k = a.dtype.kind
+    if want_int:
+        if a.dtype != np.dtype(np.int64):
+            raise TypeError(f"expected an int64 column, got numpy {a.dtype}; cast it explicitly (the hash "
+                            "depends on the byte width)")
+        a = np.ascontiguousarray(a)
+        if len(a):
+            col.chunks.append((_INT64, a.ctypes.data, 0, 0, len(a)))
+            col.sources.append(a)
+    elif k == "O":
+        a = np.ascontiguousarray(a)
+        if len(a):
+            col.chunks.append((_OBJ_ARRAY, a.ctypes.data, len(a)))
+            col.sources.append(a)
+    elif k == "S":
+        a = np.ascontiguousarray(a)
+        if len(a):
+            col.chunks.append((_FIXED, a.ctypes.data, a.dtype.itemsize, len(a)))
+            col.sources.append(a)
+    elif k == "U":  # UCS-4: re-encode as UTF-8 once (Arrow when present, else Python objects)
+        try:
+            import pyarrow as pa
+        except ImportError:
+            return _numpy_chunks(col, a.astype(object), want_int)
+        return _arrow_chunks(col, pa.array(a, type=pa.large_string()), want_int)
+    else:
+        raise TypeError(f"expected a str/bytes/object column, got numpy {a.dtype}"
+                        + ("; use hash_ints for integers" if k in "iu" else ""))
+    col.keep.append(a)
+    col.n += len(a)
+
+
+def _unpack(values: Any, want_int: bool) -> _Column:
+    """Turn any supported column into chunk descriptors (no copy for Arrow, numpy and lists)."""
+    col = _Column()
+    col.is_int = want_int
+    if isinstance(values, (str, bytes, bytearray)):
+        raise TypeError(f"expected a column of values, got a single {type(values).__name__}")
+    mod = _module_of(values)
+    if _is_torch(values):
+        import torch
+
+        if values.dtype != torch.int64:
+            raise TypeError(f"expected an int64 tensor, got {values.dtype}"
+                            + ("" if want_int else "; strings cannot be tensors (see hash_string_tensors)"))
+        if not want_int:
+            raise TypeError("hash_strings got an int64 tensor; use hash_ints")
+        if values.dim() != 1:
+            raise ValueError(f"expected a 1-D tensor, got shape {tuple(values.shape)}")
+        if values.is_cuda:
+            col.cuda = values.contiguous()
+            col.n = values.shape[0]
+            return col
+        if values.device.type != "cpu":
+            raise TypeError(f"tensors on {values.device} are not supported (CPU or CUDA only)")
+        _numpy_chunks(col, values.detach().contiguous().numpy(), want_int)
+        return col
+    if mod == "pyarrow":
+        import pyarrow as pa
+
+        if isinstance(values, pa.ChunkedArray):
+            for chunk in values.chunks:
+                _arrow_chunks(col, chunk, want_int)
+            if not col.chunks and not want_int:  # type check even when empty
+                _arrow_chunks(col, pa.array([], type=values.type), want_int)
+            return col
+        if isinstance(values, pa.Array):
+            _arrow_chunks(col, values, want_int)
+            return col
+    if mod == "polars":
+        return _unpack(values.to_arrow(), want_int)
+    if mod == "pandas":
+        arr = getattr(values, "array", None)
+        if arr is not None and hasattr(arr, "__arrow_array__") and values.dtype != object:
+            return _unpack(arr.__arrow_array__(), want_int)  # Arrow-backed: the buffers as they are
+        if want_int:
+            return _unpack(values.to_numpy(), want_int)
+        return _unpack(values.to_numpy(dtype=object), want_int)
+    if isinstance(values, np.ndarray):
+        _numpy_chunks(col, values, want_int)
+        return col
+    if want_int:
+        a = np.asarray(values)
+        if a.dtype.kind not in "iu" or a.dtype == np.uint64:  # never parse "12" or 1.0 as an int
+            raise TypeError(f"expected int64 values, got {a.dtype} (from {type(values).__name__})")
+        _numpy_chunks(col, a.astype(np.int64), want_int)
+        return col
+    if not isinstance(values, (list, tuple)):
+        if not hasattr(values, "__len__") or not hasattr(values, "__iter__"):
+            raise TypeError(f"expected a column (sequence) of strings, got {type(values).__name__}")
+        values = list(values)
+    if values:
+        col.chunks.append((_OBJ_SEQ, values))
+        col.sources.append(values)
+        col.keep.append(values)
+        col.n = len(values)
+    return col
+
+
+def _ref_values(col: _Column, field: Optional[int] = None) -> List[Optional[bytes]]:
+    """The column as Python bytes/None values (pure-Python path), type-checked like the engine."""
+    where = "" if field is None else f"field {field}, "
+    out: List[Optional[bytes]] = []
+    missing = _missing_singletons()
+    for ch, src in zip(col.chunks, col.sources):
+        kind = ch[0]
+        if kind == _INT64:
+            if isinstance(src, np.ndarray):
+                raw = src.astype("<i8").tobytes()
+                out.extend(raw[i:i + 8] for i in range(0, len(raw), 8))
+            else:  # Arrow int64, nulls kept as None
+                out.extend(None if v is None else int(v).to_bytes(8, "little", signed=True) for v in src.to_pylist())
+        elif kind in (_OFF32, _OFF64):
+            import pyarrow as pa
+
+            wide = kind == _OFF64
+            out.extend(src.cast(pa.large_binary() if wide else pa.binary()).to_pylist())
+        elif kind == _FIXED:
+            out.extend(bytes(v) for v in src)  # numpy 'S' items drop trailing NULs, like the engine
+        else:
+            base = len(out)
+            for i, v in enumerate(src):
+                if isinstance(v, str):
+                    try:
+                        out.append(v.encode("utf-8"))
+                    except UnicodeEncodeError:
+                        raise ValueError(f"{where}row {base + i}: string cannot be encoded as UTF-8 "
+                                         "(lone surrogate?)") from None
+                elif isinstance(v, bytes):
+                    out.append(bytes(v))
+                elif v is None or (isinstance(v, float) and v != v) or any(v is m for m in missing):
+                    out.append(None)
+                else:
+                    raise TypeError(f"{where}row {base + i}: expected str, bytes or None, got {type(v).__name__}")
+    return out
+
+
+# ------------------------------------------------------------------ outputs
+def _prepare_out(out: Any, n: int):
+    """(numpy view to write, value to return) for a 1-D int64 out= of length n, or a fresh array."""
+    if out is None:
+        a = np.empty(n, dtype=np.int64)
+        return a, a
+    if _is_torch(out):
+        import torch
+
+        if out.device.type != "cpu":
+            raise ValueError(f"out is on {out.device}, the input on the CPU")
+        if out.dtype != torch.int64 or out.dim() != 1 or out.shape[0] != n:
+            raise ValueError(f"out must be an int64 tensor of shape [{n}], got {out.dtype} {tuple(out.shape)}")
+        return out.numpy(), out
+    if not isinstance(out, np.ndarray) or out.dtype != np.int64 or out.ndim != 1 or len(out) != n:
+        raise ValueError(f"out must be an int64 array of shape ({n},)")
+    if not out.flags.writeable or out.strides[0] % 8:
+        raise ValueError("out must be writeable with an element-aligned stride")
+    return out, out
+
+
+def _run_cpu(cols: List[_Column], outs: List[np.ndarray], seeds: List[int], moduli: List[int], n: int,
+             algorithm: str, mode: int, num_threads: Optional[int]) -> None:
+    """Hash every column into its out view: one native call (one parallel region), or the Python loop."""
+    if _C is not None:
+        specs = [(c.chunks, o.ctypes.data, o.strides[0] // 8, s, m) for c, o, s, m in zip(cols, outs, seeds, moduli)]
+        _C.hash_columns(specs, n, ALGORITHMS[algorithm][0], mode, _threads(num_threads), _missing_singletons())
+        return
+    for f, (c, o, s, m) in enumerate(zip(cols, outs, seeds, moduli)):
+        vals = _ref_values(c, f if len(cols) > 1 else None)
+        nb = m + 1 if mode == _MODE_BUCKET0 else m
+        o[:] = _ref.bucket_ids(vals, n, nb, s, algorithm, bucket0=mode == _MODE_BUCKET0)
+
+
+def _run_cuda(values, out, seed: int, modulus: int, algorithm: str, mode: int):
+    """int64 CUDA tensor -> ids on the same device, queued on the current stream."""
+    import torch
+
+    if _CUDA is None:  # no CUDA build: hash on the CPU and copy back (synchronises)
+        ids = np.empty(values.shape[0], dtype=np.int64)
+        col = _Column()
+        _numpy_chunks(col, values.cpu().numpy(), True)
+        _run_cpu([col], [ids], [seed], [modulus], len(ids), algorithm, mode, None)
+        out.copy_(torch.from_numpy(ids))
+        return out
+    dev = values.device
+    with torch.cuda.device(dev):
+        stream = torch.cuda.current_stream(dev).cuda_stream
+        _CUDA.hash_int64(values.data_ptr(), values.shape[0], out.data_ptr(), out.stride(0), seed, modulus,
+                         ALGORITHMS[algorithm][0], mode, dev.index, stream)
+    return out
+
+
+def _cuda_out(values, out):
+    import torch
+
+    n = values.shape[0]
+    if out is None:
+        return torch.empty(n, dtype=torch.int64, device=values.device)
+    if not _is_torch(out) or out.device != values.device or out.dtype != torch.int64 or out.dim() != 1 \
+            or out.shape[0] != n:
+        raise ValueError(f"out must be an int64 tensor of shape [{n}] on {values.device}")
+    return out
+
+
+# ------------------------------------------------------------------ public functions
+def hash_strings(values: Any, num_buckets: int, seed: int = 0, algorithm: str = "xxh3", out: Any = None,
+                 num_threads: Optional[int] = None):
+    """Bucket ids ``hash(utf8(v), seed) % num_buckets`` of a column of strings, exactly.
+
+    Missing values (``None``, NaN, ``pandas.NA``, Arrow nulls) are hashed as the empty string; use
+    :class:`FeatureHasher` (``missing="bucket0"``) to give them a reserved id instead.
+
+    Args:
+        values: a column of ``str``/``bytes``/missing values: pyarrow (chunked) string/binary array,
+            pandas or polars Series, numpy object/``str``/``bytes`` array, list or tuple.
+        num_buckets: ``1 <= num_buckets <= 2**63``.
+        seed: ``[0, 2**64)`` for xxh3, ``[0, 2**32)`` for murmur3.
+        algorithm: ``"xxh3"`` (``xxhash.xxh3_64_intdigest``) or ``"murmur3"``
+            (``mmh3.hash(..., signed=False)``).
+        out: optional int64 numpy array or CPU tensor of shape ``[N]`` (a strided column view is
+            fine) to write into and return.
+        num_threads: worker threads (default: the CPUs this process may use); the GIL is released.
+
+    Returns:
+        int64 numpy array ``[N]`` (or ``out``).
+
+    Shape:
+        ``values``: ``[N]``; output ``[N]`` with every id in ``[0, num_buckets)``.
+
+    Example:
+        >>> import xxhash
+        >>> ids = hash_strings(["a", "héllo", None], 100)
+        >>> ids.tolist() == [xxhash.xxh3_64_intdigest(v, 0) % 100 for v in (b"a", "héllo".encode(), b"")]
+        True
+    """
+    nb = _check_buckets(num_buckets)
+    _check_algorithm(algorithm)
+    s = _check_seed(seed, algorithm)
+    col = _unpack(values, want_int=False)
+    view, result = _prepare_out(out, col.n)
+    _run_cpu([col], [view], [s], [nb], col.n, algorithm, _MODE_PLAIN, num_threads)
+    return result
+
+
+def hash_ints(values: Any, num_buckets: int, seed: int = 0, algorithm: str = "xxh3", out: Any = None,
+              num_threads: Optional[int] = None):
+    """Bucket ids ``hash(int64_le_bytes(v), seed) % num_buckets`` of a column of int64 ids, exactly.
+
+    CUDA tensors are hashed by the CUDA kernel on the current stream and the result stays on the
+    device (without the CUDA build: on the CPU, then copied back). CPU/CUDA torch tensors without
+    ``out=`` go through the ``torch.ops.fastkd.hash_ints`` custom op, so ``torch.compile`` can trace it.
+
+    Args:
+        values: int64 numpy array, torch tensor (CPU or CUDA), Arrow int64 array (nulls hashed as the
+            empty string), or a list of Python ints. Other dtypes raise ``TypeError``.
+        num_buckets: ``1 <= num_buckets <= 2**63``.
+        seed: ``[0, 2**64)`` for xxh3, ``[0, 2**32)`` for murmur3.
+        algorithm: ``"xxh3"`` or ``"murmur3"``.
+        out: optional int64 array/tensor ``[N]`` (same device as ``values``) to write into and return.
+        num_threads: CPU worker threads (default: the CPUs this process may use).
+
+    Returns:
+        int64 ids ``[N]``: a numpy array, or a tensor on ``values``' device for tensor input.
+
+    Shape:
+        ``values``: ``[N]``; output ``[N]``.
+
+    Example:
+        >>> import xxhash, numpy as np
+        >>> hash_ints(np.array([5, -1]), 1000).tolist() == [
+        ...     xxhash.xxh3_64_intdigest(v.to_bytes(8, "little", signed=True)) % 1000 for v in (5, -1)]
+        True
+    """
+    nb = _check_buckets(num_buckets)
+    _check_algorithm(algorithm)
+    s = _check_seed(seed, algorithm)
+    if _is_torch(values) and out is None and _TORCH_OP is not None:
+        _check_int_tensor(values)  # errors raised here, not from inside the op; no numpy: traceable
+        return _TORCH_OP(values, _to_i64(nb), _to_i64(s), ALGORITHMS[algorithm][0], _MODE_PLAIN)
+    return _hash_ints_impl(values, nb, s, algorithm, _MODE_PLAIN, out, num_threads)
+
+
+def _check_int_tensor(values) -> None:
+    import torch
+
+    if values.dtype != torch.int64:
+        raise TypeError(f"expected an int64 tensor, got {values.dtype}")
+    if values.dim() != 1:
+        raise ValueError(f"expected a 1-D tensor, got shape {tuple(values.shape)}")
+    if values.device.type not in ("cpu", "cuda"):
+        raise TypeError(f"tensors on {values.device} are not supported (CPU or CUDA only)")
+
+
+def _hash_ints_impl(values, modulus: int, seed: int, algorithm: str, mode: int, out=None, num_threads=None):
+    col = _unpack(values, want_int=True)
+    if col.cuda is not None:
+        return _run_cuda(col.cuda, _cuda_out(col.cuda, out), seed, modulus, algorithm, mode)
+    view, result = _prepare_out(out, col.n)
+    _run_cpu([col], [view], [seed], [modulus], col.n, algorithm, mode, num_threads)
+    if out is None and _is_torch(values):
+        import torch
+
+        return torch.from_numpy(result)
+    return result
+
+
+def hash_string_tensors(offsets, data, num_buckets: int, seed: int = 0, algorithm: str = "xxh3", out=None):
+    """Hash strings stored Arrow-style in torch tensors, on the CPU or on a CUDA device.
+
+    Value ``i`` is ``data[offsets[i]:offsets[i + 1]]`` -- the layout of an Arrow ``string`` /
+    ``large_string`` array, so ``torch.from_numpy`` of its buffers (``.cuda()`` for the GPU) works.
+    CPU and CUDA give identical ids.
+
+    Args:
+        offsets: int32 or int64 tensor ``[N + 1]``, non-decreasing, ``offsets[N] <= len(data)``.
+        data: uint8 tensor of the concatenated UTF-8 bytes, on the same device.
+        num_buckets, seed, algorithm: as in :func:`hash_strings`.
+        out: optional int64 tensor ``[N]`` on the same device.
+
+    Returns:
+        int64 tensor ``[N]`` on the input device.
+
+    Example:
+        >>> import torch
+        >>> offs = torch.tensor([0, 1, 3], dtype=torch.int32)
+        >>> data = torch.tensor(list(b"abc"), dtype=torch.uint8)
+        >>> hash_string_tensors(offs, data, 100).tolist() == hash_strings(["a", "bc"], 100).tolist()
+        True
+    """
+    import torch
+
+    nb = _check_buckets(num_buckets)
+    algo = _check_algorithm(algorithm)
+    s = _check_seed(seed, algorithm)
+    if not (_is_torch(offsets) and _is_torch(data)):
+        raise TypeError("offsets and data must be torch tensors")
+    if offsets.dtype not in (torch.int32, torch.int64) or offsets.dim() != 1 or offsets.shape[0] < 1:
+        raise TypeError("offsets must be a 1-D int32/int64 tensor with N + 1 entries")
+    if data.dtype != torch.uint8 or data.dim() != 1 or data.device != offsets.device:
+        raise TypeError("data must be a 1-D uint8 tensor on the offsets' device")
+    offsets, data = offsets.contiguous(), data.contiguous()
+    n = offsets.shape[0] - 1
+    wide = offsets.dtype == torch.int64
+    if offsets.is_cuda:
+        out = _cuda_out(offsets[:n], out)
+        if _CUDA is None:
+            out.copy_(hash_string_tensors(offsets.cpu(), data.cpu(), nb, s, algorithm).to(out.device))
+            return out
+        dev = offsets.device
+        with torch.cuda.device(dev):
+            _CUDA.hash_offsets(offsets.data_ptr(), wide, data.data_ptr(), 0, 0, n, out.data_ptr(), out.stride(0),
+                               s, nb, algo, _MODE_PLAIN, dev.index, torch.cuda.current_stream(dev).cuda_stream)
+        return out
+    # the CPU engine bounds-checks nothing: validate the offsets once (cheap next to hashing)
+    if n and (bool((offsets[1:] < offsets[:-1]).any()) or int(offsets[0]) < 0 or int(offsets[-1]) > data.shape[0]):
+        raise ValueError("offsets must be non-decreasing and within data")
+    result = out if out is not None else torch.empty(n, dtype=torch.int64)
+    view, _ = _prepare_out(result, n)
+    col = _Column()
+    col.keep += [offsets, data]
+    col.n = n
+    if n:
+        col.chunks.append((_OFF64 if wide else _OFF32, offsets.data_ptr(), data.data_ptr(), 0, 0, n))
+    if _C is None:
+        o = offsets.tolist()
+        raw = bytes(data.tolist())
+        view[:] = _ref.bucket_ids((raw[o[i]:o[i + 1]] for i in range(n)), n, nb, s, algorithm, bucket0=False)
+    else:
+        _run_cpu([col], [view], [s], [nb], n, algorithm, _MODE_PLAIN, None)
+    return result
+
+
+# ------------------------------------------------------------------ torch.library custom op
+_M64 = 2**64 - 1
+
+
+def _to_i64(x: int) -> int:
+    """uint64 -> the int64 with the same bits (custom-op ints are signed 64-bit)."""
+    return x - 2**64 if x >= 2**63 else x
+
+
+def _register_torch_op():
+    try:
+        import torch
+        from torch.library import custom_op
+    except ImportError:  # pragma: no cover - torch < 2.4
+        return None
+
+    # explicit schema: this module's `from __future__ import annotations` hides the annotations' types
+    @custom_op("fastkd::hash_ints", mutates_args=(),
+               schema="(Tensor values, int modulus, int seed, int algorithm, int mode) -> Tensor")
+    def _hash_ints_op(values, modulus, seed, algorithm, mode):
+        algo = next(name for name, (i, _) in ALGORITHMS.items() if i == algorithm)
+        return _hash_ints_impl(values, modulus & _M64, seed & _M64, algo, mode)
+
+    @_hash_ints_op.register_fake
+    def _(values, modulus, seed, algorithm, mode):
+        return torch.empty_like(values, dtype=torch.int64)
+
+    return _hash_ints_op
+
+
+try:
+    _TORCH_OP = _register_torch_op()
+except Exception:  # pragma: no cover - e.g. the op already registered by a reloaded module
+    _TORCH_OP = None
+
+
+# ------------------------------------------------------------------ FeatureHasher
+class FeatureHasher:
+    """Per-field hashing of raw categorical columns into the ``[N, F]`` ids :class:`fastkd.MultiFieldEmbedding` takes.
+
+    Field ``f`` with ``num_buckets[f] = B`` and seed ``s_f``:
+
+    * ``missing="bucket0"`` (default): missing values (``None``, NaN, ``pandas.NA``, Arrow nulls and
+      the empty string) get id 0; any other value ``v`` gets ``1 + hash(v, s_f) % (B - 1)``. Needs ``B >= 2``.
+    * ``missing="hash"``: every value gets ``hash(v, s_f) % B``, a missing one hashed as ``""``.
+
+    Default seeds are the field indices, ``s_f = f`` (an int ``seeds=s`` gives ``s_f = s + f``), so
+    ``FeatureHasher(B)`` reproduces ``fastkd.data.FeatureEncoder("hash", num_buckets=B, seed=0)`` exactly.
+    Integer (int64) columns hash their 8 little-endian bytes and may be mixed with string columns.
+
+    Args:
+        num_buckets: one int for every field, or one per field.
+        seeds: ``None`` (field index), an int base seed, or one seed per field.
+        algorithm: ``"xxh3"`` or ``"murmur3"``.
+        missing: ``"bucket0"`` or ``"hash"``.
+        num_fields: the number of fields when neither ``num_buckets`` nor ``seeds`` is a list
+            (only needed for :attr:`field_sizes`/:attr:`offsets` before knowing the data).
+        num_threads: CPU worker threads (default: the CPUs this process may use).
+
+    Shape:
+        ``transform(columns)``: ``F`` columns of ``N`` values -> int64 ``[N, F]``.
+
+    Example:
+        >>> hasher = FeatureHasher([1000, 10], missing="bucket0")
+        >>> ids = hasher.transform([["x", None, "y"], ["u", "v", ""]])
+        >>> ids.shape, hasher.field_sizes, hasher.offsets
+        ((3, 2), [1000, 10], [0, 1000])
+        >>> int(ids[1, 0]), int(ids[2, 1])
+        (0, 0)
+    """
+
+    def __init__(self, num_buckets: Union[int, Sequence[int]], seeds: Union[None, int, Sequence[int]] = None,
+                 algorithm: str = "xxh3", missing: str = "bucket0", num_fields: Optional[int] = None,
+                 num_threads: Optional[int] = None):
+        _check_algorithm(algorithm)
+        if missing not in MISSING_MODES:
+            raise ValueError(f"missing must be one of {MISSING_MODES}, got {missing!r}")
+        minimum = 2 if missing == "bucket0" else 1
+        self.algorithm, self.missing, self.num_threads = algorithm, missing, num_threads
+        if isinstance(num_buckets, (int, np.integer)) and not isinstance(num_buckets, bool):
+            self._buckets: Union[int, List[int]] = _check_buckets(num_buckets, minimum)
+        else:
+            self._buckets = [_check_buckets(b, minimum) for b in num_buckets]
+            if not self._buckets:
+                raise ValueError("num_buckets must name at least one field")
+        if seeds is None or isinstance(seeds, (int, np.integer)):
+            self._seeds: Union[int, List[int]] = 0 if seeds is None else _check_int("seeds", seeds)
+        else:
+            self._seeds = [_check_seed(s, algorithm) for s in seeds]
+        sizes = [len(x) for x in (self._buckets, self._seeds) if isinstance(x, list)]
+        if num_fields is not None:
+            sizes.append(_check_int("num_fields", num_fields))
+        if len(set(sizes)) > 1:
+            raise ValueError(f"num_buckets, seeds and num_fields disagree on the number of fields: {sizes}")
+        self._num_fields = sizes[0] if sizes else None
+        if self._num_fields is not None:
+            self._field_params(self._num_fields)  # checks every derived seed now
+
+    @property
+    def num_fields(self) -> Optional[int]:
+        """F when fixed by the arguments, else None (any F is accepted)."""
+        return self._num_fields
+
+    def _field_params(self, num_fields: int) -> Tuple[List[int], List[int]]:
+        if self._num_fields is not None and num_fields != self._num_fields:
+            raise ValueError(f"expected {self._num_fields} columns, got {num_fields}")
+        nb = self._buckets if isinstance(self._buckets, list) else [self._buckets] * num_fields
+        seeds = (self._seeds if isinstance(self._seeds, list)
+                 else [_check_seed(self._seeds + f, self.algorithm) for f in range(num_fields)])
+        return nb, seeds
+
+    @property
+    def field_sizes(self) -> List[int]:
+        """Ids per field (``num_buckets`` per field): field ``f``'s ids lie in ``[0, field_sizes[f])``."""
+        if self._num_fields is None:
+            raise ValueError("field_sizes needs the number of fields: pass num_buckets/seeds as lists or num_fields")
+        return list(self._field_params(self._num_fields)[0])
+
+    @property
+    def offsets(self) -> List[int]:
+        """Start of each field in one global table: ``offsets[f] = sum(field_sizes[:f])``."""
+        sizes = self.field_sizes
+        return [int(x) for x in np.concatenate([[0], np.cumsum(sizes[:-1], dtype=np.int64)])] if sizes else []
+
+    def __repr__(self) -> str:
+        return (f"FeatureHasher(num_buckets={self._buckets!r}, seeds={self._seeds!r}, "
+                f"algorithm={self.algorithm!r}, missing={self.missing!r})")
+
+    @staticmethod
+    def _split(columns: Any) -> List[Any]:
+        mod = _module_of(columns)
+        if mod == "pyarrow" and hasattr(columns, "columns"):  # Table / RecordBatch
+            return list(columns.columns)
+        if mod == "pandas" and hasattr(columns, "columns"):
+            return [columns[c] for c in columns.columns]
+        if mod == "polars" and hasattr(columns, "get_columns"):
+            return list(columns.get_columns())
+        if isinstance(columns, np.ndarray) or _is_torch(columns):
+            if columns.ndim != 2:
+                raise ValueError(f"expected a 2-D [N, F] array, got shape {tuple(columns.shape)}")
+            return [columns[:, f] for f in range(columns.shape[1])]
+        if isinstance(columns, dict):
+            return list(columns.values())
+        if isinstance(columns, (str, bytes)) or not hasattr(columns, "__iter__"):
+            raise TypeError(f"expected a sequence of columns or a table, got {type(columns).__name__}")
+        return list(columns)
+
+    def transform(self, columns: Any, out: Any = None):
+        """Hash ``F`` columns into per-field ids, all fields in one parallel pass.
+
+        Args:
+            columns: a sequence (or dict) of ``F`` columns as accepted by :func:`hash_strings` /
+                :func:`hash_ints` (each column may be strings or int64), a pyarrow Table/RecordBatch,
+                a pandas or polars DataFrame, or a 2-D numpy array / int64 tensor ``[N, F]``.
+            out: optional int64 array/tensor ``[N, F]`` (C-contiguous rows not required) to fill.
+
+        Returns:
+            int64 ``[N, F]``: numpy, or a torch tensor (on the input's device) for tensor input.
+        """
+        cols_in = self._split(columns)
+        if not cols_in:
+            raise ValueError("transform() needs at least one column")
+        nb, seeds = self._field_params(len(cols_in))
+        mode = _MODE_BUCKET0 if self.missing == "bucket0" else _MODE_PLAIN
+        moduli = [b - 1 if mode == _MODE_BUCKET0 else b for b in nb]
+        cols = []
+        for f, c in enumerate(cols_in):
+            is_int = self._is_int_column(c)
+            try:
+                cols.append(_unpack(c, want_int=is_int))
+            except TypeError as exc:
+                raise TypeError(f"field {f}: {exc}") from None
+        n = cols[0].n
+        for f, c in enumerate(cols):
+            if c.n != n:
+                raise ValueError(f"field {f} has {c.n} rows, field 0 has {n}")
+        F = len(cols)
+        if any(c.cuda is not None for c in cols):
+            return self._transform_cuda(cols, n, seeds, moduli, mode, out)
+        torch_out = any(_is_torch(c) for c in cols_in)
+        if out is None:
+            result = np.empty((n, F), dtype=np.int64)
+            arr = result
+        else:
+            arr = out.numpy() if _is_torch(out) else out
+            if not isinstance(arr, np.ndarray) or arr.dtype != np.int64 or arr.shape != (n, F) or \
+                    not arr.flags.writeable or arr.strides[0] % 8 or arr.strides[1] % 8:
+                raise ValueError(f"out must be a writeable int64 array of shape ({n}, {F})")
+            result = out
+        _run_cpu(cols, [arr[:, f] for f in range(F)], seeds, moduli, n, self.algorithm, mode, self.num_threads)
+        if torch_out and out is None:
+            import torch
+
+            return torch.from_numpy(result)
+        return result
+
+    __call__ = transform
+
+    @staticmethod
+    def _is_int_column(c: Any) -> bool:
+        """Integer columns hash as int64; everything else as strings (then type-checked per value)."""
+        if _is_torch(c):
+            return True
+        if isinstance(c, np.ndarray):
+            return c.dtype.kind in "iu"
+        mod = _module_of(c)
+        if mod == "pyarrow":
+            return _arrow_is_int(c.type)
+        if mod == "polars":
+            return c.dtype.is_integer()
+        if mod == "pandas":
+            pa_type = getattr(c.dtype, "pyarrow_dtype", None)
+            if pa_type is not None:
+                return _arrow_is_int(pa_type)
+            return getattr(c.dtype, "kind", "O") in "iu"  # numpy int64 and the masked Int64 alike
+        return False
+
+    def _transform_cuda(self, cols, n, seeds, moduli, mode, out):
+        import torch
+
+        if any(c.cuda is None for c in cols):
+            raise TypeError("a CUDA column must come with CUDA columns only (all int64 tensors on one device)")
+        dev = cols[0].cuda.device
+        if any(c.cuda.device != dev for c in cols):
+            raise ValueError("all CUDA columns must be on one device")
+        F = len(cols)
+        if out is None:
+            out = torch.empty((n, F), dtype=torch.int64, device=dev)
+        elif not _is_torch(out) or out.device != dev or out.dtype != torch.int64 or tuple(out.shape) != (n, F):
+            raise ValueError(f"out must be an int64 tensor of shape [{n}, {F}] on {dev}")
+        for f, c in enumerate(cols):
+            # a column view of out: the kernel writes with stride out.stride(0)
+            _run_cuda(c.cuda, out[:, f], seeds[f], moduli[f], self.algorithm, mode)
+        return out
+
+
+def _arrow_is_int(t) -> bool:
+    if t is None:
+        return False
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return pa.types.is_integer(t)
+
+
+def _hash_field(values: Any, num_buckets: int, seed: int, algorithm: str = "xxh3") -> np.ndarray:
+    """One string column with ``missing="bucket0"`` semantics (the FeatureEncoder contract)."""
+    nb = _check_buckets(num_buckets, 2)
+    col = _unpack(values, want_int=False)
+    ids = np.empty(col.n, dtype=np.int64)
+    _run_cpu([col], [ids], [_check_seed(seed, algorithm)], [nb - 1], col.n, algorithm, _MODE_BUCKET0, None)
+    return ids
