@@ -13,9 +13,15 @@ import torch
 import triton
 import triton.language as tl
 
-# Elements per program for element-wise row tiles: CTR rows hold one logit per teacher, so one
-# row per program would leave the GPU idle on launch overhead.
+# Elements per row tile: CTR rows hold one logit per teacher, so one row per program would leave
+# the GPU idle on launch overhead. 3-D tiles (hidden vectors, classes) get more, over more warps.
 ROW_TILE_ELEMS = 2048
+WIDE_TILE_ELEMS = 8192
+# Programs per SM for kernels that keep per-program partial sums: enough resident programs to
+# hide memory latency, few enough that the partials stay a few hundred rows.
+PROGRAMS_PER_SM = 4
+# Programs on CPU tensors (the interpreter): small, so that tests walk several tiles per program.
+INTERPRETER_PROGRAMS = 4
 # Rows per program in the partial-sum reduction, columns per program.
 REDUCE_BLOCK_P = 64
 REDUCE_BLOCK_N = 128
@@ -95,12 +101,27 @@ def next_pow2(n: int) -> int:
 MAX_BLOCK_B = None
 
 
-def rows_per_program(elems_per_row: int, cap: int = 1024) -> int:
-    """Rows per program: about ROW_TILE_ELEMS elements per tile, a power of two in [1, cap]."""
-    block = max(1, min(cap, ROW_TILE_ELEMS // next_pow2(elems_per_row)))
+def rows_per_program(elems_per_row: int, cap: int = 1024, tile_elems=None) -> int:
+    """Rows per tile: about ``tile_elems`` elements, a power of two in [1, cap]."""
+    block = max(1, min(cap, (tile_elems or ROW_TILE_ELEMS) // next_pow2(elems_per_row)))
     if MAX_BLOCK_B is not None:
         block = max(1, min(block, MAX_BLOCK_B))
     return 1 << (block.bit_length() - 1)  # round down to a power of two (tl.arange needs one)
+
+
+_SM_COUNT = {}
+
+
+def num_programs(tiles: int, device: torch.device) -> int:
+    """Programs for ``tiles`` row tiles when each program keeps its own partial sums."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in _SM_COUNT:  # a property read, not a sync; cached
+            _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+        cap = _SM_COUNT[index] * PROGRAMS_PER_SM
+    else:
+        cap = INTERPRETER_PROGRAMS
+    return max(1, min(tiles, cap))
 
 
 def interpreting() -> bool:

@@ -45,16 +45,22 @@ def _hidden_gate_scores(h_ptr, w_ptr, rows, ms, mask, M, D, BLOCK_B: tl.constexp
 
 
 @triton.jit
+def _accumulate(ptr, val, mask):
+    # Partials row of this program only, updated tile after tile in program order: a plain
+    # read-modify-write, no atomics (the buffer starts zeroed).
+    tl.store(ptr, tl.load(ptr, mask=mask, other=0.0) + val, mask=mask)
+
+
+@triton.jit
 def _hidden_gate_partials(h_ptr, pw_ptr, pid, gs, rows, ms, mask, M, D, BLOCK_D: tl.constexpr):
-    # this program's share of dW_md = Σ_b g_bm·h_bmd, written to partials row `pid`
+    # this tile's share of dW_md = Σ_b g_bm·h_bmd, added to partials row `pid`
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
         dmask = dd < D
         h = tl.load(h_ptr + (rows[:, None, None] * M + ms[None, :, None]) * D + dd[None, None, :],
                     mask=mask[:, :, None] & dmask[None, None, :], other=0.0).to(tl.float32)
-        part = tl.sum(gs[:, :, None] * h, 0)
-        tl.store(pw_ptr + (pid * M + ms[:, None]) * D + dd[None, :], part,
-                 mask=(ms[:, None] < M) & dmask[None, :])
+        _accumulate(pw_ptr + (pid * M + ms[:, None]) * D + dd[None, :], tl.sum(gs[:, :, None] * h, 0),
+                    (ms[:, None] < M) & dmask[None, :])
 
 
 @triton.jit
@@ -94,7 +100,9 @@ def _gated_distill_loss_binary_fwd_kernel(
     kd_weight,
     gate_loss_weight,
     grad_scale,
+    tiles_per_program,
     GATE: tl.constexpr,
+    TRAINABLE: tl.constexpr,
     ENSEMBLE: tl.constexpr,
     HAS_HARD: tl.constexpr,
     HAS_GATE_TERM: tl.constexpr,
@@ -105,60 +113,63 @@ def _gated_distill_loss_binary_fwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
-    rmask = rows < B
-    ms = tl.arange(0, BLOCK_M)
-    mmask = ms < M
-    mask = rmask[:, None] & mmask[None, :]
-    bm_off = rows[:, None] * M + ms[None, :]
-    zt = tl.load(zt_ptr + bm_off, mask=mask, other=0.0).to(tl.float32)
-    zs = tl.load(zs_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    # several row tiles per program: the gate partials stay per program, a few per SM
+    for t in range(0, tiles_per_program):
+        rows = (pid * tiles_per_program + t) * BLOCK_B + tl.arange(0, BLOCK_B)
+        rmask = rows < B
+        ms = tl.arange(0, BLOCK_M)
+        mmask = ms < M
+        mask = rmask[:, None] & mmask[None, :]
+        bm_off = rows[:, None] * M + ms[None, :]
+        zt = tl.load(zt_ptr + bm_off, mask=mask, other=0.0).to(tl.float32)
+        zs = tl.load(zs_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
 
-    if GATE == "logit":
-        w = tl.load(w_ptr + ms, mask=mmask, other=0.0).to(tl.float32)
-        bias = tl.load(b_ptr + ms, mask=mmask, other=0.0).to(tl.float32)
-        alpha = _gate_softmax(zt * w[None, :] + bias[None, :], mmask)
-    elif GATE == "hidden":
-        bias = tl.load(b_ptr + ms, mask=mmask, other=0.0).to(tl.float32)
-        s = _hidden_gate_scores(h_ptr, w_ptr, rows, ms, mask, M, D, BLOCK_B, BLOCK_M, BLOCK_D)
-        alpha = _gate_softmax(s + bias[None, :], mmask)
-    elif GATE == "mean":
-        alpha = tl.where(mask, 1.0 / M, 0.0)
-    else:
-        a = tl.load(fixed_ptr + ms, mask=mmask, other=0.0).to(tl.float32)
-        alpha = tl.where(mask, a[None, :], 0.0)
+        if GATE == "logit":
+            w = tl.load(w_ptr + ms, mask=mmask, other=0.0).to(tl.float32)
+            bias = tl.load(b_ptr + ms, mask=mmask, other=0.0).to(tl.float32)
+            alpha = _gate_softmax(zt * w[None, :] + bias[None, :], mmask)
+        elif GATE == "hidden":
+            bias = tl.load(b_ptr + ms, mask=mmask, other=0.0).to(tl.float32)
+            s = _hidden_gate_scores(h_ptr, w_ptr, rows, ms, mask, M, D, BLOCK_B, BLOCK_M, BLOCK_D)
+            alpha = _gate_softmax(s + bias[None, :], mmask)
+        elif GATE == "mean":
+            alpha = tl.where(mask, 1.0 / M, 0.0)
+        else:
+            a = tl.load(fixed_ptr + ms, mask=mmask, other=0.0).to(tl.float32)
+            alpha = tl.where(mask, a[None, :], 0.0)
 
-    mix = tl.sum(alpha * zt, 1)
-    x = zs * inv_t
-    if ENSEMBLE == "logit":
-        p = sigmoid(mix * inv_t)
-    else:
-        p = tl.sum(alpha * sigmoid(zt * inv_t), 1)
-    loss = kd_weight * (softplus(x) - p * x)
-    grad = (kd_weight * inv_t) * (sigmoid(x) - p)
-    if HAS_HARD or GATE == "logit" or GATE == "hidden":
-        y = tl.load(y_ptr + rows, mask=rmask, other=0.0)
-    if HAS_HARD:
-        loss += hard_weight * (softplus(zs) - y * zs)
-        grad += hard_weight * (sigmoid(zs) - y)
-    if GATE == "logit" or GATE == "hidden":
-        if HAS_GATE_TERM:
-            loss += gate_loss_weight * (softplus(mix) - y * mix)
-        r = sigmoid(mix) - y
-        gs = gate_loss_weight * alpha * (r[:, None] * (zt - mix[:, None]))
-        if WRITE_GRAD_SCORES:
-            tl.store(gs_ptr + bm_off, gs, mask=mask)
-        if REDUCE_GATE:
-            gsr = tl.where(mask, gs * grad_scale, 0.0)
-            tl.store(pb_ptr + pid * M + ms, tl.sum(gsr, 0), mask=mmask)
-            if GATE == "logit":
-                tl.store(pw_ptr + pid * M + ms, tl.sum(gsr * zt, 0), mask=mmask)
-            else:
-                _hidden_gate_partials(h_ptr, pw_ptr, pid, gsr, rows, ms, mask, M, D, BLOCK_D)
-    loss += 0.0 * tl.sum(zt, 1)
-    tl.store(loss_ptr + rows, loss, mask=rmask)
-    tl.store(grad_ptr + rows, grad * grad_scale, mask=rmask)
-    tl.store(alpha_ptr + bm_off, alpha, mask=mask)
+        mix = tl.sum(alpha * zt, 1)
+        x = zs * inv_t
+        if ENSEMBLE == "logit":
+            p = sigmoid(mix * inv_t)
+        else:
+            p = tl.sum(alpha * sigmoid(zt * inv_t), 1)
+        loss = kd_weight * (softplus(x) - p * x)
+        grad = (kd_weight * inv_t) * (sigmoid(x) - p)
+        if HAS_HARD or TRAINABLE:
+            y = tl.load(y_ptr + rows, mask=rmask, other=0.0)
+        if HAS_HARD:
+            loss += hard_weight * (softplus(zs) - y * zs)
+            grad += hard_weight * (sigmoid(zs) - y)
+        if TRAINABLE:
+            if HAS_GATE_TERM:
+                loss += gate_loss_weight * (softplus(mix) - y * mix)
+            r = sigmoid(mix) - y
+            gs = gate_loss_weight * alpha * (r[:, None] * (zt - mix[:, None]))
+            if WRITE_GRAD_SCORES:
+                tl.store(gs_ptr + bm_off, gs, mask=mask)
+            if REDUCE_GATE:
+                gsr = tl.where(mask, gs * grad_scale, 0.0)
+                _accumulate(pb_ptr + pid * M + ms, tl.sum(gsr, 0), mmask)
+                if GATE == "logit":
+                    _accumulate(pw_ptr + pid * M + ms, tl.sum(gsr * zt, 0), mmask)
+                else:
+                    _hidden_gate_partials(h_ptr, pw_ptr, pid, gsr, rows, ms, mask, M, D, BLOCK_D)
+        loss += 0.0 * tl.sum(zt, 1)
+        tl.store(loss_ptr + rows, loss, mask=rmask)
+        tl.store(grad_ptr + rows, grad * grad_scale, mask=rmask)
+        tl.store(alpha_ptr + bm_off, alpha, mask=mask)
+        tl.debug_barrier()  # this tile's partial updates land before the next tile reads them
 
 
 # C classes (x = z_S/T, softmax over classes, m_c = Σ α_i z_Ti,c, lse the log-sum-exp over c):
@@ -195,7 +206,9 @@ def _gated_distill_loss_classes_fwd_kernel(
     kd_weight,
     gate_loss_weight,
     grad_scale,
+    tiles_per_program,
     GATE: tl.constexpr,
+    TRAINABLE: tl.constexpr,
     ENSEMBLE: tl.constexpr,
     HAS_HARD: tl.constexpr,
     HAS_GATE_TERM: tl.constexpr,
@@ -208,161 +221,162 @@ def _gated_distill_loss_classes_fwd_kernel(
 ):
     neg_inf = float("-inf")
     pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
-    rmask = rows < B
-    ms = tl.arange(0, BLOCK_M)
-    mmask = ms < M
-    mask = rmask[:, None] & mmask[None, :]
-    bm_off = rows[:, None] * M + ms[None, :]
-    TRAINABLE: tl.constexpr = GATE == "logit" or GATE == "hidden"
-    if HAS_HARD or TRAINABLE:
-        y = tl.load(y_ptr + rows, mask=rmask, other=0)
+    # several row tiles per program: the gate partials stay per program, a few per SM
+    for t in range(0, tiles_per_program):
+        rows = (pid * tiles_per_program + t) * BLOCK_B + tl.arange(0, BLOCK_B)
+        rmask = rows < B
+        ms = tl.arange(0, BLOCK_M)
+        mmask = ms < M
+        mask = rmask[:, None] & mmask[None, :]
+        bm_off = rows[:, None] * M + ms[None, :]
+        if HAS_HARD or TRAINABLE:
+            y = tl.load(y_ptr + rows, mask=rmask, other=0)
 
-    # ---- pass 1: student log-sum-exps, logit-gate scores, per-teacher log-sum-exps (prob) ----
-    m_x = tl.full([BLOCK_B], neg_inf, tl.float32)
-    l_x = tl.zeros([BLOCK_B], tl.float32)
-    m_s = tl.full([BLOCK_B], neg_inf, tl.float32)
-    l_s = tl.zeros([BLOCK_B], tl.float32)
-    zs_y = tl.zeros([BLOCK_B], tl.float32)
-    guard = tl.zeros([BLOCK_B], tl.float32)
-    s = tl.zeros([BLOCK_B, BLOCK_M], tl.float32)
-    m_tm = tl.full([BLOCK_B, BLOCK_M], neg_inf, tl.float32)
-    l_tm = tl.zeros([BLOCK_B, BLOCK_M], tl.float32)
-    px_m = tl.zeros([BLOCK_B, BLOCK_M], tl.float32)  # Σ_c exp(z_Ti,c/T − m_tm)·x_c
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        cmask = cols < C
-        smask = rmask[:, None] & cmask[None, :]
-        zs = tl.load(zs_ptr + rows[:, None] * C + cols[None, :], mask=smask, other=0.0).to(tl.float32)
-        x = zs * inv_t
-        m_x, l_x = lse_update(m_x, l_x, tl.where(smask, x, neg_inf))
-        if HAS_HARD:
-            m_s, l_s = lse_update(m_s, l_s, tl.where(smask, zs, neg_inf))
-            zs_y += tl.sum(tl.where(cols[None, :] == y[:, None], zs, 0.0), 1)
-        tmask = mask[:, :, None] & cmask[None, None, :]
-        zt = tl.load(zt_ptr + bm_off[:, :, None] * C + cols[None, None, :], mask=tmask, other=0.0).to(tl.float32)
-        guard += tl.sum(tl.sum(zt, 2), 1)
+        # ---- pass 1: student log-sum-exps, logit-gate scores, per-teacher log-sum-exps (prob) ----
+        m_x = tl.full([BLOCK_B], neg_inf, tl.float32)
+        l_x = tl.zeros([BLOCK_B], tl.float32)
+        m_s = tl.full([BLOCK_B], neg_inf, tl.float32)
+        l_s = tl.zeros([BLOCK_B], tl.float32)
+        zs_y = tl.zeros([BLOCK_B], tl.float32)
+        guard = tl.zeros([BLOCK_B], tl.float32)
+        s = tl.zeros([BLOCK_B, BLOCK_M], tl.float32)
+        m_tm = tl.full([BLOCK_B, BLOCK_M], neg_inf, tl.float32)
+        l_tm = tl.zeros([BLOCK_B, BLOCK_M], tl.float32)
+        px_m = tl.zeros([BLOCK_B, BLOCK_M], tl.float32)  # Σ_c exp(z_Ti,c/T − m_tm)·x_c
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            cmask = cols < C
+            smask = rmask[:, None] & cmask[None, :]
+            zs = tl.load(zs_ptr + rows[:, None] * C + cols[None, :], mask=smask, other=0.0).to(tl.float32)
+            x = zs * inv_t
+            m_x, l_x = lse_update(m_x, l_x, tl.where(smask, x, neg_inf))
+            if HAS_HARD:
+                m_s, l_s = lse_update(m_s, l_s, tl.where(smask, zs, neg_inf))
+                zs_y += tl.sum(tl.where(cols[None, :] == y[:, None], zs, 0.0), 1)
+            tmask = mask[:, :, None] & cmask[None, None, :]
+            zt = tl.load(zt_ptr + bm_off[:, :, None] * C + cols[None, None, :], mask=tmask, other=0.0).to(tl.float32)
+            guard += tl.sum(tl.sum(zt, 2), 1)
+            if GATE == "logit":
+                w = tl.load(w_ptr + ms[:, None] * C + cols[None, :], mask=mmask[:, None] & cmask[None, :],
+                            other=0.0).to(tl.float32)
+                s += tl.sum(zt * w[None, :, :], 2)
+            if ENSEMBLE == "prob":
+                xt = tl.where(tmask, zt * inv_t, neg_inf)
+                m_tm_new = tl.maximum(m_tm, tl.max(xt, 2))
+                scale_t = tl.exp(m_tm - m_tm_new)
+                e_t = tl.exp(xt - m_tm_new[:, :, None])
+                l_tm = l_tm * scale_t + tl.sum(e_t, 2)
+                px_m = px_m * scale_t + tl.sum(e_t * x[:, None, :], 2)
+                m_tm = m_tm_new
+        lse_x = m_x + tl.log(l_x)
+        lse_s = m_s + tl.log(l_s)
+
         if GATE == "logit":
-            w = tl.load(w_ptr + ms[:, None] * C + cols[None, :], mask=mmask[:, None] & cmask[None, :],
-                        other=0.0).to(tl.float32)
-            s += tl.sum(zt * w[None, :, :], 2)
-        if ENSEMBLE == "prob":
-            xt = tl.where(tmask, zt * inv_t, neg_inf)
-            m_new = tl.maximum(m_tm, tl.max(xt, 2))
-            scale = tl.exp(m_tm - m_new)
-            e = tl.exp(xt - m_new[:, :, None])
-            l_tm = l_tm * scale + tl.sum(e, 2)
-            px_m = px_m * scale + tl.sum(e * x[:, None, :], 2)
-            m_tm = m_new
-    lse_x = m_x + tl.log(l_x)
-    lse_s = m_s + tl.log(l_s)
+            bias = tl.load(b_ptr + ms, mask=mmask, other=0.0).to(tl.float32)
+            alpha = _gate_softmax(s + bias[None, :], mmask)
+        elif GATE == "hidden":
+            bias = tl.load(b_ptr + ms, mask=mmask, other=0.0).to(tl.float32)
+            s = _hidden_gate_scores(h_ptr, w_ptr, rows, ms, mask, M, D, BLOCK_B, BLOCK_M, BLOCK_D)
+            alpha = _gate_softmax(s + bias[None, :], mmask)
+        elif GATE == "mean":
+            alpha = tl.where(mask, 1.0 / M, 0.0)
+        else:
+            a = tl.load(fixed_ptr + ms, mask=mmask, other=0.0).to(tl.float32)
+            alpha = tl.where(mask, a[None, :], 0.0)
+        # masked teachers must not turn 0·(−inf) into NaN below
+        lse_tm = tl.where(mask, m_tm + tl.log(l_tm), 0.0)
 
-    if GATE == "logit":
-        bias = tl.load(b_ptr + ms, mask=mmask, other=0.0).to(tl.float32)
-        alpha = _gate_softmax(s + bias[None, :], mmask)
-    elif GATE == "hidden":
-        bias = tl.load(b_ptr + ms, mask=mmask, other=0.0).to(tl.float32)
-        s = _hidden_gate_scores(h_ptr, w_ptr, rows, ms, mask, M, D, BLOCK_B, BLOCK_M, BLOCK_D)
-        alpha = _gate_softmax(s + bias[None, :], mmask)
-    elif GATE == "mean":
-        alpha = tl.where(mask, 1.0 / M, 0.0)
-    else:
-        a = tl.load(fixed_ptr + ms, mask=mmask, other=0.0).to(tl.float32)
-        alpha = tl.where(mask, a[None, :], 0.0)
-    # masked teachers must not turn 0·(−inf) into NaN below
-    lse_tm = tl.where(mask, m_tm + tl.log(l_tm), 0.0)
+        # ---- pass 2: the mixture m = Σ α_i z_Ti (logit ensemble target, gate term) ----
+        m_q = tl.full([BLOCK_B], neg_inf, tl.float32)
+        l_q = tl.zeros([BLOCK_B], tl.float32)
+        qx = tl.zeros([BLOCK_B], tl.float32)  # Σ_c exp(m_c/T − m_q)·x_c
+        m_g = tl.full([BLOCK_B], neg_inf, tl.float32)
+        l_g = tl.zeros([BLOCK_B], tl.float32)
+        em = tl.zeros([BLOCK_B], tl.float32)  # Σ_c exp(m_c − m_g)·m_c
+        ez = tl.zeros([BLOCK_B, BLOCK_M], tl.float32)  # Σ_c exp(m_c − m_g)·z_Ti,c
+        mix_y = tl.zeros([BLOCK_B], tl.float32)
+        zt_y = tl.zeros([BLOCK_B, BLOCK_M], tl.float32)
+        if ENSEMBLE == "logit" or TRAINABLE:
+            for c0 in range(0, C, BLOCK_C):
+                cols = c0 + tl.arange(0, BLOCK_C)
+                cmask = cols < C
+                smask = rmask[:, None] & cmask[None, :]
+                tmask = mask[:, :, None] & cmask[None, None, :]
+                zt = tl.load(zt_ptr + bm_off[:, :, None] * C + cols[None, None, :], mask=tmask,
+                             other=0.0).to(tl.float32)
+                mix = tl.sum(alpha[:, :, None] * zt, 1)
+                if ENSEMBLE == "logit":
+                    zs = tl.load(zs_ptr + rows[:, None] * C + cols[None, :], mask=smask, other=0.0).to(tl.float32)
+                    xq = tl.where(smask, mix * inv_t, neg_inf)
+                    m_q_new = tl.maximum(m_q, tl.max(xq, 1))
+                    scale_q = tl.exp(m_q - m_q_new)
+                    e_q = tl.exp(xq - m_q_new[:, None])
+                    l_q = l_q * scale_q + tl.sum(e_q, 1)
+                    qx = qx * scale_q + tl.sum(e_q * (zs * inv_t), 1)
+                    m_q = m_q_new
+                if TRAINABLE:
+                    xg = tl.where(smask, mix, neg_inf)
+                    m_g_new = tl.maximum(m_g, tl.max(xg, 1))
+                    scale_g = tl.exp(m_g - m_g_new)
+                    e_g = tl.exp(xg - m_g_new[:, None])
+                    l_g = l_g * scale_g + tl.sum(e_g, 1)
+                    em = em * scale_g + tl.sum(e_g * mix, 1)
+                    ez = ez * scale_g[:, None] + tl.sum(e_g[:, None, :] * zt, 2)
+                    m_g = m_g_new
+                    is_y = cols[None, :] == y[:, None]
+                    mix_y += tl.sum(tl.where(is_y, mix, 0.0), 1)
+                    zt_y += tl.sum(tl.where(is_y[:, None, :], zt, 0.0), 2)
+        lse_q = m_q + tl.log(l_q)
 
-    # ---- pass 2: the mixture m = Σ α_i z_Ti (logit ensemble target, gate term) ----
-    m_q = tl.full([BLOCK_B], neg_inf, tl.float32)
-    l_q = tl.zeros([BLOCK_B], tl.float32)
-    qx = tl.zeros([BLOCK_B], tl.float32)  # Σ_c exp(m_c/T − m_q)·x_c
-    m_g = tl.full([BLOCK_B], neg_inf, tl.float32)
-    l_g = tl.zeros([BLOCK_B], tl.float32)
-    em = tl.zeros([BLOCK_B], tl.float32)  # Σ_c exp(m_c − m_g)·m_c
-    ez = tl.zeros([BLOCK_B, BLOCK_M], tl.float32)  # Σ_c exp(m_c − m_g)·z_Ti,c
-    mix_y = tl.zeros([BLOCK_B], tl.float32)
-    zt_y = tl.zeros([BLOCK_B, BLOCK_M], tl.float32)
-    if ENSEMBLE == "logit" or TRAINABLE:
+        tsum = tl.sum(alpha, 1)
+        if ENSEMBLE == "logit":
+            loss = kd_weight * (lse_x - qx / l_q)
+        else:
+            loss = kd_weight * (lse_x * tsum - tl.sum(tl.where(mask, alpha * px_m / l_tm, 0.0), 1))
+        if HAS_HARD:
+            loss += hard_weight * (lse_s - zs_y)
+        if TRAINABLE:
+            if HAS_GATE_TERM:
+                loss += gate_loss_weight * (m_g + tl.log(l_g) - mix_y)
+            # Σ_c r_c z_Ti,c − Σ_c r_c m_c with r = softmax(m) − onehot(y)
+            rz = ez / l_g[:, None] - zt_y
+            rm = em / l_g - mix_y
+            gs = gate_loss_weight * alpha * (rz - rm[:, None])
+            gs = tl.where(mask, gs, 0.0)
+            if WRITE_GRAD_SCORES:
+                tl.store(gs_ptr + bm_off, gs, mask=mask)
+            gsr = gs * grad_scale
+            if REDUCE_GATE:
+                _accumulate(pb_ptr + pid * M + ms, tl.sum(gsr, 0), mmask)
+                if GATE == "hidden":
+                    _hidden_gate_partials(h_ptr, pw_ptr, pid, gsr, rows, ms, mask, M, D, BLOCK_D)
+        loss += 0.0 * guard
+        tl.store(loss_ptr + rows, loss, mask=rmask)
+        tl.store(alpha_ptr + bm_off, alpha, mask=mask)
+
+        # ---- pass 3: the student gradient (and the class logit gate's partial dW) ----
+        kd_scale = kd_weight * inv_t
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             cmask = cols < C
             smask = rmask[:, None] & cmask[None, :]
             tmask = mask[:, :, None] & cmask[None, None, :]
-            zt = tl.load(zt_ptr + bm_off[:, :, None] * C + cols[None, None, :], mask=tmask,
-                         other=0.0).to(tl.float32)
-            mix = tl.sum(alpha[:, :, None] * zt, 1)
+            zs = tl.load(zs_ptr + rows[:, None] * C + cols[None, :], mask=smask, other=0.0).to(tl.float32)
+            zt = tl.load(zt_ptr + bm_off[:, :, None] * C + cols[None, None, :], mask=tmask, other=0.0).to(tl.float32)
             if ENSEMBLE == "logit":
-                zs = tl.load(zs_ptr + rows[:, None] * C + cols[None, :], mask=smask, other=0.0).to(tl.float32)
-                xq = tl.where(smask, mix * inv_t, neg_inf)
-                m_new = tl.maximum(m_q, tl.max(xq, 1))
-                scale = tl.exp(m_q - m_new)
-                e = tl.exp(xq - m_new[:, None])
-                l_q = l_q * scale + tl.sum(e, 1)
-                qx = qx * scale + tl.sum(e * (zs * inv_t), 1)
-                m_q = m_new
-            if TRAINABLE:
-                xg = tl.where(smask, mix, neg_inf)
-                m_new = tl.maximum(m_g, tl.max(xg, 1))
-                scale = tl.exp(m_g - m_new)
-                e = tl.exp(xg - m_new[:, None])
-                l_g = l_g * scale + tl.sum(e, 1)
-                em = em * scale + tl.sum(e * mix, 1)
-                ez = ez * scale[:, None] + tl.sum(e[:, None, :] * zt, 2)
-                m_g = m_new
-                is_y = cols[None, :] == y[:, None]
-                mix_y += tl.sum(tl.where(is_y, mix, 0.0), 1)
-                zt_y += tl.sum(tl.where(is_y[:, None, :], zt, 0.0), 2)
-    lse_q = m_q + tl.log(l_q)
-
-    tsum = tl.sum(alpha, 1)
-    if ENSEMBLE == "logit":
-        loss = kd_weight * (lse_x - qx / l_q)
-    else:
-        loss = kd_weight * (lse_x * tsum - tl.sum(tl.where(mask, alpha * px_m / l_tm, 0.0), 1))
-    if HAS_HARD:
-        loss += hard_weight * (lse_s - zs_y)
-    if TRAINABLE:
-        if HAS_GATE_TERM:
-            loss += gate_loss_weight * (m_g + tl.log(l_g) - mix_y)
-        # Σ_c r_c z_Ti,c − Σ_c r_c m_c with r = softmax(m) − onehot(y)
-        rz = ez / l_g[:, None] - zt_y
-        rm = em / l_g - mix_y
-        gs = gate_loss_weight * alpha * (rz - rm[:, None])
-        gs = tl.where(mask, gs, 0.0)
-        if WRITE_GRAD_SCORES:
-            tl.store(gs_ptr + bm_off, gs, mask=mask)
-        gsr = gs * grad_scale
-        if REDUCE_GATE:
-            tl.store(pb_ptr + pid * M + ms, tl.sum(gsr, 0), mask=mmask)
-            if GATE == "hidden":
-                _hidden_gate_partials(h_ptr, pw_ptr, pid, gsr, rows, ms, mask, M, D, BLOCK_D)
-    loss += 0.0 * guard
-    tl.store(loss_ptr + rows, loss, mask=rmask)
-    tl.store(alpha_ptr + bm_off, alpha, mask=mask)
-
-    # ---- pass 3: the student gradient (and the class logit gate's partial dW) ----
-    kd_scale = kd_weight * inv_t
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        cmask = cols < C
-        smask = rmask[:, None] & cmask[None, :]
-        tmask = mask[:, :, None] & cmask[None, None, :]
-        zs = tl.load(zs_ptr + rows[:, None] * C + cols[None, :], mask=smask, other=0.0).to(tl.float32)
-        zt = tl.load(zt_ptr + bm_off[:, :, None] * C + cols[None, None, :], mask=tmask, other=0.0).to(tl.float32)
-        if ENSEMBLE == "logit":
-            q = tl.exp(tl.sum(alpha[:, :, None] * zt, 1) * inv_t - lse_q[:, None])
-        else:
-            q = tl.sum(tl.where(tmask, alpha[:, :, None] * tl.exp(zt * inv_t - lse_tm[:, :, None]), 0.0), 1)
-        g = kd_scale * (tl.exp(zs * inv_t - lse_x[:, None]) - q)
-        if HAS_HARD:
-            onehot = tl.where(cols[None, :] == y[:, None], 1.0, 0.0)
-            g += hard_weight * (tl.exp(zs - lse_s[:, None]) - onehot)
-        tl.store(grad_ptr + rows[:, None] * C + cols[None, :], g * grad_scale, mask=smask)
-        if GATE == "logit":
-            if REDUCE_GATE:
-                part = tl.sum(gsr[:, :, None] * zt, 0)
-                tl.store(pw_ptr + (pid * M + ms[:, None]) * C + cols[None, :], part,
-                         mask=mmask[:, None] & cmask[None, :])
+                q = tl.exp(tl.sum(alpha[:, :, None] * zt, 1) * inv_t - lse_q[:, None])
+            else:
+                q = tl.sum(tl.where(tmask, alpha[:, :, None] * tl.exp(zt * inv_t - lse_tm[:, :, None]), 0.0), 1)
+            g = kd_scale * (tl.exp(zs * inv_t - lse_x[:, None]) - q)
+            if HAS_HARD:
+                onehot = tl.where(cols[None, :] == y[:, None], 1.0, 0.0)
+                g += hard_weight * (tl.exp(zs - lse_s[:, None]) - onehot)
+            tl.store(grad_ptr + rows[:, None] * C + cols[None, :], g * grad_scale, mask=smask)
+            if GATE == "logit":
+                if REDUCE_GATE:
+                    _accumulate(pw_ptr + (pid * M + ms[:, None]) * C + cols[None, :], tl.sum(gsr[:, :, None] * zt, 0),
+                                mmask[:, None] & cmask[None, :])
+        tl.debug_barrier()  # this tile's partial updates land before the next tile reads them
 
 
 def _launch(student, teacher, labels, teacher_hidden, gate, gate_weight, gate_bias, fixed_weights,
@@ -395,25 +409,31 @@ def _launch(student, teacher, labels, teacher_hidden, gate, gate_weight, gate_bi
     block_d = min(_common.next_pow2(D), MAX_BLOCK_D)
     block_c = min(_common.next_pow2(C), MAX_BLOCK_C)
     per_row = block_m * (block_d if gate == "hidden" else 1) * (1 if binary else block_c)
-    block_b = _common.rows_per_program(per_row)
-    P = triton.cdiv(B, block_b)
+    wide = gate == "hidden" or not binary  # 3-D tiles [rows, teachers, features or classes]
+    block_b = _common.rows_per_program(per_row, tile_elems=_common.WIDE_TILE_ELEMS if wide else None)
+    num_warps = 8 if wide else 4
+    tiles = triton.cdiv(B, block_b)
+    reduce_gate = trainable and reduce_gate
+    # With gate partials, a bounded number of programs each walk several row tiles, so the
+    # partials buffer is [a few programs per SM, ...] whatever B is; otherwise one tile each.
+    tiles_per_program = triton.cdiv(tiles, _common.num_programs(tiles, zs.device)) if reduce_gate else 1
+    P = triton.cdiv(tiles, tiles_per_program)
 
     f32 = torch.float32
     loss = torch.empty(B, device=dev, dtype=f32)
     grad = torch.empty(zs.shape, device=dev, dtype=f32)
     alpha = torch.empty(B, M, device=dev, dtype=f32)
     write_gs = trainable and not reduce_gate
-    reduce_gate = trainable and reduce_gate
     gs = torch.empty(B, M, device=dev, dtype=f32) if write_gs else loss.new_empty(0)
     if reduce_gate:
         k = D if gate == "hidden" else C
-        pw = torch.empty((P, M) if gate == "logit" and binary else (P, M, k), device=dev, dtype=f32)
-        pb = torch.empty(P, M, device=dev, dtype=f32)
+        pw = torch.zeros((P, M) if gate == "logit" and binary else (P, M, k), device=dev, dtype=f32)
+        pb = torch.zeros(P, M, device=dev, dtype=f32)
     else:
         pw, pb = loss.new_empty(0), loss.new_empty(0)
-    common = dict(GATE=gate, ENSEMBLE=ensemble, HAS_HARD=has_hard, HAS_GATE_TERM=gate_loss_weight != 0.0,
+    common = dict(GATE=gate, TRAINABLE=trainable, ENSEMBLE=ensemble, HAS_HARD=has_hard, HAS_GATE_TERM=gate_loss_weight != 0.0,
                   WRITE_GRAD_SCORES=write_gs, REDUCE_GATE=reduce_gate, BLOCK_B=block_b, BLOCK_M=block_m,
-                  BLOCK_D=block_d)
+                  BLOCK_D=block_d, num_warps=num_warps)
     if wrap is None:
         g_w = torch.empty(gate_weight.shape, device=dev, dtype=f32) if reduce_gate else loss.new_empty(0)
         g_b = torch.empty(M, device=dev, dtype=f32) if reduce_gate else loss.new_empty(0)
@@ -422,12 +442,13 @@ def _launch(student, teacher, labels, teacher_hidden, gate, gate_weight, gate_bi
     if binary:
         wrap(_gated_distill_loss_binary_fwd_kernel)[(P,)](
             zs, zt, y, h, w, b, fixed, loss, grad, gs, alpha, pw, pb,
-            B, M, D, inv_t, hard_weight, kd_weight, gate_loss_weight, grad_scale, **common,
+            B, M, D, inv_t, hard_weight, kd_weight, gate_loss_weight, grad_scale, tiles_per_program, **common,
         )
     else:
         wrap(_gated_distill_loss_classes_fwd_kernel)[(P,)](
             zs, zt, y, h, w, b, fixed, loss, grad, gs, alpha, pw, pb,
-            B, M, C, D, inv_t, hard_weight, kd_weight, gate_loss_weight, grad_scale, BLOCK_C=block_c, **common,
+            B, M, C, D, inv_t, hard_weight, kd_weight, gate_loss_weight, grad_scale, tiles_per_program,
+            BLOCK_C=block_c, **common,
         )
     if reduce_gate:
         g_w = _common.sum_partials(pw, wrap)
