@@ -6,6 +6,12 @@ work of a training step and keeps no activations alive. Double backward is not s
 (a clear error under ``create_graph=True``); the differentiable oracles in
 :mod:`fastkd.reference` serve higher-order needs.
 
+The per-sample work is done by one implementation chosen at one seam, :func:`_fwd_impl`: the fused
+Triton kernels of ``fastkd.kernels`` for CUDA tensors, the closed-form twins in
+:mod:`fastkd.reference` otherwise (``FASTKD_BACKEND=torch|triton`` forces one). With
+``reduction`` "mean"/"sum" the gated loss folds the batch reduction of the gate-parameter
+gradients into its forward (per-program partials, then a fixed-order sum: bit-reproducible).
+
 Inputs reaching these Functions are already validated and normalised by
 :mod:`fastkd.functional`: binary logits are [B], class logits [B, C]; teachers [B] / [B, C]
 (single teacher) or [B, M] / [B, M, C]; labels float32 [B] or int64 [B].
