@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.fastkd-installed
 # torch pinned exactly: this version's CPU wheel lies on disk; a looser pin downloads a CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean cuda-check
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,3 +31,14 @@ bench: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks
+
+# Compile the CUDA sources with nvcc for every shipped architecture, so they cannot rot on
+# GPU-less CI (the install builds them too when nvcc is found; this needs no Python env).
+NVCC ?= nvcc
+CUDA_ARCHS ?= 75 80 90
+cuda-check:
+	mkdir -p build/cuda-check
+	$(NVCC) -std=c++17 -O3 -Icsrc -Xcompiler -fPIC,-Wall $(foreach a,$(CUDA_ARCHS),-gencode arch=compute_$(a),code=sm_$(a)) \
+		-c csrc/hash_cuda.cu -o build/cuda-check/hash_cuda.o
+	$(CXX) -std=c++17 -O3 -Wall -Icsrc -fsyntax-only csrc/hash_cpu.cpp
+	@echo "cuda-check: csrc/hash_cuda.cu compiles for sm_$(CUDA_ARCHS)"

@@ -20,8 +20,13 @@ inline bool bit_set(const uint8_t* bitmap, int64_t i) { return (bitmap[i >> 3] >
 
 // Rows [b, e) of one chunk (chunk-local indices); out points at the chunk's row 0.
 template <int ALGO, int MODE, int KIND>
-void run_chunk(const Chunk& c, int64_t b, int64_t e, int64_t* out, int64_t stride, uint64_t seed, const FastMod& fm) {
+void run_chunk(const Chunk& chunk, int64_t b, int64_t e, int64_t* out, int64_t stride, uint64_t seed,
+               const FastMod& fm_ref) {
   static const uint8_t kEmpty[1] = {0};
+  // local copies: stores through the int64_t* out may alias uint64_t fields, which would force a
+  // reload of the divisor and the buffer pointers on every row
+  const FastMod fm = fm_ref;
+  const Chunk c = chunk;
   for (int64_t i = b; i < e; ++i) {
     const bool valid = c.validity == nullptr || bit_set(c.validity, c.validity_offset + i);
     uint64_t h;

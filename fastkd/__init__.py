@@ -29,6 +29,7 @@ _LAZY = {
     "Distiller": ("fastkd.train", "Distiller"),
     "TeacherCache": ("fastkd.train", "TeacherCache"),
     "TrainConfig": ("fastkd.train", "TrainConfig"),
+    "FeatureHasher": ("fastkd.hashing", "FeatureHasher"),
 }
 
 
