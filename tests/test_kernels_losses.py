@@ -106,9 +106,9 @@ def _check_gated(zs, zt, y, h, params, kw, atol=1e-5, grad_rtol=1e-4):
 def test_seam_picks_triton_only_where_it_can_run(monkeypatch):
     from fastkd import reference
 
-    cpu = torch.device("cpu")
-    assert _fwd_impl("distill_loss", cpu) is distill_kernels.distill_loss_forward
-    assert _fwd_impl("gated_distill_loss_reduced", cpu) is gated_kernels.gated_distill_loss_forward_reduced
+    cpu, dev = torch.device("cpu"), torch.device(DEVICE)
+    assert _fwd_impl("distill_loss", dev) is distill_kernels.distill_loss_forward
+    assert _fwd_impl("gated_distill_loss_reduced", dev) is gated_kernels.gated_distill_loss_forward_reduced
     monkeypatch.setenv("FASTKD_BACKEND", "torch")
     assert _fwd_impl("gated_distill_loss", cpu) is reference.gated_distill_loss_fwd_ref
     monkeypatch.delenv("FASTKD_BACKEND")
