@@ -18,6 +18,7 @@ and no table-sized gradient ever exists. On CUDA the work runs in the Triton ker
 """
 from __future__ import annotations
 
+import os
 import types
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -71,14 +72,22 @@ def _load_kernels():
 _REF_IMPL = types.SimpleNamespace(**{n: getattr(embedding_ref, n + "_ref") for n in _LAUNCHERS})
 
 
-def _impl(device: torch.device, backend: str):
+def _impl(device: torch.device, backend: str, dtype: Optional[torch.dtype] = None):
     """The single place where the embedding's implementation is chosen.
 
-    ``"auto"``: Triton for CUDA tensors when it imports, plain PyTorch otherwise. ``"triton"``
+    ``"auto"``: Triton for CUDA tensors when it imports, plain PyTorch otherwise (and for
+    float64 tables: the kernels compute in float32); the environment variable
+    ``FASTKD_BACKEND=torch|triton`` overrides ``"auto"`` as it does for the losses. ``"triton"``
     forces the kernels (on CPU tensors only under ``TRITON_INTERPRET=1``, as the tests do);
     ``"torch"`` forces the reference. Both namespaces expose the same launcher names.
     """
-    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+    if backend == "auto":
+        forced = os.environ.get("FASTKD_BACKEND", "").strip().lower()
+        if forced in ("torch", "triton"):
+            backend = forced
+        elif device.type != "cuda" or dtype == torch.float64:
+            return _REF_IMPL
+    if backend == "torch":
         return _REF_IMPL
     kernels = _load_kernels()
     if kernels is None:
@@ -203,7 +212,7 @@ class MultiFieldEmbeddingFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, rows, starts, per_sample_weights, state, grad, mean, lr, eps,
                 deterministic, backend):
-        impl = _impl(weight.device, backend)
+        impl = _impl(weight.device, backend, weight.dtype)
         if starts is None:
             out = impl.multi_field_embedding_forward(weight, rows)
         else:
@@ -364,8 +373,9 @@ class MultiFieldEmbedding(nn.Module):
         deterministic: on CUDA, merge duplicate rows by sorting instead of with atomics (slower
             on skewed ids, bit-identical across runs). Also implied by
             ``torch.use_deterministic_algorithms(True)``. The CPU path is always deterministic.
-        backend: ``"auto"`` (Triton on CUDA, plain PyTorch otherwise), ``"triton"`` or
-            ``"torch"``.
+        backend: ``"auto"`` (Triton on CUDA for sparse / fused gradients, plain PyTorch
+            otherwise; dense gradients keep torch's own embedding ops), ``"triton"`` (the
+            kernels for every mode) or ``"torch"``.
         init_std: std of the ``N(0, init_std^2)`` initialisation (default ``1e-4``, the usual CTR
             choice: interaction terms start near zero; Adam is scale-free so learning is not
             slowed).
@@ -520,8 +530,15 @@ class MultiFieldEmbedding(nn.Module):
                 "or use sparse=True with a torch optimizer.")
 
     def _plain_torch(self) -> bool:
-        # The default (dense, torch backend) keeps autograd's own ops: no custom Function.
-        return self.grad_mode == "dense" and _impl(self.weight.device, self.backend) is _REF_IMPL
+        # Dense gradients keep autograd's own ops (index_select / F.embedding / embedding_bag)
+        # unless Triton is asked for explicitly: on CPU they are the fastest dense formulation,
+        # and on CUDA torch's embedding backward stays the default until the Triton dense path
+        # has been measured against it on a GPU.
+        if self.grad_mode != "dense":
+            return False
+        if self.backend == "auto":
+            return os.environ.get("FASTKD_BACKEND", "").strip().lower() != "triton"
+        return self.backend == "torch"
 
     def lookup(self, flat_ids: torch.Tensor) -> torch.Tensor:
         """Rows for already-offset ids from :meth:`flat_ids` (no validation)."""

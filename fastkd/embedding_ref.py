@@ -48,7 +48,9 @@ def _gather(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
             and _fits_int32(table.shape[0], n)):
         idx32 = idx.to(torch.int32)
         starts = torch.arange(n, dtype=torch.int32)
-        return F.embedding_bag(idx32, table, starts, mode="sum")
+        # detach: embedding_bag picks its slower training kernel (which also builds the
+        # bag bookkeeping for a backward) whenever the table requires grad, even under no_grad
+        return F.embedding_bag(idx32, table.detach(), starts, mode="sum")
     return table.index_select(0, idx)
 
 

@@ -579,14 +579,15 @@ def test_backend_triton_without_triton_raises(monkeypatch):
 @pytest.mark.parametrize("dtype, atol, rtol", _DTYPE_PARAMS)
 @pytest.mark.parametrize("grad", ["dense", "sparse", "sgd", "adagrad"])
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_cuda_matches_cpu(grad, deterministic, dtype, atol, rtol):
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_cuda_matches_cpu(backend, grad, deterministic, dtype, atol, rtol):
     field_sizes, dim, batch = [1000, 3, 70_000, 17], 50, 513
     kw = {"sparse": grad == "sparse", "deterministic": deterministic}
     if grad in ("sgd", "adagrad"):
         kw.update(fused_optimizer=grad, lr=0.1)
     torch.manual_seed(0)
     cpu = MultiFieldEmbedding(field_sizes, dim, init_std=1.0, **kw).to(dtype)
-    gpu = MultiFieldEmbedding(field_sizes, dim, init_std=1.0, **kw).to(dtype).cuda()
+    gpu = MultiFieldEmbedding(field_sizes, dim, init_std=1.0, backend=backend, **kw).to(dtype).cuda()
     gpu.load_state_dict(cpu.state_dict())
     ids = random_ids(field_sizes, batch, seed=4)
     upstream = torch.randn(batch, len(field_sizes), dim).to(dtype)
