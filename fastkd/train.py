@@ -20,6 +20,21 @@ Early stopping, exactly (see :class:`TrainConfig`):
 
 ``patience`` counts epochs without improvement; with ``reduce_lr_on_plateau`` each such epoch
 also divides the learning rate by 10 (FuxiCTR's schedule).
+
+Under ``torch.distributed`` (a process group initialised, e.g. by ``torchrun`` and
+:func:`fastkd.distributed.init_process_group`), every loop here runs data-parallel without other
+changes to the calling code (see ``docs/distributed.md``):
+
+* the trainable modules of a run are wrapped once in ``DistributedDataParallel`` (frozen teachers
+  never are; in co-training teachers, gate and student are one wrapped module);
+* each epoch's permutation is the single-process one, dealt to ranks as ``DistributedSampler``
+  does, and ``batch_size`` is the *global* batch: each of W ranks takes ``batch_size // W`` rows a
+  step, so the rows of one step over all ranks are the rows of one single-process batch;
+* stopping quantities are computed on predictions gathered from every rank (AUC, logloss) or
+  summed over ranks (distillation loss), and rank 0's value decides for everyone;
+* only rank 0 writes checkpoints; :class:`TeacherCache` is built in parallel.
+
+With no process group (or a group of one) nothing of this runs and results are unchanged.
 """
 from __future__ import annotations
 
@@ -40,6 +55,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import distributed as _dist
 from .data import CTRData
 from .losses import GatedDistillLoss, HintLoss
 from .metrics import log_loss, roc_auc
@@ -64,7 +80,8 @@ class TrainConfig:
 
     Args:
         max_epochs: upper bound on epochs.
-        batch_size: training batch size.
+        batch_size: training batch size; under torch.distributed the global batch (each of W
+            ranks takes ``batch_size // W`` rows a step).
         lr: Adam learning rate.
         early_stop: "auc" | "logloss" (validation labels) | "kd" (distillation loss; students).
         patience: epochs without improvement before stopping (None: 2 for auc/logloss, 3 for kd).
@@ -237,6 +254,11 @@ class TeacherCache:
     larger than RAM); they are written under temporary names and renamed only when complete, so
     an interrupted build never leaves a cache that a later run would trust.
 
+    Under torch.distributed, :meth:`build` is a collective: each rank runs the teachers on its
+    contiguous block of rows only. In memory the blocks are gathered so every rank holds the whole
+    cache; with ``path`` each rank writes its own part files and rank 0 writes the metadata that
+    lists them once every part is complete, and :meth:`load` presents the parts as one cache.
+
     Shape:
         - ``logits``: [N, M] float32
         - ``hidden``: [N, M, d] float32, or None
@@ -266,8 +288,14 @@ class TeacherCache:
     @classmethod
     def build(cls, teachers: Sequence[nn.Module], data: Union[CTRData, torch.Tensor], *,
               hidden: bool = False, batch_size: int = 16384, path: Optional[Union[str, Path]] = None,
-              progress: bool = False) -> "TeacherCache":
-        """Run each teacher once over ``data`` (eval mode, no grad) and store its outputs."""
+              progress: bool = False, shard: Optional[bool] = None) -> "TeacherCache":
+        """Run each teacher once over ``data`` (eval mode, no grad) and store its outputs.
+
+        ``shard`` (default: whether a process group of more than one rank exists) splits the
+        work across ranks; every rank must then call ``build`` with the same arguments, and
+        ``path``, if given, must be a folder every rank sees. ``shard=False`` builds the whole
+        cache in this process alone.
+        """
         ids = torch.from_numpy(data.ids) if isinstance(data, CTRData) else data
         n, m = ids.shape[0], len(teachers)
         if m == 0:
@@ -277,26 +305,20 @@ class TeacherCache:
         d = max(int(getattr(t, "hidden_dim", 0)) for t in teachers) if hidden else 0
         if hidden and d < 1:
             raise ValueError("hidden vectors requested but the teachers declare no hidden_dim")
+        if (_dist.get_world_size() > 1) if shard is None else shard:
+            return cls._build_sharded(teachers, ids, hidden, d, batch_size, path, progress)
         if path is not None:
             path = Path(path)
             path.mkdir(parents=True, exist_ok=True)
+            # a metadata file left by an earlier build must not vouch for arrays about to change
+            (path / cls.META).unlink(missing_ok=True)
             tmp_l, tmp_h = path / "logits.npy.tmp", path / "hidden.npy.tmp"
             logits = np.lib.format.open_memmap(tmp_l, mode="w+", dtype=np.float32, shape=(n, m))
             hid = np.lib.format.open_memmap(tmp_h, mode="w+", dtype=np.float32, shape=(n, m, d)) if hidden else None
         else:
             logits = np.empty((n, m), dtype=np.float32)
             hid = np.empty((n, m, d), dtype=np.float32) if hidden else None
-        from tqdm.auto import tqdm
-
-        for j, t in enumerate(tqdm(teachers, desc="teacher cache", disable=not progress, leave=False)):
-            out = predict(t, ids, batch_size, return_hidden=hidden)
-            if hidden:
-                logits[:, j] = out[0].float().numpy()
-                h = out[1].float().numpy()
-                hid[:, j, : h.shape[1]] = h
-                hid[:, j, h.shape[1]:] = 0.0
-            else:
-                logits[:, j] = out.float().numpy()
+        _fill_teacher_outputs(teachers, ids, logits, hid, batch_size, progress)
         if path is None:
             return cls(logits, hid)
         logits.flush()
@@ -316,12 +338,67 @@ class TeacherCache:
         return cls.load(path)
 
     @classmethod
+    def _build_sharded(cls, teachers, ids: torch.Tensor, hidden: bool, d: int, batch_size: int,
+                       path: Optional[Union[str, Path]], progress: bool) -> "TeacherCache":
+        n, m = ids.shape[0], len(teachers)
+        rank, world = _dist.get_rank(), _dist.get_world_size()
+        a, b = _dist.shard_bounds(n)
+        progress = progress and rank == 0
+        if path is None:
+            logits = np.empty((b - a, m), dtype=np.float32)
+            hid = np.empty((b - a, m, d), dtype=np.float32) if hidden else None
+            _fill_teacher_outputs(teachers, ids[a:b], logits, hid, batch_size, progress)
+            full_h = None if hid is None else _dist.gather_rows(torch.from_numpy(hid), n)
+            return cls(_dist.gather_rows(torch.from_numpy(logits), n), full_h)
+        path = Path(path)
+        if rank == 0:
+            path.mkdir(parents=True, exist_ok=True)
+            (path / cls.META).unlink(missing_ok=True)
+        _dist.barrier()
+        stem = f"part{rank:05d}-of-{world:05d}"
+        names = {"logits": f"{stem}.logits.npy", "hidden": f"{stem}.hidden.npy" if hidden else None}
+        # this part's own marker goes first and comes back last: present means complete
+        (path / f"{stem}.json").unlink(missing_ok=True)
+        tmp_l = path / (names["logits"] + ".tmp")
+        logits = np.lib.format.open_memmap(tmp_l, mode="w+", dtype=np.float32, shape=(b - a, m))
+        hid = None
+        if hidden:
+            tmp_h = path / (names["hidden"] + ".tmp")
+            hid = np.lib.format.open_memmap(tmp_h, mode="w+", dtype=np.float32, shape=(b - a, m, d))
+        _fill_teacher_outputs(teachers, ids[a:b], logits, hid, batch_size, progress)
+        logits.flush()
+        del logits
+        os.replace(tmp_l, path / names["logits"])
+        if hidden:
+            hid.flush()
+            del hid
+            os.replace(tmp_h, path / names["hidden"])
+        _write_json(path / f"{stem}.json", {"start": a, "stop": b, "teachers": m,
+                                            "hidden_dim": d if hidden else None, **names})
+        # a rank that died before its marker makes this barrier fail, so no metadata is written
+        _dist.barrier()
+        if rank == 0:
+            parts = []
+            for r in range(world):
+                part = json.loads((path / f"part{r:05d}-of-{world:05d}.json").read_text())
+                if (part["start"], part["stop"]) != _dist.shard_bounds(n, r, world) or part["teachers"] != m:
+                    raise RuntimeError(f"{path}: part {r} of {world} does not match this build: {part}")
+                parts.append(part)
+            _write_json(path / cls.META, {"rows": n, "teachers": m, "hidden_dim": d if hidden else None,
+                                          "parts": parts})
+        _dist.barrier()
+        return cls.load(path)
+
+    @classmethod
     def load(cls, path: Union[str, Path]) -> "TeacherCache":
-        """Open a cache written by :meth:`build` (memory-mapped, read-only)."""
+        """Open a cache written by :meth:`build` (memory-mapped, read-only); a cache written in
+        parts by several ranks reads as one."""
         path = Path(path)
         if not (path / cls.META).exists():
             raise FileNotFoundError(f"{path} holds no complete teacher cache (no {cls.META})")
         meta = json.loads((path / cls.META).read_text())
+        if "parts" in meta:
+            return cls._load_parts(path, meta)
         logits = np.load(path / "logits.npy", mmap_mode="r")
         hidden = np.load(path / "hidden.npy", mmap_mode="r") if meta["hidden_dim"] else None
         if logits.shape != (meta["rows"], meta["teachers"]):
@@ -331,6 +408,68 @@ class TeacherCache:
         cache.logits = _MemmapRows(logits)
         cache.hidden = None if hidden is None else _MemmapRows(hidden)
         return cache
+
+    @classmethod
+    def _load_parts(cls, path: Path, meta: dict) -> "TeacherCache":
+        parts = meta["parts"]
+        starts = [p["start"] for p in parts]
+        logits = [np.load(path / p["logits"], mmap_mode="r") for p in parts]
+        for p, arr in zip(parts, logits):
+            if arr.shape != (p["stop"] - p["start"], meta["teachers"]):
+                raise ValueError(f"{path}: {p['logits']} has shape {arr.shape}, metadata says {p}")
+        if parts[-1]["stop"] != meta["rows"]:
+            raise ValueError(f"{path}: parts cover {parts[-1]['stop']} rows, metadata says {meta['rows']}")
+        cache = cls.__new__(cls)
+        cache.logits = _PartRows(logits, starts)
+        cache.hidden = None
+        if meta["hidden_dim"]:
+            cache.hidden = _PartRows([np.load(path / p["hidden"], mmap_mode="r") for p in parts], starts)
+        return cache
+
+
+def _fill_teacher_outputs(teachers, ids: torch.Tensor, logits: np.ndarray, hid: Optional[np.ndarray],
+                          batch_size: int, progress: bool) -> None:
+    """Write the teachers' logits [N, M] (and hidden vectors [N, M, d], zero-padded) in place."""
+    from tqdm.auto import tqdm
+
+    hidden = hid is not None
+    for j, t in enumerate(tqdm(teachers, desc="teacher cache", disable=not progress, leave=False)):
+        out = predict(t, ids, batch_size, return_hidden=hidden)
+        if hidden:
+            logits[:, j] = out[0].float().numpy()
+            h = out[1].float().numpy()
+            hid[:, j, : h.shape[1]] = h
+            hid[:, j, h.shape[1]:] = 0.0
+        else:
+            logits[:, j] = out.float().numpy()
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+class _PartRows:
+    """Row access to consecutive read-only memory-mapped blocks as if they were one array."""
+
+    def __init__(self, parts: List[np.ndarray], starts: List[int]) -> None:
+        self.parts = parts
+        self.starts = np.asarray(starts, dtype=np.int64)
+        self.shape = torch.Size((sum(p.shape[0] for p in parts),) + tuple(parts[0].shape[1:]))
+
+    def __getitem__(self, index) -> torch.Tensor:
+        idx = index.numpy() if isinstance(index, torch.Tensor) else index
+        idx = np.arange(self.shape[0])[idx] if isinstance(idx, slice) else np.asarray(idx, dtype=np.int64)
+        part = np.searchsorted(self.starts, idx, side="right") - 1
+        out = np.empty(idx.shape + tuple(self.shape[1:]), dtype=self.parts[0].dtype)
+        for p in np.unique(part):
+            sel = part == p
+            out[sel] = self.parts[p][idx[sel] - self.starts[p]]
+        return torch.from_numpy(out)
+
+    def dim(self) -> int:
+        return len(self.shape)
 
 
 class _MemmapRows:
@@ -351,11 +490,26 @@ class _MemmapRows:
 # ------------------------------------------------------------------------------------------------
 # The training loop
 # ------------------------------------------------------------------------------------------------
+class _Steps(nn.Module):
+    """A run's trainable modules as one module whose forward is one step's loss: what
+    ``DistributedDataParallel`` wraps (once, so co-trained teachers, gate and student share one
+    gradient all-reduce)."""
+
+    def __init__(self, modules: Dict[str, nn.Module], step: Callable) -> None:
+        super().__init__()
+        self.parts = nn.ModuleDict(modules)
+        self.step = step
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return self.step(ids, labels, index)
+
+
 class _Loop:
     """One optimisation run with early stopping and atomic per-epoch checkpoints.
 
     ``step(ids, labels, index) -> loss`` does one batch's forward; ``monitor() -> float`` scores
-    an epoch. ``modules`` are what the checkpoint and the best-epoch snapshot hold.
+    an epoch (under torch.distributed it is called on every rank and may use collectives).
+    ``modules`` are what the checkpoint and the best-epoch snapshot hold.
     """
 
     def __init__(self, modules: Dict[str, nn.Module], params: List[nn.Parameter], cfg: TrainConfig,
@@ -403,25 +557,37 @@ class _Loop:
             monitor: Callable[[], float]) -> dict:
         from tqdm.auto import tqdm
 
+        world, rank = _dist.get_world_size(), _dist.get_rank()
         if self.resume and self.checkpoint is not None and self.checkpoint.exists():
             self._restore(torch.load(self.checkpoint, weights_only=False))
         n = ids.shape[0]
         bs = self.cfg.batch_size
         done = self.stopper.should_stop
+        if world > 1 and not done and self.epoch < self.cfg.max_epochs:
+            from torch.nn.parallel import DistributedDataParallel
+
+            bs = max(1, bs // world)
+            step = DistributedDataParallel(_Steps(self.modules, step))
         while not done and self.epoch < self.cfg.max_epochs:
             t0 = time.perf_counter()
             for m in self.modules.values():
                 m.train()
             perm = torch.randperm(n, generator=self.gen)
+            if world > 1:
+                # same permutation on every rank (self.gen), dealt like DistributedSampler; dropout
+                # masks differ per rank and are reproducible on resume
+                torch.manual_seed(_dist.rank_seed(self.cfg.seed, self.epoch))
+                perm = _dist.shard_permutation(perm)
+            rows = perm.shape[0]
             ids_e, lab_e = ids[perm], labels[perm]
             total, seen = torch.zeros((), dtype=torch.float64), 0
-            bar = tqdm(total=n, desc=f"{self.desc} epoch {self.epoch + 1}", unit="sample",
-                       disable=not self.cfg.show_progress, leave=False)
+            bar = tqdm(total=rows, desc=f"{self.desc} epoch {self.epoch + 1}", unit="sample",
+                       disable=not self.cfg.show_progress or rank != 0, leave=False)
             # a final batch of one sample would break BatchNorm; fold it into the previous batch
-            stops = list(range(bs, n, bs))
-            if stops and n - stops[-1] < 2:
+            stops = list(range(bs, rows, bs))
+            if stops and rows - stops[-1] < 2:
                 stops.pop()
-            bounds = list(zip([0] + stops, stops + [n]))
+            bounds = list(zip([0] + stops, stops + [rows]))
             bf16 = self.cfg.precision == "bf16"
             for k, (a, b) in enumerate(bounds):
                 with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -431,14 +597,20 @@ class _Loop:
                 self.opt.step()
                 total += loss.detach() * (b - a)
                 seen += b - a
-                if bar.disable is False and (k % 10 == 0 or b == n):
+                if bar.disable is False and (k % 10 == 0 or b == rows):
                     bar.set_postfix(loss=f"{float(total) / seen:.4f}")
                 bar.update(b - a)
             bar.close()
+            if world > 1:
+                _dist.broadcast_buffers(self.modules.values())
+                both = _dist.all_reduce_sum(torch.stack([total, torch.tensor(float(seen), dtype=torch.float64)]))
+                total, seen = both[0], int(both[1])
             train_time = time.perf_counter() - t0
             for m in self.modules.values():
                 m.eval()
             value = monitor()
+            if world > 1:
+                value = _dist.broadcast_float(value)
             improved = self.stopper.step(value, self.epoch, self.modules)
             if not improved and self.cfg.reduce_lr_on_plateau:
                 for g in self.opt.param_groups:
@@ -448,7 +620,7 @@ class _Loop:
                                  "samples_per_s": n / train_time})
             self.epoch += 1
             done = self.stopper.should_stop
-            if self.checkpoint is not None:
+            if self.checkpoint is not None and rank == 0:
                 atomic_save(self._state(), self.checkpoint)
             if self.stop_after_epoch is not None and self.epoch >= self.stop_after_epoch:
                 raise KeyboardInterrupt(f"stopped after epoch {self.epoch} (stop_after_epoch)")
@@ -463,7 +635,12 @@ class _Loop:
 
 def _label_monitor(model: nn.Module, data: CTRData, metric: str, batch_size: int) -> Callable[[], float]:
     def monitor() -> float:
-        return evaluate(model, data, batch_size)[metric]
+        if _dist.get_world_size() == 1:
+            return evaluate(model, data, batch_size)[metric]
+        # each rank scores its block; the metric is computed on all of them, in row order
+        a, b = _dist.shard_bounds(len(data))
+        z = _dist.gather_rows(predict(model, torch.from_numpy(data.ids[a:b]), batch_size), len(data))
+        return scores(data.labels, z)[metric]
     return monitor
 
 
@@ -669,12 +846,17 @@ class Distiller:
             return self._student_loss(ids, y, t_logits, t_hidden)
 
         if cfg.early_stop == "kd":
-            mon_cache = TeacherCache.build(list(self.teachers), monitor_data, hidden=self.needs_hidden,
-                                           batch_size=cfg.eval_batch_size)
+            # under torch.distributed each rank sums the term over its block of the monitor rows
+            mon_rows = monitor_data
+            if _dist.get_world_size() > 1:
+                mon_rows = monitor_data.subset(slice(*_dist.shard_bounds(len(monitor_data))))
+            mon_cache = TeacherCache.build(list(self.teachers), mon_rows, hidden=self.needs_hidden,
+                                           batch_size=cfg.eval_batch_size, shard=False)
 
             def monitor() -> float:
-                z = predict(self.student, monitor_data, cfg.eval_batch_size)
-                return float(self._kd_term(z, mon_cache.logits, mon_cache.hidden)) / len(monitor_data)
+                z = predict(self.student, mon_rows, cfg.eval_batch_size)
+                kd = self._kd_term(z, mon_cache.logits, mon_cache.hidden)
+                return float(_dist.all_reduce_sum(kd.double())) / len(monitor_data)
         else:
             monitor = _label_monitor(self.student, monitor_data, cfg.early_stop, cfg.eval_batch_size)
 
@@ -732,6 +914,6 @@ class Distiller:
         from .reference import gate_weights_ref
 
         cache = TeacherCache.build(list(self.teachers), data, hidden=self.needs_hidden,
-                                   batch_size=self.config.eval_batch_size)
+                                   batch_size=self.config.eval_batch_size, shard=False)
         crit = self.loss
         return gate_weights_ref(cache.logits, crit.gate_arg, crit.weight, crit.bias, cache.hidden)

@@ -1,0 +1,251 @@
+"""torch.distributed plumbing for fastkd: process group set-up, sharding and collectives.
+
+fastkd runs on PyTorch's own engine: launch with ``torchrun --nproc_per_node N`` (or any launcher
+that sets ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``), call
+:func:`init_process_group`, and the training loops in :mod:`fastkd.train` shard their work. Every
+helper here degrades to the single-process answer when no process group is initialised, so code
+written for N processes runs unchanged in one.
+
+Conventions used by the training loops (see ``docs/distributed.md``):
+
+* Training rows follow ``torch.utils.data.DistributedSampler``: every rank draws the same
+  permutation (same seed and epoch), pads it by repeating its head to a multiple of the world
+  size, and rank ``r`` takes positions ``r, r + W, r + 2W, ...`` (:func:`shard_permutation`).
+* Scoring and cache building split rows into contiguous, nearly equal blocks
+  (:func:`shard_bounds`, the ``numpy.array_split`` rule), so gathering the blocks in rank order
+  (:func:`gather_rows`) restores the original row order.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from typing import Iterable, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "init_process_group", "destroy_process_group", "is_initialized", "get_rank", "get_world_size",
+    "is_main_process", "launched_distributed", "default_backend", "barrier", "shard_bounds",
+    "shard_permutation", "gather_rows", "all_reduce_sum", "broadcast_float", "broadcast_buffers",
+    "rank_seed", "free_port",
+]
+
+
+def is_initialized() -> bool:
+    """True when a default process group exists (``torch.distributed`` is available and set up)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    """This process's rank, 0 without a process group."""
+    return dist.get_rank() if is_initialized() else 0
+
+
+def get_world_size() -> int:
+    """Number of processes in the default group, 1 without a process group."""
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (and in a single process): the one process that writes files and prints."""
+    return get_rank() == 0
+
+
+def launched_distributed() -> bool:
+    """True when a launcher such as torchrun started this process as one of several
+    (``WORLD_SIZE`` > 1 in the environment)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def default_backend() -> str:
+    """``"gloo"`` on a CPU-only machine; with CUDA, gloo for CPU tensors and nccl for CUDA ones.
+
+    fastkd's loops keep their tensors where the model is; a two-backend group lets the same
+    collectives serve CPU tensors (gloo) and CUDA tensors (nccl) without the caller choosing.
+    """
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_process_group(backend: Optional[str] = None, *, rank: Optional[int] = None,
+                       world_size: Optional[int] = None, timeout_s: Optional[float] = None) -> bool:
+    """Join the default process group described by the environment (torchrun's ``env://``).
+
+    Args:
+        backend: torch.distributed backend; default :func:`default_backend`.
+        rank, world_size: override ``RANK`` / ``WORLD_SIZE`` from the environment.
+        timeout_s: collective timeout in seconds (torch's default when None). A peer that dies
+            is usually noticed at once (its sockets close); the timeout bounds the other cases.
+
+    Returns:
+        True if this call created the group, False if one already existed or ``WORLD_SIZE`` is 1
+        (then nothing is set up and every helper here answers as for a single process).
+
+    Example::
+
+        >>> from fastkd import distributed
+        >>> distributed.init_process_group(world_size=1)  # one process: nothing to set up
+        False
+        >>> distributed.get_rank(), distributed.get_world_size()
+        (0, 1)
+    """
+    if is_initialized():
+        return False
+    world = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else int(world_size)
+    if world <= 1:
+        return False
+    rank = int(os.environ.get("RANK", "0")) if rank is None else int(rank)
+    backend = backend or default_backend()
+    if "nccl" in backend:
+        # one device per local process; set before the group so nccl binds the right one
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    kw = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+    dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world, **kw)
+    return True
+
+
+def destroy_process_group() -> None:
+    """Leave the default group if there is one (safe to call in a single process)."""
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if get_world_size() > 1:
+        dist.barrier()
+
+
+def shard_bounds(n: int, rank: Optional[int] = None, world_size: Optional[int] = None) -> Tuple[int, int]:
+    """Rows ``[start, stop)`` of ``n`` that ``rank`` owns: contiguous blocks in rank order, the
+    first ``n % world_size`` ranks one row longer (``numpy.array_split``'s rule).
+
+    Example::
+
+        >>> [shard_bounds(10, r, 3) for r in range(3)]
+        [(0, 4), (4, 7), (7, 10)]
+        >>> shard_bounds(5)  # single process: everything
+        (0, 5)
+    """
+    rank = get_rank() if rank is None else rank
+    world = get_world_size() if world_size is None else world_size
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def shard_permutation(perm: torch.Tensor, rank: Optional[int] = None,
+                      world_size: Optional[int] = None) -> torch.Tensor:
+    """This rank's share of an epoch's permutation, as ``DistributedSampler`` deals it.
+
+    The permutation is padded by repeating its head to a multiple of ``world_size`` (so every
+    rank runs the same number of steps, which DDP needs), and rank ``r`` takes ``r::world_size``.
+    With a global batch ``B`` cut into per-rank batches of ``B / W`` rows, step ``k``'s rows over
+    all ranks are exactly positions ``[kB, (k+1)B)`` of the (padded) permutation: the batches a
+    single process would see.
+
+    Shape:
+        - perm: ``[N]``
+        - output: ``[ceil(N / W)]``
+
+    Example::
+
+        >>> shard_permutation(torch.tensor([4, 0, 3, 1, 2]), 1, 2)
+        tensor([0, 1, 4])
+    """
+    rank = get_rank() if rank is None else rank
+    world = get_world_size() if world_size is None else world_size
+    pad = (-perm.shape[0]) % world
+    if pad:
+        perm = torch.cat([perm, perm[:pad]])
+    return perm[rank::world]
+
+
+def gather_rows(local: torch.Tensor, n: int) -> torch.Tensor:
+    """Concatenate every rank's block of rows (cut by :func:`shard_bounds` of ``n``) in rank order.
+
+    The result is the same tensor on every rank: rows ``[0, n)`` in their original order.
+
+    Shape:
+        - local: ``[stop - start, *]`` this rank's rows
+        - output: ``[n, *]``
+
+    Example::
+
+        >>> gather_rows(torch.arange(3.0), 3)  # single process: the input itself
+        tensor([0., 1., 2.])
+    """
+    world = get_world_size()
+    if world == 1:
+        return local
+    longest = shard_bounds(n, 0, world)
+    rows = longest[1] - longest[0]
+    # all_gather needs equal shapes: pad the short blocks to the longest, cut after
+    padded = local.new_zeros((rows,) + tuple(local.shape[1:]))
+    padded[: local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    out = []
+    for r, part in enumerate(parts):
+        a, b = shard_bounds(n, r, world)
+        out.append(part[: b - a])
+    return torch.cat(out)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of ``t`` over ranks (a new tensor; ``t`` itself in a single process)."""
+    if get_world_size() == 1:
+        return t
+    t = t.clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_float(value: float, src: int = 0) -> float:
+    """Rank ``src``'s ``value`` on every rank: decisions taken from it (early stopping, learning
+    rate cuts) are then the same everywhere by construction, not by floating-point luck."""
+    if get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    if torch.cuda.is_available() and dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.broadcast(t, src=src)
+    return float(t.item())
+
+
+def broadcast_buffers(modules: Iterable[torch.nn.Module], src: int = 0) -> None:
+    """Copy rank ``src``'s buffers (BatchNorm running statistics) into every rank's modules.
+
+    DDP synchronises parameters through their gradients, but BatchNorm updates its running
+    statistics from each rank's own batch; after the last step of an epoch they differ by rank.
+    Broadcasting them makes every rank evaluate (and checkpoint) rank ``src``'s model.
+    """
+    if get_world_size() == 1:
+        return
+    for m in modules:
+        for buf in m.buffers():
+            dist.broadcast(buf.data, src=src)
+
+
+def rank_seed(seed: int, epoch: int, rank: Optional[int] = None) -> int:
+    """Seed of a rank's own random stream (dropout) for one epoch.
+
+    Derived from ``(seed, epoch, rank)`` rather than carried over in a checkpoint, so that ranks
+    draw different dropout masks and a resumed run draws the masks an uninterrupted one would.
+
+    Example::
+
+        >>> rank_seed(0, 1, 0) != rank_seed(0, 1, 1)
+        True
+    """
+    rank = get_rank() if rank is None else rank
+    return (seed * 1_000_003 + epoch * 10_007 + rank * 101 + 17) % (2**63)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that was free a moment ago (for ``MASTER_PORT`` in tests and
+    single-machine launches)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

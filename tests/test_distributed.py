@@ -1,0 +1,283 @@
+"""Distillation under torch.distributed: 2 gloo processes on loopback against one process.
+
+The worker processes are this file run as a script (``python test_distributed.py SPEC.json``)
+with the environment torchrun would give them (RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1, a free
+MASTER_PORT), so the ``env://`` path that torchrun uses is the one under test. Every launch has a
+wall-clock bound; a hung rank is killed and the test fails instead of blocking the suite.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastkd import Distiller, TeacherCache, TrainConfig
+from fastkd import distributed
+from fastkd.data import make_synthetic
+from fastkd.models import build_model
+from fastkd.train import train_model
+
+# Dropout 0 and no BatchNorm for the run compared with one process: per-rank dropout masks and
+# per-rank batch statistics (DDP without SyncBatchNorm) are the two things that make a 2-rank step
+# differ from a single-process step by more than summation order. A separate BatchNorm model
+# checks that the ranks still end with one model (running statistics broadcast from rank 0).
+SMALL = dict(embed_dim=4, hidden_units=(16,), dropout=0.0, batch_norm=False)
+# 1400 training rows and a global batch of 256: both even, and the last batch (120 rows) is not
+# folded, so the 2-rank steps cover exactly the single-process batches (see shard_permutation)
+CFG = dict(max_epochs=3, batch_size=256, lr=0.01, progress=False, early_stop="kd")
+LAUNCH_TIMEOUT_S = 90
+# test AUC of the 2-rank run against one process. Both runs take the same optimisation steps on
+# the same rows; they differ only in float32 summation order (two half-batch gradients averaged
+# by all-reduce against one full-batch sum, ~1e-7 relative per step). Over ~20 Adam steps that
+# moves parameters by ~1e-6, far from reordering two test scores often enough to move the AUC by
+# 1e-4 (300 test rows: one swapped pair moves it by ~4e-5, so this admits at most two swaps).
+AUC_TOL = 1e-4
+
+
+def _splits():
+    return make_synthetic(2000, seed=3).split((0.7, 0.15, 0.15), seed=0)
+
+
+def _model(name, fs, seed, batch_norm=False):
+    torch.manual_seed(seed)
+    return build_model(name, fs, **{**SMALL, "batch_norm": batch_norm})
+
+
+def _distiller(fs, out: Path, batch_norm=False) -> Distiller:
+    teachers = [_model("deepfm", fs, 1, batch_norm), _model("dcn", fs, 2, batch_norm)]
+    return Distiller(teachers, _model("dnn", fs, 3, batch_norm), gate="logit", config=TrainConfig(**CFG),
+                     teacher_config=TrainConfig(**{**CFG, "max_epochs": 1, "early_stop": "auc"}),
+                     cache_dir=out / "student_cache")
+
+
+def _fixed_teachers(fs):
+    return [_model("dnn", fs, 11), _model("deepfm", fs, 12)]
+
+
+# ------------------------------------------------------------------------------------------------
+# worker (runs in each spawned rank)
+# ------------------------------------------------------------------------------------------------
+def _worker(spec: dict) -> None:
+    torch.set_num_threads(1)
+    distributed.init_process_group(timeout_s=spec["timeout_s"])
+    rank = distributed.get_rank()
+    out = Path(spec["out"])
+    try:
+        train, valid, test = _splits()
+        res = {"world": distributed.get_world_size()}
+        if spec.get("cache"):
+            teachers = _fixed_teachers(train.field_sizes)
+            mem = TeacherCache.build(teachers, train, hidden=True)
+            TeacherCache.build(teachers, train, hidden=True, path=out / "fixed_cache")
+            res["mem_cache"] = (mem.logits, mem.hidden)
+        if spec.get("batch_norm_model"):
+            bn = _model("dnn", train.field_sizes, 4, batch_norm=True)
+            train_model(bn, train, valid, TrainConfig(**{**CFG, "max_epochs": 2, "early_stop": "auc"}))
+            res["batch_norm_model"] = {k: v.clone() for k, v in bn.state_dict().items()}
+        kd = _distiller(train.field_sizes, out)
+        if spec.get("kill_at") and rank == 1:
+            calls = [0]
+
+            def die_mid_epoch(module, args):
+                if module.training:
+                    calls[0] += 1
+                    if calls[0] == spec["kill_at"]:
+                        os._exit(17)
+            kd.student.register_forward_pre_hook(die_mid_epoch)
+        summary = kd.fit(train, valid, checkpoint_dir=out / "ckpt", resume=spec.get("resume", False))
+        res["student"] = {k: v.clone() for k, v in kd.student.state_dict().items()}
+        res["gate"] = {k: v.clone() for k, v in kd.loss.state_dict().items()}
+        res["history"] = summary["student"]["history"]
+        res["teacher_epochs"] = [s["epochs"] for s in summary["teachers"]]
+        res["test_auc"] = kd.evaluate(test)["auc"]
+        torch.save(res, out / f"rank{rank}.pt")
+    finally:
+        distributed.destroy_process_group()
+
+
+def _launch(out: Path, world: int = 2, **spec):
+    """Run ``world`` ranks of :func:`_worker`; returns (return codes, stderr texts)."""
+    out.mkdir(parents=True, exist_ok=True)
+    spec = {"out": str(out), "timeout_s": 30, **spec}
+    (out / "spec.json").write_text(json.dumps(spec))
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(distributed.free_port()),
+               WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+    if sys.platform.startswith("linux"):
+        env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
+    procs = []
+    for r in range(world):
+        log = open(out / f"rank{r}.log", "w")
+        procs.append((subprocess.Popen([sys.executable, __file__, str(out / "spec.json")],
+                                       env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                                       stdout=log, stderr=subprocess.STDOUT), log))
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    codes = []
+    try:
+        for p, _ in procs:
+            codes.append(p.wait(timeout=max(1.0, deadline - time.monotonic())))
+    finally:
+        for p, log in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            log.close()
+    logs = [(out / f"rank{r}.log").read_text() for r in range(world)]
+    return codes, logs
+
+
+def _load(out: Path, rank: int) -> dict:
+    return torch.load(out / f"rank{rank}.pt", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Two launches (process start-up dominates their cost): rank 1 killed in the student's second
+    epoch, then the same command with ``resume=True``, which also builds a cache from fixed
+    teachers and trains a BatchNorm model."""
+    out = tmp_path_factory.mktemp("ddp")
+    # 700 rows per rank in batches of 128: 6 steps an epoch; the 9th is in the student's second epoch
+    killed = _launch(out, kill_at=9, timeout_s=20)
+    rank0_saved_results = (out / "rank0.pt").exists()
+    state = torch.load(out / "ckpt" / "student.pt", weights_only=False)
+    codes, logs = _launch(out, resume=True, cache=True, batch_norm_model=True)
+    assert codes == [0, 0], "\n".join(logs)
+    return {"out": out, "killed": killed, "rank0_saved_results": rank0_saved_results,
+            "checkpoint_after_kill": state, "ranks": [_load(out, 0), _load(out, 1)]}
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The same run in this process, without a process group."""
+    out = tmp_path_factory.mktemp("single")
+    train, valid, test = _splits()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        kd = _distiller(train.field_sizes, out)
+        summary = kd.fit(train, valid)
+        return {"student": kd.student.state_dict(), "history": summary["student"]["history"],
+                "teacher_epochs": [s["epochs"] for s in summary["teachers"]],
+                "test_auc": kd.evaluate(test)["auc"]}
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------------
+# pure helpers (no process group)
+# ------------------------------------------------------------------------------------------------
+_SHARD_PARAMS = [(10, 2), (7, 3), (1, 2), (4, 4)]  # even, odd and uneven, one row, one per rank
+
+
+@pytest.mark.parametrize("n, world", _SHARD_PARAMS)
+def test_shard_permutation_deals_like_distributed_sampler(n, world):
+    from torch.utils.data import DistributedSampler
+
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(5))
+    mine = [distributed.shard_permutation(perm, r, world).tolist() for r in range(world)]
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self):
+            return n
+
+    theirs = []
+    for r in range(world):
+        s = DistributedSampler(Rows(), num_replicas=world, rank=r, shuffle=False)
+        theirs.append([perm[i].item() for i in s])
+    assert mine == theirs
+    assert sorted(set(sum(mine, []))) == list(range(n))  # every row seen, padding repeats only
+
+
+@pytest.mark.parametrize("n, world", _SHARD_PARAMS)
+def test_shard_bounds_cover_rows_in_order(n, world):
+    bounds = [distributed.shard_bounds(n, r, world) for r in range(world)]
+    assert bounds[0][0] == 0 and bounds[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    assert [b - a for a, b in bounds] == [len(x) for x in np.array_split(np.arange(n), world)]
+
+
+def test_no_process_group_means_single_process_answers():
+    assert not distributed.is_initialized()
+    assert (distributed.get_rank(), distributed.get_world_size()) == (0, 1)
+    x = torch.arange(6.0).reshape(3, 2)
+    assert distributed.gather_rows(x, 3) is x
+    assert distributed.all_reduce_sum(x) is x
+    assert distributed.broadcast_float(0.25) == 0.25
+
+
+# ------------------------------------------------------------------------------------------------
+# two gloo ranks
+# ------------------------------------------------------------------------------------------------
+def test_ranks_end_with_identical_student_and_gate(two_ranks):
+    r0, r1 = two_ranks["ranks"]
+    assert r0["world"] == 2
+    for key in ("student", "gate"):
+        for name in r0[key]:
+            torch.testing.assert_close(r0[key][name], r1[key][name], rtol=0, atol=0, msg=name)
+    # stopping decided from one broadcast value: every rank ran the same epochs with the same monitor
+    assert [h["monitor"] for h in r0["history"]] == [h["monitor"] for h in r1["history"]]
+    assert [h["train_loss"] for h in r0["history"]] == [h["train_loss"] for h in r1["history"]]
+    assert r0["teacher_epochs"] == r1["teacher_epochs"]
+
+
+def test_two_ranks_match_one_process(two_ranks, one_process):
+    r0, _ = two_ranks["ranks"]
+    assert r0["teacher_epochs"] == one_process["teacher_epochs"]
+    assert len(r0["history"]) == len(one_process["history"])
+    assert r0["test_auc"] == pytest.approx(one_process["test_auc"], abs=AUC_TOL)
+    # the monitored distillation loss, summed over ranks, tracks the single-process one
+    for h2, h1 in zip(r0["history"], one_process["history"]):
+        assert h2["monitor"] == pytest.approx(h1["monitor"], rel=1e-4)
+        assert h2["train_loss"] == pytest.approx(h1["train_loss"], rel=1e-4)
+    for name, p in one_process["student"].items():
+        torch.testing.assert_close(r0["student"][name], p, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_cache_built_by_two_ranks_equals_one_process(two_ranks):
+    out, (r0, r1) = two_ranks["out"], two_ranks["ranks"]
+    train, _, _ = _splits()
+    ref = TeacherCache.build(_fixed_teachers(train.field_sizes), train, hidden=True)
+    disk = TeacherCache.load(out / "fixed_cache")
+    meta = json.loads((out / "fixed_cache" / TeacherCache.META).read_text())
+    assert [(p["start"], p["stop"]) for p in meta["parts"]] == [(0, 700), (700, 1400)]
+    assert not list((out / "fixed_cache").glob("*.tmp"))
+    rows = torch.randperm(len(train))
+    # the teachers see different eval batch sizes (700 against 1400 rows), which can change the
+    # last bit of a GEMM; any larger difference would be a wrong row or a wrong teacher
+    tol = dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(disk.gather(rows)[0], ref.logits[rows], **tol)
+    torch.testing.assert_close(disk.gather(rows)[1], ref.hidden[rows], **tol)
+    assert disk.logits.shape == ref.logits.shape and disk.hidden.shape == ref.hidden.shape
+    for r in (r0, r1):
+        torch.testing.assert_close(r["mem_cache"][0], ref.logits, **tol)
+        torch.testing.assert_close(r["mem_cache"][1], ref.hidden, **tol)
+
+
+def test_rank_killed_mid_epoch_then_resume_completes(two_ranks):
+    codes, logs = two_ranks["killed"]
+    assert codes[1] == 17, logs[1]
+    assert codes[0] != 0, "rank 0 must notice its peer died, not hang or finish alone"
+    assert not two_ranks["rank0_saved_results"]
+    state = two_ranks["checkpoint_after_kill"]
+    assert state["epoch"] == 1  # only the completed epoch was checkpointed (by rank 0)
+    r0, _ = two_ranks["ranks"]
+    assert [h["epoch"] for h in r0["history"]] == list(range(1, len(r0["history"]) + 1))
+    assert len(r0["history"]) >= 2 and r0["history"][0] == state["history"][0]
+    # the resumed run's outcome is checked against one process in test_two_ranks_match_one_process
+
+
+def test_batch_norm_running_statistics_agree_across_ranks(two_ranks):
+    r0, r1 = two_ranks["ranks"]
+    assert any("running_mean" in k for k in r0["batch_norm_model"])
+    for name, v in r0["batch_norm_model"].items():
+        torch.testing.assert_close(v, r1["batch_norm_model"][name], rtol=0, atol=0, msg=name)
+
+
+if __name__ == "__main__":
+    _worker(json.loads(Path(sys.argv[1]).read_text()))
