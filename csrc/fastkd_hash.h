@@ -274,12 +274,18 @@ FASTKD_HD_COLD uint64_t xxh3_long(const uint8_t* p, uint64_t len, uint64_t seed,
   return xxh3_avalanche(h);
 }
 
-FASTKD_HD uint64_t xxh3_64(const uint8_t* p, uint64_t len, uint64_t seed) {
-  const uint8_t* s = xxh3_default_secret();
-  if (len <= 16) return xxh3_0to16(p, len, seed, s);
+// Inputs over 16 bytes, out of line: keeping only the 0..16-byte code in a caller's loop keeps the
+// typical categorical token (a few bytes) on a short, register-friendly path.
+FASTKD_HD_COLD uint64_t xxh3_over16(const uint8_t* p, uint64_t len, uint64_t seed, const uint8_t* s) {
   if (len <= 128) return xxh3_17to128(p, len, seed, s);
   if (len <= 240) return xxh3_129to240(p, len, seed, s);
   return xxh3_long(p, len, seed, s);
+}
+
+FASTKD_HD uint64_t xxh3_64(const uint8_t* p, uint64_t len, uint64_t seed) {
+  const uint8_t* s = xxh3_default_secret();
+  if (len <= 16) return xxh3_0to16(p, len, seed, s);
+  return xxh3_over16(p, len, seed, s);
 }
 
 // xxh3_64 of the 8 little-endian bytes of v, without going through memory.

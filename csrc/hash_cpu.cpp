@@ -19,7 +19,8 @@ constexpr int64_t MIN_ROWS_PER_THREAD = 32768;
 inline bool bit_set(const uint8_t* bitmap, int64_t i) { return (bitmap[i >> 3] >> (i & 7)) & 1; }
 
 // Rows [b, e) of one chunk (chunk-local indices); out points at the chunk's row 0.
-template <int ALGO, int MODE, int KIND>
+// NULLS: the chunk has a validity bitmap (a separate instantiation keeps the common no-null loop tight).
+template <int ALGO, int MODE, int KIND, bool NULLS>
 void run_chunk(const Chunk& chunk, int64_t b, int64_t e, int64_t* out, int64_t stride, uint64_t seed,
                const FastMod& fm_ref) {
   static const uint8_t kEmpty[1] = {0};
@@ -28,10 +29,10 @@ void run_chunk(const Chunk& chunk, int64_t b, int64_t e, int64_t* out, int64_t s
   const FastMod fm = fm_ref;
   const Chunk c = chunk;
   for (int64_t i = b; i < e; ++i) {
-    const bool valid = c.validity == nullptr || bit_set(c.validity, c.validity_offset + i);
+    const bool valid = !NULLS || bit_set(c.validity, c.validity_offset + i);
     uint64_t h;
     bool missing;
-    if (KIND == KIND_INT64) {
+    if constexpr (KIND == KIND_INT64) {
       uint64_t v;
       memcpy(&v, c.data + 8 * i, 8);
       missing = !valid;
@@ -39,15 +40,15 @@ void run_chunk(const Chunk& chunk, int64_t b, int64_t e, int64_t* out, int64_t s
     } else {
       const uint8_t* p;
       int64_t len;
-      if (KIND == KIND_OFFSETS32) {
+      if constexpr (KIND == KIND_OFFSETS32) {
         const int32_t* o = static_cast<const int32_t*>(c.offsets);
         p = c.data + o[i];
         len = (int64_t)o[i + 1] - o[i];
-      } else if (KIND == KIND_OFFSETS64) {
+      } else if constexpr (KIND == KIND_OFFSETS64) {
         const int64_t* o = static_cast<const int64_t*>(c.offsets);
         p = c.data + o[i];
         len = o[i + 1] - o[i];
-      } else if (KIND == KIND_VIEWS) {
+      } else if constexpr (KIND == KIND_VIEWS) {
         p = c.ptrs[i];
         len = c.lens[i];
       } else {  // KIND_FIXED: numpy drops trailing NULs from 'S' items, so do we
@@ -55,7 +56,7 @@ void run_chunk(const Chunk& chunk, int64_t b, int64_t e, int64_t* out, int64_t s
         len = c.itemsize;
         while (len > 0 && p[len - 1] == 0) --len;
       }
-      if (!valid || len < 0) len = 0, p = kEmpty;
+      if ((NULLS && !valid) || (KIND == KIND_VIEWS && len < 0)) len = 0, p = kEmpty;
       missing = len == 0;
       h = hash_bytes<ALGO>(p, (uint64_t)len, seed);
     }
@@ -63,14 +64,20 @@ void run_chunk(const Chunk& chunk, int64_t b, int64_t e, int64_t* out, int64_t s
   }
 }
 
+template <int ALGO, int MODE, int KIND>
+void run_kind(const Chunk& c, int64_t b, int64_t e, int64_t* out, int64_t stride, uint64_t seed, const FastMod& fm) {
+  if (c.validity != nullptr) return run_chunk<ALGO, MODE, KIND, true>(c, b, e, out, stride, seed, fm);
+  return run_chunk<ALGO, MODE, KIND, false>(c, b, e, out, stride, seed, fm);
+}
+
 template <int ALGO, int MODE>
 void run_span(const Chunk& c, int64_t b, int64_t e, int64_t* out, int64_t stride, uint64_t seed, const FastMod& fm) {
   switch (c.kind) {
-    case KIND_OFFSETS32: return run_chunk<ALGO, MODE, KIND_OFFSETS32>(c, b, e, out, stride, seed, fm);
-    case KIND_OFFSETS64: return run_chunk<ALGO, MODE, KIND_OFFSETS64>(c, b, e, out, stride, seed, fm);
-    case KIND_VIEWS: return run_chunk<ALGO, MODE, KIND_VIEWS>(c, b, e, out, stride, seed, fm);
-    case KIND_INT64: return run_chunk<ALGO, MODE, KIND_INT64>(c, b, e, out, stride, seed, fm);
-    default: return run_chunk<ALGO, MODE, KIND_FIXED>(c, b, e, out, stride, seed, fm);
+    case KIND_OFFSETS32: return run_kind<ALGO, MODE, KIND_OFFSETS32>(c, b, e, out, stride, seed, fm);
+    case KIND_OFFSETS64: return run_kind<ALGO, MODE, KIND_OFFSETS64>(c, b, e, out, stride, seed, fm);
+    case KIND_VIEWS: return run_chunk<ALGO, MODE, KIND_VIEWS, false>(c, b, e, out, stride, seed, fm);
+    case KIND_INT64: return run_kind<ALGO, MODE, KIND_INT64>(c, b, e, out, stride, seed, fm);
+    default: return run_chunk<ALGO, MODE, KIND_FIXED, false>(c, b, e, out, stride, seed, fm);
   }
 }
 
