@@ -87,6 +87,7 @@ def _spec(args):
 def _run(args, train, valid, test, data_desc: str) -> int:
     import torch
 
+    from . import distributed
     from .experiment import command_line, run_experiment, table, write_report
 
     from .models.perf import tune_cpu_allocator
@@ -98,10 +99,18 @@ def _run(args, train, valid, test, data_desc: str) -> int:
     tune_cpu_allocator()
     spec = _spec(args)
     t0 = time.perf_counter()
-    print(f"data: {data_desc}", flush=True)
-    result = run_experiment(train, valid, test, spec, log=lambda m: print(m, flush=True),
-                            partial=Path(args.out) / "results.partial.json")
+    # under torchrun every rank runs the whole experiment; rank 0 alone prints and writes
+    main_rank = distributed.is_main_process()
+    world = distributed.get_world_size()
+    if world > 1:
+        data_desc += f"; data-parallel over {world} processes (torch.distributed, {torch.distributed.get_backend()})"
+    log = (lambda m: print(m, flush=True)) if main_rank else (lambda m: None)
+    log(f"data: {data_desc}")
+    result = run_experiment(train, valid, test, spec, log=log,
+                            partial=Path(args.out) / "results.partial.json" if main_rank else None)
     wall = time.perf_counter() - t0
+    if not main_rank:
+        return 0
     report = write_report(Path(args.out), result, command=command_line(), data_desc=data_desc, spec=spec,
                           wall_seconds=wall)
     print()
@@ -179,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from . import distributed
+
+    # launched by torchrun (WORLD_SIZE > 1): join the group; loops shard, rank 0 reports
+    joined = distributed.init_process_group() if distributed.launched_distributed() else False
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, TypeError, OSError) as e:
@@ -187,6 +200,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("fastkd: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if joined:
+            distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

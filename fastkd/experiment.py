@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from . import distributed as _dist
 from .data import CTRData
 from .models import build_model
 from .train import Distiller, TrainConfig, predict, scores, train_model
@@ -65,7 +66,7 @@ class _Run:
         self.train, self.valid, self.test = train, valid, test
         self.spec = spec
         self.log = log
-        self.partial = partial
+        self.partial = partial if _dist.is_main_process() else None  # rank 0 alone writes
         self.records: List[dict] = []
         self.gate_alphas: Dict[str, np.ndarray] = {}
 
@@ -251,8 +252,13 @@ def _versions() -> str:
 
 def write_report(out: Path, result: ExperimentResult, *, command: str, data_desc: str, spec: ExperimentSpec,
                  wall_seconds: float, notes: str = "") -> Path:
-    """Write ``report.md``, ``results.json`` and the PNG plots into ``out``; returns the report path."""
+    """Write ``report.md``, ``results.json`` and the PNG plots into ``out``; returns the report path.
+
+    Under torch.distributed only rank 0 writes; the other ranks just get the path back.
+    """
     out = Path(out)
+    if not _dist.is_main_process():
+        return out / "report.md"
     out.mkdir(parents=True, exist_ok=True)
     records = result.records
     (out / "results.json").write_text(json.dumps(records, indent=1))

@@ -81,6 +81,14 @@ def _worker(spec: dict) -> None:
             bn = _model("dnn", train.field_sizes, 4, batch_norm=True)
             train_model(bn, train, valid, TrainConfig(**{**CFG, "max_epochs": 2, "early_stop": "auc"}))
             res["batch_norm_model"] = {k: v.clone() for k, v in bn.state_dict().items()}
+        if spec.get("cotrain"):
+            fs = train.field_sizes
+            co = Distiller([_model("deepfm", fs, 5), _model("dcn", fs, 6)], _model("dnn", fs, 7), mode="cotrain",
+                           gate="hidden", hint_weight=1.0,
+                           config=TrainConfig(**{**CFG, "max_epochs": 2, "early_stop": "auc"}))
+            co.fit(train, valid)
+            mods = {"teachers": co.teachers, "student": co.student, "loss": co.loss, "hints": co.hints}
+            res["cotrain"] = {f"{m}.{k}": v.clone() for m, mod in mods.items() for k, v in mod.state_dict().items()}
         kd = _distiller(train.field_sizes, out)
         if spec.get("kill_at") and rank == 1:
             calls = [0]
@@ -140,13 +148,13 @@ def _load(out: Path, rank: int) -> dict:
 def two_ranks(tmp_path_factory):
     """Two launches (process start-up dominates their cost): rank 1 killed in the student's second
     epoch, then the same command with ``resume=True``, which also builds a cache from fixed
-    teachers and trains a BatchNorm model."""
+    teachers, trains a BatchNorm model and co-trains teachers, hidden gate, hints and student."""
     out = tmp_path_factory.mktemp("ddp")
     # 700 rows per rank in batches of 128: 6 steps an epoch; the 9th is in the student's second epoch
     killed = _launch(out, kill_at=9, timeout_s=20)
     rank0_saved_results = (out / "rank0.pt").exists()
     state = torch.load(out / "ckpt" / "student.pt", weights_only=False)
-    codes, logs = _launch(out, resume=True, cache=True, batch_norm_model=True)
+    codes, logs = _launch(out, resume=True, cache=True, batch_norm_model=True, cotrain=True)
     assert codes == [0, 0], "\n".join(logs)
     return {"out": out, "killed": killed, "rank0_saved_results": rank0_saved_results,
             "checkpoint_after_kill": state, "ranks": [_load(out, 0), _load(out, 1)]}
@@ -270,6 +278,13 @@ def test_rank_killed_mid_epoch_then_resume_completes(two_ranks):
     assert [h["epoch"] for h in r0["history"]] == list(range(1, len(r0["history"]) + 1))
     assert len(r0["history"]) >= 2 and r0["history"][0] == state["history"][0]
     # the resumed run's outcome is checked against one process in test_two_ranks_match_one_process
+
+
+def test_cotrain_teachers_gate_hints_and_student_agree_across_ranks(two_ranks):
+    r0, r1 = two_ranks["ranks"]
+    assert any(k.startswith("teachers.") for k in r0["cotrain"]) and "loss.weight" in r0["cotrain"]
+    for name, v in r0["cotrain"].items():
+        torch.testing.assert_close(v, r1["cotrain"][name], rtol=0, atol=0, msg=name)
 
 
 def test_batch_norm_running_statistics_agree_across_ranks(two_ranks):
