@@ -37,8 +37,8 @@ clean:
 NVCC ?= nvcc
 CUDA_ARCHS ?= 75 80 90
 cuda-check:
-	mkdir -p build/cuda-check
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
 	$(NVCC) -std=c++17 -O3 -Icsrc -Xcompiler -fPIC,-Wall $(foreach a,$(CUDA_ARCHS),-gencode arch=compute_$(a),code=sm_$(a)) \
-		-c csrc/hash_cuda.cu -o build/cuda-check/hash_cuda.o
+		-c csrc/hash_cuda.cu -o "$$tmp/hash_cuda.o"
 	$(CXX) -std=c++17 -O3 -Wall -Icsrc -fsyntax-only csrc/hash_cpu.cpp
 	@echo "cuda-check: csrc/hash_cuda.cu compiles for sm_$(CUDA_ARCHS)"

@@ -87,8 +87,10 @@ def _extensions():
         return []
     strict = bool(_env_flag("FASTKD_STRICT_BUILD")) or os.environ.get("CI", "").lower() == "true"
     cxx_flags = ["-O3"] if not _env_flag("FASTKD_DEBUG") else ["-O0", "-g"]
+    # depends: rebuild when a header changes, and ship the headers/.cu in the sdist
+    headers = ["csrc/fastkd_hash.h", "csrc/hash_cpu.h", "csrc/hash_cuda.h"]
     exts = [Pybind11Extension(
-        "fastkd._hashing", ["csrc/bindings.cpp", "csrc/hash_cpu.cpp"], include_dirs=["csrc"],
+        "fastkd._hashing", ["csrc/bindings.cpp", "csrc/hash_cpu.cpp"], include_dirs=["csrc"], depends=headers,
         cxx_std=17, extra_compile_args=[*cxx_flags, "-pthread"], extra_link_args=["-pthread"],
         optional=not strict)]
     want_cuda = _env_flag("FASTKD_CUDA")
@@ -107,6 +109,7 @@ def _extensions():
                     if os.path.isdir(d)]
         ext = Pybind11Extension(
             "fastkd._hashing_cuda", ["csrc/bindings_cuda.cpp"], include_dirs=["csrc"], cxx_std=17,
+            depends=headers + ["csrc/hash_cuda.cu"],
             extra_compile_args=list(cxx_flags), library_dirs=lib_dirs,
             # static runtime: no libcudart needed at import; the driver is loaded on the first launch
             libraries=["cudart_static", "rt", "dl", "pthread"], optional=not want_cuda)
