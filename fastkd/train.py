@@ -351,8 +351,8 @@ class TeacherCache:
             full_h = None if hid is None else _dist.gather_rows(torch.from_numpy(hid), n)
             return cls(_dist.gather_rows(torch.from_numpy(logits), n), full_h)
         path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
         if rank == 0:
-            path.mkdir(parents=True, exist_ok=True)
             (path / cls.META).unlink(missing_ok=True)
         _dist.barrier()
         stem = f"part{rank:05d}-of-{world:05d}"
@@ -566,6 +566,12 @@ class _Loop:
         if world > 1 and not done and self.epoch < self.cfg.max_epochs:
             from torch.nn.parallel import DistributedDataParallel
 
+            fused = [type(m).__name__ for mod in self.modules.values() for m in mod.modules()
+                     if getattr(m, "fused_optimizer", None)]
+            if fused:
+                raise ValueError(f"{fused[0]} with fused_optimizer updates its rows inside backward, outside "
+                                 "DDP's gradient all-reduce, so ranks would drift apart; train it with the "
+                                 "default dense gradient under torch.distributed")
             bs = max(1, bs // world)
             step = DistributedDataParallel(_Steps(self.modules, step))
         while not done and self.epoch < self.cfg.max_epochs:

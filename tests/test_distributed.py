@@ -22,7 +22,7 @@ from fastkd import Distiller, TeacherCache, TrainConfig
 from fastkd import distributed
 from fastkd.data import make_synthetic
 from fastkd.models import build_model
-from fastkd.train import train_model
+from fastkd.train import _label_monitor, evaluate, train_model
 
 # Dropout 0 and no BatchNorm for the run compared with one process: per-rank dropout masks and
 # per-rank batch statistics (DDP without SyncBatchNorm) are the two things that make a 2-rank step
@@ -105,6 +105,9 @@ def _worker(spec: dict) -> None:
         res["history"] = summary["student"]["history"]
         res["teacher_epochs"] = [s["epochs"] for s in summary["teachers"]]
         res["test_auc"] = kd.evaluate(test)["auc"]
+        # the gathered monitor (each rank scores half of the rows) against this rank scoring all
+        res["gathered"] = {m: _label_monitor(kd.student, valid, m, 16384)() for m in ("auc", "logloss")}
+        res["full"] = evaluate(kd.student, valid)
         torch.save(res, out / f"rank{rank}.pt")
     finally:
         distributed.destroy_process_group()
@@ -219,6 +222,43 @@ def test_no_process_group_means_single_process_answers():
     assert distributed.broadcast_float(0.25) == 0.25
 
 
+def test_cache_parts_protocol_never_trusts_a_missing_or_half_written_part(tmp_path, monkeypatch):
+    """The two ranks' side of a parallel cache build, played in turn in this process."""
+    train, _, _ = _splits()
+    teachers = _fixed_teachers(train.field_sizes)
+    path = tmp_path / "cache"
+    monkeypatch.setattr(distributed, "get_world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "barrier", lambda: None)
+
+    class Boom(torch.nn.Module):
+        hidden_dim = teachers[1].hidden_dim
+
+        def forward(self, ids, return_hidden=False):
+            raise RuntimeError("rank died")
+
+    monkeypatch.setattr(distributed, "get_rank", lambda: 1)
+    with pytest.raises(RuntimeError, match="rank died"):
+        TeacherCache.build([teachers[0], Boom()], train, hidden=True, path=path)
+    assert all(f.name.endswith(".tmp") for f in path.iterdir())  # nothing a reader would open
+    # rank 0 completes its part, then finds no marker for rank 1: it writes no metadata
+    monkeypatch.setattr(distributed, "get_rank", lambda: 0)
+    with pytest.raises(FileNotFoundError):
+        TeacherCache.build(teachers, train, hidden=True, path=path)
+    with pytest.raises(FileNotFoundError, match="no complete teacher cache"):
+        TeacherCache.load(path)
+    # the rerun: rank 1 completes (it cannot open the cache before rank 0 writes the metadata)
+    monkeypatch.setattr(distributed, "get_rank", lambda: 1)
+    with pytest.raises(FileNotFoundError, match="no complete teacher cache"):
+        TeacherCache.build(teachers, train, hidden=True, path=path)
+    monkeypatch.setattr(distributed, "get_rank", lambda: 0)
+    cache = TeacherCache.build(teachers, train, hidden=True, path=path)
+    ref = TeacherCache.build(teachers, train, hidden=True, shard=False)
+    rows = torch.tensor([0, 699, 700, 1399, 5, 1000])  # both sides of the part boundary
+    torch.testing.assert_close(cache.gather(rows)[0], ref.logits[rows], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(cache.gather(rows)[1], ref.hidden[rows], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(cache.logits[:], ref.logits, rtol=1e-6, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------
 # two gloo ranks
 # ------------------------------------------------------------------------------------------------
@@ -245,6 +285,13 @@ def test_two_ranks_match_one_process(two_ranks, one_process):
         assert h2["train_loss"] == pytest.approx(h1["train_loss"], rel=1e-4)
     for name, p in one_process["student"].items():
         torch.testing.assert_close(r0["student"][name], p, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_gathered_metrics_equal_whole_data_metrics(two_ranks):
+    for r in two_ranks["ranks"]:
+        assert r["gathered"]["auc"] == r["full"]["auc"]
+        # logloss sums floats: the same logits, up to a GEMM's last bit for a 150-row batch
+        assert r["gathered"]["logloss"] == pytest.approx(r["full"]["logloss"], rel=1e-6)
 
 
 def test_cache_built_by_two_ranks_equals_one_process(two_ranks):
