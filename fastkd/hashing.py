@@ -354,19 +354,40 @@ def _run_cuda(values, out, seed: int, modulus: int, algorithm: str, mode: int):
     """int64 CUDA tensor -> ids on the same device, queued on the current stream."""
     import torch
 
-    if _CUDA is None:  # no CUDA build: hash on the CPU and copy back (synchronises)
-        ids = np.empty(values.shape[0], dtype=np.int64)
-        col = _Column()
-        _numpy_chunks(col, values.cpu().numpy(), True)
-        _run_cpu([col], [ids], [seed], [modulus], len(ids), algorithm, mode, None)
-        out.copy_(torch.from_numpy(ids))
-        return out
-    dev = values.device
-    with torch.cuda.device(dev):
-        stream = torch.cuda.current_stream(dev).cuda_stream
-        _CUDA.hash_int64(values.data_ptr(), values.shape[0], out.data_ptr(), out.stride(0), seed, modulus,
-                         ALGORITHMS[algorithm][0], mode, dev.index, stream)
+    if _CUDA is not None and not _CUDA_UNUSABLE:
+        dev = values.device
+        try:
+            with torch.cuda.device(dev):
+                stream = torch.cuda.current_stream(dev).cuda_stream
+                _CUDA.hash_int64(values.data_ptr(), values.shape[0], out.data_ptr(), out.stride(0), seed, modulus,
+                                 ALGORITHMS[algorithm][0], mode, dev.index, stream)
+            return out
+        except RuntimeError as exc:
+            if not _cuda_runtime_unusable(exc):
+                raise
+    # no (usable) CUDA build: hash on the CPU and copy back (synchronises); same ids
+    ids = np.empty(values.shape[0], dtype=np.int64)
+    col = _Column()
+    _numpy_chunks(col, values.cpu().numpy(), True)
+    _run_cpu([col], [ids], [seed], [modulus], len(ids), algorithm, mode, None)
+    out.copy_(torch.from_numpy(ids))
     return out
+
+
+_CUDA_UNUSABLE = False
+
+
+def _cuda_runtime_unusable(exc: RuntimeError) -> bool:
+    """True (and warn once) when the statically linked CUDA runtime cannot run on this driver."""
+    global _CUDA_UNUSABLE
+    if "insufficient" not in str(exc) and "no kernel image" not in str(exc):
+        return False
+    import warnings
+
+    warnings.warn(f"fastkd: the CUDA hashing kernels cannot run here ({exc}); hashing CUDA tensors on the CPU "
+                  "instead (same ids). Rebuild with a CUDA toolkit no newer than the driver.", RuntimeWarning)
+    _CUDA_UNUSABLE = True
+    return True
 
 
 def _cuda_out(values, out):
@@ -522,13 +543,18 @@ def hash_string_tensors(offsets, data, num_buckets: int, seed: int = 0, algorith
     wide = offsets.dtype == torch.int64
     if offsets.is_cuda:
         out = _cuda_out(offsets[:n], out)
-        if _CUDA is None:
-            out.copy_(hash_string_tensors(offsets.cpu(), data.cpu(), nb, s, algorithm).to(out.device))
-            return out
-        dev = offsets.device
-        with torch.cuda.device(dev):
-            _CUDA.hash_offsets(offsets.data_ptr(), wide, data.data_ptr(), 0, 0, n, out.data_ptr(), out.stride(0),
-                               s, nb, algo, _MODE_PLAIN, dev.index, torch.cuda.current_stream(dev).cuda_stream)
+        if _CUDA is not None and not _CUDA_UNUSABLE:
+            dev = offsets.device
+            try:
+                with torch.cuda.device(dev):
+                    _CUDA.hash_offsets(offsets.data_ptr(), wide, data.data_ptr(), 0, 0, n, out.data_ptr(),
+                                       out.stride(0), s, nb, algo, _MODE_PLAIN, dev.index,
+                                       torch.cuda.current_stream(dev).cuda_stream)
+                return out
+            except RuntimeError as exc:
+                if not _cuda_runtime_unusable(exc):
+                    raise
+        out.copy_(hash_string_tensors(offsets.cpu(), data.cpu(), nb, s, algorithm).to(out.device))
         return out
     # the CPU engine bounds-checks nothing: validate the offsets once (cheap next to hashing)
     if n and (bool((offsets[1:] < offsets[:-1]).any()) or int(offsets[0]) < 0 or int(offsets[-1]) > data.shape[0]):

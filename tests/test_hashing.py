@@ -425,6 +425,17 @@ def test_cuda_sources_compile(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+@pytest.mark.skipif(not hashing.NATIVE_CUDA, reason="CUDA extension not built")
+def test_cuda_module_imports_without_gpu_and_fails_cleanly():
+    """The CUDA module links the runtime statically: it imports anywhere; a launch without a usable
+    GPU raises RuntimeError (never crashes)."""
+    assert hashing._CUDA.runtime_version() > 0
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(RuntimeError, match="CUDA"):
+        hashing._CUDA.hash_int64(0, 10, 0, 1, 0, 10, 0, 0, 0, 0)
+
+
 @pytest.mark.cuda
 @requires_cuda
 @pytest.mark.parametrize("algorithm", _ALGOS)
@@ -443,6 +454,7 @@ def test_cuda_ints_match_cpu_bit_for_bit(algorithm, num_buckets, seed):
         cols = torch.stack([v[:1000], v[1000:2000].flip(0)], 1)
         hasher = FeatureHasher(num_buckets, seeds=seed, algorithm=algorithm)
         assert torch.equal(hasher.transform(cols.cuda()).cpu(), hasher.transform(cols))
+    assert not (hashing.NATIVE_CUDA and hashing._CUDA_UNUSABLE), "the CUDA kernels fell back to the CPU"
 
 
 @pytest.mark.cuda
@@ -461,6 +473,7 @@ def test_cuda_strings_match_cpu_bit_for_bit(algorithm):
             dev = hash_string_tensors(offs.cuda(), data.cuda(), nb, seed, algorithm)
             assert dev.is_cuda and torch.equal(dev.cpu(), cpu)
     assert cpu.tolist() == [_ref_hash(v, seed, algorithm) % nb for v in vals]
+    assert not (hashing.NATIVE_CUDA and hashing._CUDA_UNUSABLE), "the CUDA kernels fell back to the CPU"
 
 
 @pytest.mark.cuda
