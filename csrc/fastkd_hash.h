@@ -344,14 +344,16 @@ FASTKD_HD uint32_t murmur3_32_u64(uint64_t v, uint32_t seed) {
 // Round-up multiply-shift (Granlund & Montgomery 1994, Hacker's Delight 10-8): with
 // l = ceil(log2 d) and m = floor(2^64 (2^l - d) / d) + 1, the quotient of any 64-bit x is
 //   t = mulhi(m, x);  q = (t + ((x - t) >> 1)) >> (l - 1)
-// and the remainder is x - q d. d = 1 is special-cased (l = 0); the host precomputes m.
+// and the remainder is x - q d. Powers of two (d = 1 included) take a mask instead: no multiply,
+// which matters because the hash already keeps the multiplier port busy. The host precomputes m.
 struct FastMod {
   uint64_t d;
   uint64_t m;
-  int shift;  // l - 1, or -1 for d == 1
+  int shift;  // l - 1; unused for powers of two
+  bool pow2;
 
   FASTKD_HD uint64_t mod(uint64_t x) const {
-    if (shift < 0) return 0;
+    if (pow2) return x & (d - 1);
     const uint64_t t = mulhi64(m, x);
     const uint64_t q = (t + ((x - t) >> 1)) >> shift;
     return x - q * d;
@@ -362,11 +364,10 @@ struct FastMod {
 inline FastMod make_fastmod(uint64_t d) {
   FastMod f;
   f.d = d;
-  if (d <= 1) {
-    f.m = 0;
-    f.shift = -1;
-    return f;
-  }
+  f.m = 0;
+  f.shift = 0;
+  f.pow2 = (d & (d - 1)) == 0;  // d >= 1 here
+  if (f.pow2) return f;
   const int l = 64 - __builtin_clzll(d - 1);  // ceil(log2 d), 1..63
   const unsigned __int128 num = ((unsigned __int128)(((uint64_t)1 << l) - d)) << 64;
   f.m = (uint64_t)(num / d) + 1;
