@@ -219,6 +219,14 @@ def test_arrow_int_nulls_hash_as_empty(impl):
     assert got[0] == hash_ints(np.array([1]), 1000, seed=2)[0]
 
 
+def test_all_null_and_all_empty_arrow_columns(impl):
+    empty_hash = xxhash.xxh3_64_intdigest(b"") % 100
+    for a in [pa.array([None, None], pa.string()), pa.array(["", ""]), pa.array([None, None]),
+              pa.array([b"", b""], pa.large_binary())]:
+        assert hash_strings(a, 100).tolist() == [empty_hash] * 2
+        assert FeatureHasher(100).transform([a]).ravel().tolist() == [0, 0]
+
+
 def test_empty_inputs(impl):
     for x in [[], np.array([], dtype=object), pa.array([], type=pa.string()), pa.chunked_array([], type=pa.string())]:
         r = hash_strings(x, 10)
