@@ -191,6 +191,8 @@ PYBIND11_MODULE(_hashing, m) {
   });
   m.def("xxh3_64_int", [](int64_t v, uint64_t seed) { return xxh3_64_u64((uint64_t)v, seed); });
   m.def("murmur3_32_int", [](int64_t v, uint32_t seed) { return murmur3_32_u64((uint64_t)v, seed); });
+  m.def("set_simd", &set_simd_enabled, "use the AVX-512 paths when the CPU has them (else scalar); returns the state");
+  m.def("simd_enabled", &simd_enabled);
   m.def("fastmod", [](uint64_t x, uint64_t d) {
     if (d < 1 || d > (1ULL << 63)) throw py::value_error("d out of range [1, 2^63]");
     return make_fastmod(d).mod(x);

@@ -44,4 +44,9 @@ struct Column {
 // of them). Call without the GIL.
 void hash_columns_cpu(const std::vector<Column>& cols, int64_t n_rows, int algorithm, int mode, int num_threads);
 
+// The AVX-512 paths (XXH3 of int64 and of 4..8-byte strings) are used when the CPU has them.
+// set_simd_enabled(false) forces the scalar code (tests compare the two); returns the new state.
+bool set_simd_enabled(bool on);
+bool simd_enabled();
+
 }  // namespace fastkd

@@ -121,6 +121,43 @@ def test_hash_ints_exact(impl, algorithm, num_buckets, seed):
     assert got.tolist() == want
 
 
+@pytest.fixture(params=["simd", "scalar"])
+def simd(request):
+    """Run with the AVX-512 paths on (where the CPU has them) and forced off."""
+    if not hashing.NATIVE:
+        pytest.skip("native extension not built")
+    before = hashing._C.simd_enabled()
+    if request.param == "simd" and not hashing._C.set_simd(True):
+        pytest.skip("no AVX-512 on this CPU")
+    if request.param == "scalar":
+        hashing._C.set_simd(False)
+    yield request.param
+    hashing._C.set_simd(before)
+
+
+@pytest.mark.parametrize("num_buckets,seed", _BUCKET_SEED_PARAMS)
+def test_simd_and_scalar_paths_exact(simd, num_buckets, seed):
+    """Arrow strings of 0..12 bytes (blocks of 8 in 4..8 bytes take the vector path, others not)
+    and int64, odd lengths so the tails are scalar; plain and bucket0; strided output."""
+    rng = np.random.default_rng(seed % 2**32)
+    lens = np.where(rng.random(2003) < 0.9, rng.integers(4, 9, 2003), rng.integers(0, 13, 2003))
+    vals = [rng.integers(0, 256, int(n), dtype=np.uint8).tobytes() for n in lens]
+    arr = pa.array(vals, type=pa.binary())
+    got = hash_strings(arr, num_buckets, seed=seed)
+    assert got.tolist() == [xxhash.xxh3_64_intdigest(v, seed) % num_buckets for v in vals]
+    ints = rng.integers(-(2**63), 2**63 - 1, 2003, dtype=np.int64)
+    out = np.zeros((2003, 2), dtype=np.int64)
+    hash_ints(ints, num_buckets, seed=seed, out=out[:, 1])
+    assert out[:, 1].tolist() == [xxhash.xxh3_64_intdigest(int(v).to_bytes(8, "little", signed=True), seed)
+                                  % num_buckets for v in ints]
+    if num_buckets >= 2:
+        ids = FeatureHasher(num_buckets, seeds=[seed, seed]).transform([arr, ints])
+        m = num_buckets - 1
+        assert ids[:, 0].tolist() == [1 + xxhash.xxh3_64_intdigest(v, seed) % m if v else 0 for v in vals]
+        assert ids[:, 1].tolist() == [1 + xxhash.xxh3_64_intdigest(int(v).to_bytes(8, "little", signed=True), seed)
+                                      % m for v in ints]
+
+
 def test_huge_and_invalid_utf8_values(impl):
     big = np.random.default_rng(3).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()  # 3 MB
     bad = b"\xff\xfe\x80 not utf-8"
