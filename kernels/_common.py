@@ -57,40 +57,54 @@ def lse_update(m, l, x):
 
 @triton.jit
 def _sum_partials_kernel(
-    part_ptr,  # [P, N] fp32 per-program partial sums (row p = program p of the loss kernel)
-    out_ptr,  # [N] fp32 column sums
+    part_a_ptr,  # [P, NA] fp32 per-program partial sums (row p = program p of the loss kernel)
+    out_a_ptr,  # [NA] fp32 column sums
+    part_b_ptr,  # [P, NB] fp32 a second partials buffer, summed in the same launch
+    out_b_ptr,  # [NB] fp32
     P,
-    N,
+    NA,
+    NB,
     BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     # Sums the rows in a fixed order (tiles of BLOCK_P rows, in sequence), with no atomics, so
-    # the gate-parameter gradients are bit-identical from run to run.
+    # the gate-parameter gradients are bit-identical from run to run. The first cdiv(NA, BLOCK_N)
+    # programs take buffer a, the rest buffer b: one launch for dW and db.
     pid = tl.program_id(0)
-    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < N
+    blocks_a = tl.cdiv(NA, BLOCK_N)
+    # branch-free selection (masked loads touch no memory): a runtime `if` would need both
+    # branches to agree on types, which Triton's specialisation of NA or NB == 1 breaks
+    lane_pid = tl.zeros([BLOCK_N], dtype=tl.int32) + pid
+    is_a = lane_pid < blocks_a
+    cols = tl.where(is_a, lane_pid, lane_pid - blocks_a) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_a = is_a & (cols < NA)
+    mask_b = (lane_pid >= blocks_a) & (cols < NB)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for p0 in range(0, P, BLOCK_P):
         rows = (p0 + tl.arange(0, BLOCK_P)).to(tl.int64)
-        tile = tl.load(part_ptr + rows[:, None] * N + cols[None, :],
-                       mask=(rows[:, None] < P) & cmask[None, :], other=0.0)
+        rmask = rows[:, None] < P
+        tile = tl.load(part_a_ptr + rows[:, None] * NA + cols[None, :], mask=rmask & mask_a[None, :], other=0.0)
+        tile += tl.load(part_b_ptr + rows[:, None] * NB + cols[None, :], mask=rmask & mask_b[None, :], other=0.0)
         acc += tl.sum(tile, 0)
-    tl.store(out_ptr + cols, acc, mask=cmask)
+    tl.store(out_a_ptr + cols, acc, mask=mask_a)
+    tl.store(out_b_ptr + cols, acc, mask=mask_b)
 
 
-def sum_partials(partials: torch.Tensor, wrap) -> torch.Tensor:
-    """Deterministic column sums of ``partials`` [P, *S] -> [*S] (fp32).
+def sum_partials(part_a: torch.Tensor, part_b: torch.Tensor, wrap):
+    """Deterministic column sums of two partials buffers [P, *S] -> [*S] (fp32), one launch.
 
     ``wrap`` as in :func:`register_op` (``None``: allocate only, launch nothing).
     """
-    P = partials.shape[0]
-    out = partials.new_empty(partials.shape[1:])
-    N = out.numel()
-    if N == 0 or wrap is None:
-        return out
-    grid = (triton.cdiv(N, REDUCE_BLOCK_N),)
-    wrap(_sum_partials_kernel)[grid](partials, out, P, N, BLOCK_P=REDUCE_BLOCK_P, BLOCK_N=REDUCE_BLOCK_N)
-    return out
+    P = part_a.shape[0]
+    out_a = part_a.new_empty(part_a.shape[1:])
+    out_b = part_b.new_empty(part_b.shape[1:])
+    if wrap is None:
+        return out_a, out_b
+    na, nb = out_a.numel(), out_b.numel()
+    grid = (triton.cdiv(na, REDUCE_BLOCK_N) + triton.cdiv(nb, REDUCE_BLOCK_N),)
+    wrap(_sum_partials_kernel)[grid](part_a, out_a, part_b, out_b, P, na, nb,
+                                     BLOCK_P=REDUCE_BLOCK_P, BLOCK_N=REDUCE_BLOCK_N)
+    return out_a, out_b
 
 
 def next_pow2(n: int) -> int:

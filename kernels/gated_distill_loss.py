@@ -45,14 +45,14 @@ def _hidden_gate_scores(h_ptr, w_ptr, rows, ms, mask, M, D, BLOCK_B: tl.constexp
 
 
 @triton.jit
-def _accumulate(ptr, val, mask):
+def _accumulate(ptr, val, mask, t):
     # Partials row of this program only, updated tile after tile in program order: a plain
-    # read-modify-write, no atomics (the buffer starts zeroed).
-    tl.store(ptr, tl.load(ptr, mask=mask, other=0.0) + val, mask=mask)
+    # read-modify-write, no atomics. Tile t = 0 reads nothing, so the buffer needs no zeroing.
+    tl.store(ptr, tl.load(ptr, mask=mask & (t > 0), other=0.0) + val, mask=mask)
 
 
 @triton.jit
-def _hidden_gate_partials(h_ptr, pw_ptr, pid, gs, rows, ms, mask, M, D, BLOCK_D: tl.constexpr):
+def _hidden_gate_partials(h_ptr, pw_ptr, pid, t, gs, rows, ms, mask, M, D, BLOCK_D: tl.constexpr):
     # this tile's share of dW_md = Σ_b g_bm·h_bmd, added to partials row `pid`
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
@@ -60,7 +60,7 @@ def _hidden_gate_partials(h_ptr, pw_ptr, pid, gs, rows, ms, mask, M, D, BLOCK_D:
         h = tl.load(h_ptr + (rows[:, None, None] * M + ms[None, :, None]) * D + dd[None, None, :],
                     mask=mask[:, :, None] & dmask[None, None, :], other=0.0).to(tl.float32)
         _accumulate(pw_ptr + (pid * M + ms[:, None]) * D + dd[None, :], tl.sum(gs[:, :, None] * h, 0),
-                    (ms[:, None] < M) & dmask[None, :])
+                    (ms[:, None] < M) & dmask[None, :], t)
 
 
 @triton.jit
@@ -160,11 +160,11 @@ def _gated_distill_loss_binary_fwd_kernel(
                 tl.store(gs_ptr + bm_off, gs, mask=mask)
             if REDUCE_GATE:
                 gsr = tl.where(mask, gs * grad_scale, 0.0)
-                _accumulate(pb_ptr + pid * M + ms, tl.sum(gsr, 0), mmask)
+                _accumulate(pb_ptr + pid * M + ms, tl.sum(gsr, 0), mmask, t)
                 if GATE == "logit":
-                    _accumulate(pw_ptr + pid * M + ms, tl.sum(gsr * zt, 0), mmask)
+                    _accumulate(pw_ptr + pid * M + ms, tl.sum(gsr * zt, 0), mmask, t)
                 else:
-                    _hidden_gate_partials(h_ptr, pw_ptr, pid, gsr, rows, ms, mask, M, D, BLOCK_D)
+                    _hidden_gate_partials(h_ptr, pw_ptr, pid, t, gsr, rows, ms, mask, M, D, BLOCK_D)
         loss += 0.0 * tl.sum(zt, 1)
         tl.store(loss_ptr + rows, loss, mask=rmask)
         tl.store(grad_ptr + rows, grad * grad_scale, mask=rmask)
@@ -347,9 +347,9 @@ def _gated_distill_loss_classes_fwd_kernel(
                 tl.store(gs_ptr + bm_off, gs, mask=mask)
             gsr = gs * grad_scale
             if REDUCE_GATE:
-                _accumulate(pb_ptr + pid * M + ms, tl.sum(gsr, 0), mmask)
+                _accumulate(pb_ptr + pid * M + ms, tl.sum(gsr, 0), mmask, t)
                 if GATE == "hidden":
-                    _hidden_gate_partials(h_ptr, pw_ptr, pid, gsr, rows, ms, mask, M, D, BLOCK_D)
+                    _hidden_gate_partials(h_ptr, pw_ptr, pid, t, gsr, rows, ms, mask, M, D, BLOCK_D)
         loss += 0.0 * guard
         tl.store(loss_ptr + rows, loss, mask=rmask)
         tl.store(alpha_ptr + bm_off, alpha, mask=mask)
@@ -375,7 +375,7 @@ def _gated_distill_loss_classes_fwd_kernel(
             if GATE == "logit":
                 if REDUCE_GATE:
                     _accumulate(pw_ptr + (pid * M + ms[:, None]) * C + cols[None, :], tl.sum(gsr[:, :, None] * zt, 0),
-                                mmask[:, None] & cmask[None, :])
+                                mmask[:, None] & cmask[None, :], t)
         tl.debug_barrier()  # this tile's partial updates land before the next tile reads them
 
 
@@ -427,8 +427,8 @@ def _launch(student, teacher, labels, teacher_hidden, gate, gate_weight, gate_bi
     gs = torch.empty(B, M, device=dev, dtype=f32) if write_gs else loss.new_empty(0)
     if reduce_gate:
         k = D if gate == "hidden" else C
-        pw = torch.zeros((P, M) if gate == "logit" and binary else (P, M, k), device=dev, dtype=f32)
-        pb = torch.zeros(P, M, device=dev, dtype=f32)
+        pw = torch.empty((P, M) if gate == "logit" and binary else (P, M, k), device=dev, dtype=f32)
+        pb = torch.empty(P, M, device=dev, dtype=f32)
     else:
         pw, pb = loss.new_empty(0), loss.new_empty(0)
     common = dict(GATE=gate, TRAINABLE=trainable, ENSEMBLE=ensemble, HAS_HARD=has_hard, HAS_GATE_TERM=gate_loss_weight != 0.0,
@@ -451,8 +451,7 @@ def _launch(student, teacher, labels, teacher_hidden, gate, gate_weight, gate_bi
             BLOCK_C=block_c, **common,
         )
     if reduce_gate:
-        g_w = _common.sum_partials(pw, wrap)
-        g_b = _common.sum_partials(pb, wrap)
+        g_w, g_b = _common.sum_partials(pw, pb, wrap)
     else:
         g_w, g_b = loss.new_empty(0), loss.new_empty(0)  # distinct: op outputs may not alias
     return loss, grad, gs, g_w, g_b, alpha
