@@ -134,4 +134,5 @@ def test_gated_loss_fwd_bwd_cuda(benchmark, copy_bandwidth, provider, gate, B, M
 
     want = _step("eager", gate)(zs, zt, y, h, kw)
     for g, r in zip(grads, want):
-        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-3)
+        # d loss / d z_S is O(1/B) under reduction="mean": a small atol, rtol for the sums
+        torch.testing.assert_close(g, r, atol=1e-9, rtol=1e-3)
