@@ -103,6 +103,12 @@ def embedding_merge_rows_ref(rows: torch.Tensor, grad_rows: torch.Tensor,
 
     Each unique row's gradient is the sum of its lookups' gradients, in lookup order.
     ``num_rows`` (the table's row count) lets the CPU path use 32-bit keys.
+
+    Example:
+        >>> import torch
+        >>> rows, merged = embedding_merge_rows_ref(torch.tensor([5, 2, 5]), torch.ones(3, 2))
+        >>> rows.tolist(), merged.tolist()
+        ([2, 5], [[1.0, 1.0], [2.0, 2.0]])
     """
     D = grad_rows.shape[1]
     if rows.numel() == 0:
@@ -122,6 +128,14 @@ def embedding_fused_update_ref(rows: torch.Tensor, grad_rows: torch.Tensor, weig
     SGD ``w += -lr * g``; Adagrad ``s += g^2; w += -lr * (g / (sqrt(s) + eps))``. Computed in
     fp32 and stored back in the dtypes of ``weight`` / ``state``; only the ``U`` touched rows are
     read or written.
+
+    Example:
+        >>> import torch
+        >>> w, s = torch.zeros(4, 1), torch.zeros(4, 1)
+        >>> embedding_fused_update_ref(torch.tensor([1, 1, 3]), torch.ones(3, 1), w, s,
+        ...                            "adagrad", lr=0.5, eps=0.0)
+        >>> s.flatten().tolist(), w.flatten().tolist()
+        ([0.0, 4.0, 0.0, 1.0], [0.0, -0.5, 0.0, -0.5])
     """
     if optimizer not in ("sgd", "adagrad"):
         raise ValueError(f"optimizer must be 'sgd' or 'adagrad', got {optimizer!r}")
