@@ -56,6 +56,7 @@ _REDUCTIONS = ["mean", "sum", "none"]
 _DTYPE_PARAMS = [
     (torch.float32, 1e-5, 1e-4),
     (torch.bfloat16, 1e-5, 8e-3),
+    (torch.float16, 1e-5, 1e-3),
 ]
 
 
@@ -152,7 +153,7 @@ def test_gated_kernel_reductions(reduction, gate, C):
     _check_gated(*_gated_case("red", 19, 3, C, gate, "prob" if C == 1 else "logit", reduction))
 
 
-@pytest.mark.parametrize("dtype,atol,grad_rtol", _DTYPE_PARAMS, ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype,atol,grad_rtol", _DTYPE_PARAMS, ids=["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("gate,C", [("hidden", 1), ("logit", 4)])
 def test_gated_kernel_low_precision_inputs(dtype, atol, grad_rtol, gate, C):
     zs, zt, y, h, params, kw = _gated_case("dtype", 21, 3, C, gate, "logit", "mean", dtype=dtype)
