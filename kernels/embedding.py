@@ -129,7 +129,8 @@ def _mfe_scatter_add_kernel(
 def _apply_update(weight_ptr, state_ptr, row, cols, cmask, g, stride_w, lr, eps,
                   OPTIMIZER: tl.constexpr):
     # Same operation order as torch.optim.SGD / Adagrad on a sparse gradient, with IEEE-rounded
-    # division and square root, so fp32 tables match torch bit for bit:
+    # division and square root, and launched with enable_fp_fusion=False so that s + g*g is not
+    # contracted into one FMA (torch rounds g*g first):
     #   SGD:     w <- w + (-lr) * g
     #   Adagrad: s <- s + g^2;  w <- w + (-lr) * (g / (sqrt(s) + eps))
     w_ptrs = weight_ptr + row * stride_w + cols
@@ -274,7 +275,7 @@ def _segment(sorted_rows, perm, grad_rows, out, slot, weight, state, lr, eps, mo
         weight if weight is not None else grad_rows,
         state if state is not None else grad_rows,
         N, D, weight.stride(0) if weight is not None else D, float(lr), float(eps),
-        MODE=mode, BLOCK_D=block_d, num_warps=_num_warps(block_d))
+        MODE=mode, BLOCK_D=block_d, num_warps=_num_warps(block_d), enable_fp_fusion=False)
 
 
 def _scatter_add(dst: torch.Tensor, slots: torch.Tensor, grad_rows: torch.Tensor) -> None:
@@ -349,4 +350,4 @@ def embedding_fused_update(rows: torch.Tensor, grad_rows: torch.Tensor, weight: 
     _mfe_update_kernel[(unique.numel(), triton.cdiv(D, block_d))](
         weight, state if state is not None else weight, unique, merged,
         unique.numel(), D, weight.stride(0), float(lr), float(eps),
-        OPTIMIZER=opt, BLOCK_D=block_d, num_warps=_num_warps(block_d))
+        OPTIMIZER=opt, BLOCK_D=block_d, num_warps=_num_warps(block_d), enable_fp_fusion=False)
