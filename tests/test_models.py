@@ -385,3 +385,19 @@ def test_docstring_examples():
         assert result.failed == 0, mod.__name__
         attempted += result.attempted
     assert attempted > 0
+
+
+def test_embedding_options_reach_the_table_and_fused_update_trains_it():
+    torch.manual_seed(0)
+    model = build_model("dnn", [5, 7], embed_dim=4, hidden_units=(8,),
+                        embedding_options={"fused_optimizer": "sgd", "lr": 0.5})
+    assert model.embedding.fused_optimizer == "sgd"
+    before = model.embedding.weight.detach().clone()
+    ids = torch.tensor([[0, 1], [4, 6], [0, 3]])
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(model(ids), torch.tensor([1.0, 0.0, 1.0]))
+    loss.backward()
+    assert model.embedding.weight.grad is None  # updated in backward, Adam would skip it
+    changed = (model.embedding.weight.detach() != before).any(dim=1)
+    touched = torch.zeros_like(changed)
+    touched[model.embedding.flat_ids(ids).reshape(-1)] = True
+    assert changed.any() and not (changed & ~touched).any()

@@ -263,6 +263,9 @@ class CTRModel(nn.Module):
         sparse: sparse gradients for the embedding table and the first-order weights (pair
             those parameters with ``torch.optim.SparseAdam``; plain Adam rejects sparse grads).
         init_std: std of the normal embedding initialisation.
+        embedding_options: further keyword arguments of :class:`~fastkd.MultiFieldEmbedding`,
+            e.g. ``{"fused_optimizer": "adagrad", "lr": 0.01}`` to update the table inside
+            backward (its ``.grad`` then stays ``None``, so the model's Adam skips it).
 
     Shape:
         - Input: ``ids`` int64 ``[B, F]``, per-field ids.
@@ -294,11 +297,13 @@ class CTRModel(nn.Module):
         embed_reg: float = 0.0,
         sparse: bool = False,
         init_std: float = DEFAULT_INIT_STD,
+        embedding_options: Optional[dict] = None,
     ) -> None:
         super().__init__()
         if embed_reg < 0:
             raise ValueError(f"embed_reg must be >= 0, got {embed_reg}")
-        self.embedding = MultiFieldEmbedding(field_sizes, embed_dim, sparse=sparse, init_std=init_std)
+        self.embedding = MultiFieldEmbedding(field_sizes, embed_dim, sparse=sparse, init_std=init_std,
+                                             **(embedding_options or {}))
         self.hidden_units = _check_hidden_units(hidden_units)
         self.dropout = _check_dropout(dropout)
         self.batch_norm = bool(batch_norm)
