@@ -5,6 +5,7 @@
 // alive for the call), and this module only reads/writes those buffers. Python str/bytes objects are
 // the one input read here, under the GIL, before the GIL is released for the hashing itself.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <algorithm>
 #include <cmath>
@@ -193,6 +194,13 @@ PYBIND11_MODULE(_hashing, m) {
   m.def("murmur3_32_int", [](int64_t v, uint32_t seed) { return murmur3_32_u64((uint64_t)v, seed); });
   m.def("set_simd", &set_simd_enabled, "use the AVX-512 paths when the CPU has them (else scalar); returns the state");
   m.def("simd_enabled", &simd_enabled);
+  m.def("fastmod_simd", [](const std::vector<uint64_t>& x, uint64_t d) -> py::object {
+    if (x.size() != 8) throw py::value_error("fastmod_simd takes 8 values");
+    if (d < 1 || d > (1ULL << 63)) throw py::value_error("d out of range [1, 2^63]");
+    uint64_t r[8];
+    if (!simd_mod8(x.data(), d, r)) return py::none();
+    return py::cast(std::vector<uint64_t>(r, r + 8));
+  });
   m.def("fastmod", [](uint64_t x, uint64_t d) {
     if (d < 1 || d > (1ULL << 63)) throw py::value_error("d out of range [1, 2^63]");
     return make_fastmod(d).mod(x);

@@ -101,11 +101,29 @@ FASTKD_AVX512 inline __m512i mulhi_u64x8(__m512i a, __m512i b) {
                           _mm512_add_epi64(_mm512_srli_epi64(hl, 32), _mm512_srli_epi64(mid, 32)));
 }
 
+// Divisors in (2^13, 2^52) take a double-precision quotient estimate: x / d is below 2^51, so the
+// rounded product x * (1/d) (relative error < 3.1 * 2^-53) is within 0.78 of the true quotient q and
+// trunc() - 1 lies in [q - 2, q]; from r = x - (trunc - 1) d in [0, 3d) two conditional subtractions
+// give x % d exactly. One 64-bit multiply instead of the five of the multiply-shift below.
+constexpr uint64_t FLOAT_MOD_MIN = 1ULL << 13, FLOAT_MOD_MAX = 1ULL << 52;
+
+FASTKD_AVX512 inline __m512i mod_float_x8(__m512i x, const FastMod& fm) {
+  const __m512i d = _mm512_set1_epi64((long long)fm.d);
+  const __m512d inv = _mm512_set1_pd(1.0 / (double)fm.d);
+  const __m512i q = _mm512_cvttpd_epu64(_mm512_mul_pd(_mm512_cvtepu64_pd(x), inv));
+  const __m512i q_lo = _mm512_sub_epi64(_mm512_max_epu64(q, _mm512_set1_epi64(1)), _mm512_set1_epi64(1));
+  __m512i r = _mm512_sub_epi64(x, _mm512_mullo_epi64(q_lo, d));
+  r = _mm512_mask_sub_epi64(r, _mm512_cmpge_epu64_mask(r, d), r, d);
+  return _mm512_mask_sub_epi64(r, _mm512_cmpge_epu64_mask(r, d), r, d);
+}
+
 template <int MODE>
 FASTKD_AVX512 inline __m512i bucket_x8(__m512i h, const FastMod& fm) {
   __m512i r;
   if (fm.pow2) {
     r = _mm512_and_si512(h, _mm512_set1_epi64((long long)(fm.d - 1)));
+  } else if (fm.d > FLOAT_MOD_MIN && fm.d < FLOAT_MOD_MAX) {
+    r = mod_float_x8(h, fm);
   } else {
     const __m512i t = mulhi_u64x8(h, _mm512_set1_epi64((long long)fm.m));
     const __m512i q = _mm512_srl_epi64(_mm512_add_epi64(t, _mm512_srli_epi64(_mm512_sub_epi64(h, t), 1)),
@@ -190,6 +208,12 @@ FASTKD_AVX512 int64_t simd_xxh3_offsets32(const Chunk& c, int64_t b, int64_t e, 
 }
 #endif
 
+#if defined(FASTKD_HAVE_AVX512_PATH)
+FASTKD_AVX512 void simd_mod8_impl(const uint64_t* x, const FastMod& fm, uint64_t* r) {
+  _mm512_storeu_si512(r, bucket_x8<MODE_PLAIN>(_mm512_loadu_si512(x), fm));
+}
+#endif
+
 template <int ALGO, int MODE, int KIND>
 void run_kind(const Chunk& c, int64_t b, int64_t e, int64_t* out, int64_t stride, uint64_t seed, const FastMod& fm) {
   if (c.validity != nullptr) return run_chunk<ALGO, MODE, KIND, true>(c, b, e, out, stride, seed, fm);
@@ -266,6 +290,17 @@ bool set_simd_enabled(bool on) {
 }
 
 bool simd_enabled() { return g_simd.load(); }
+
+bool simd_mod8(const uint64_t* x, uint64_t d, uint64_t* r) {
+#if defined(FASTKD_HAVE_AVX512_PATH)
+  if (!g_simd.load()) return false;
+  simd_mod8_impl(x, make_fastmod(d), r);
+  return true;
+#else
+  (void)x, (void)d, (void)r;
+  return false;
+#endif
+}
 
 void hash_columns_cpu(const std::vector<Column>& cols, int64_t n_rows, int algorithm, int mode, int num_threads) {
   if (n_rows <= 0 || cols.empty()) return;

@@ -48,5 +48,7 @@ void hash_columns_cpu(const std::vector<Column>& cols, int64_t n_rows, int algor
 // set_simd_enabled(false) forces the scalar code (tests compare the two); returns the new state.
 bool set_simd_enabled(bool on);
 bool simd_enabled();
+// r[k] = x[k] % d through the vector modulo (tests); false when the AVX-512 path is off.
+bool simd_mod8(const uint64_t* x, uint64_t d, uint64_t* r);
 
 }  // namespace fastkd

@@ -135,7 +135,24 @@ def simd(request):
     hashing._C.set_simd(before)
 
 
-@pytest.mark.parametrize("num_buckets,seed", _BUCKET_SEED_PARAMS)
+def test_simd_modulo_exact(simd):
+    """The vector modulo (multiply-shift, or a double-precision estimate for 2^13 < d < 2^52) is exact,
+    also at the edges: multiples of d +- 1 near 2^64, 0, 2^64 - 1."""
+    if simd != "simd":
+        pytest.skip("vector path only")
+    rng = np.random.default_rng(11)
+    divisors = [3, 7, 8191, 8193, 2**13 + 1, 10**6 + 3, 2**32 - 1, 2**32 + 1, 2**51 + 1, 2**52 - 1, 2**52 + 1,
+                2**62 + 1, 2**63 - 1, 2**63, 2**20] + [int(d) for d in rng.integers(8193, 2**52, 40, dtype=np.uint64)]
+    for d in divisors:
+        top = (2**64 - 1) // d
+        xs = [0, 1, d - 1, d, d + 1, 2**64 - 1, top * d, top * d - 1, min(top * d + d - 1, 2**64 - 1),
+              (top // 2) * d + d - 1] + [int(x) for x in rng.integers(0, 2**64, 14, dtype=np.uint64)]
+        xs += [0] * (-len(xs) % 8)
+        for k in range(0, len(xs), 8):
+            assert hashing._C.fastmod_simd(xs[k:k + 8], d) == [x % d for x in xs[k:k + 8]], d
+
+
+@pytest.mark.parametrize("num_buckets,seed", _BUCKET_SEED_PARAMS + [(8193, 3), (2**52 - 1, 9), (2**52 + 1, 1)])
 def test_simd_and_scalar_paths_exact(simd, num_buckets, seed):
     """Arrow strings of 0..12 bytes (blocks of 8 in 4..8 bytes take the vector path, others not)
     and int64, odd lengths so the tails are scalar; plain and bucket0; strided output."""
