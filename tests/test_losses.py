@@ -518,6 +518,7 @@ def test_bad_input_raises(name, exc, match, call):
 # --------------------------------------------------------------------------------------------
 # CUDA (skips cleanly without a device)
 # --------------------------------------------------------------------------------------------
+@pytest.mark.cuda
 @requires_cuda
 @pytest.mark.parametrize("gate", ["logit", "hidden", "mean"])
 @pytest.mark.parametrize("C", [1, 3])
