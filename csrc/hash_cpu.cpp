@@ -31,7 +31,7 @@ std::atomic<bool> g_simd{
 #endif
 };
 
-constexpr int64_t TILE_ROWS = 2048;
+constexpr int64_t TILE_ROWS = 1024;
 // Below this many rows a thread costs more to start (~20 us) than it saves.
 constexpr int64_t MIN_ROWS_PER_THREAD = 32768;
 
