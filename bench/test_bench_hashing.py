@@ -168,8 +168,8 @@ def test_strings_polars_dataframe(benchmark, criteo_table):
 def test_strings_pandas(benchmark, slow_strings):
     pd = pytest.importorskip("pandas")
     arr = np.array(slow_strings, dtype=object)
-    _run(benchmark, "strings-8char", "pandas hash_array", lambda: pd.util.hash_array(arr, categorize=False) % NUM_BUCKETS, N_SLOW,
-         rounds=3)
+    _run(benchmark, "strings-8char", "pandas hash_array",
+         lambda: pd.util.hash_array(arr, categorize=False) % NUM_BUCKETS, N_SLOW, rounds=3)
 
 
 def test_strings_pandas_arrow_series(benchmark, flat_strings):
