@@ -255,3 +255,41 @@ def test_memory_bandwidth(benchmark):
     benchmark.group = "hashing-bandwidth"
     benchmark.pedantic(lambda: np.copyto(dst, src), rounds=5, warmup_rounds=1, iterations=1)
     _RATES[("bandwidth", "numpy-copy")] = 2 * src.nbytes / benchmark.stats.stats.min
+
+
+# ------------------------------------------------------------------ CUDA (skipped without a GPU)
+def _cuda_or_skip():
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    return torch
+
+
+def test_int64_fastkd_cuda(benchmark, int_ids):
+    torch = _cuda_or_skip()
+    v = torch.from_numpy(int_ids).cuda()
+    out = torch.empty_like(v)
+
+    def run():
+        hashing.hash_ints(v, NUM_BUCKETS, out=out)
+        torch.cuda.synchronize()  # pytest-benchmark times on the host
+
+    _run(benchmark, "int64", "fastkd CUDA", run, N_TOKENS, rounds=20)
+    assert torch.equal(out.cpu(), torch.from_numpy(hashing.hash_ints(int_ids, NUM_BUCKETS)))
+    assert not hashing._CUDA_UNUSABLE, "the CUDA kernels fell back to the CPU"
+
+
+def test_strings_fastkd_cuda(benchmark, flat_strings):
+    torch = _cuda_or_skip()
+    bufs = flat_strings.buffers()
+    offsets = torch.from_numpy(np.frombuffer(bufs[1], dtype=np.int32)[:len(flat_strings) + 1].copy()).cuda()
+    data = torch.from_numpy(np.frombuffer(bufs[2], dtype=np.uint8).copy()).cuda()
+    out = torch.empty(len(flat_strings), dtype=torch.int64, device="cuda")
+
+    def run():
+        hashing.hash_string_tensors(offsets, data, NUM_BUCKETS, out=out)
+        torch.cuda.synchronize()
+
+    _run(benchmark, "strings-8char", "fastkd CUDA (device buffers)", run, N_TOKENS, rounds=20)
+    assert np.array_equal(out.cpu().numpy(), hashing.hash_strings(flat_strings, NUM_BUCKETS))
