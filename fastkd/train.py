@@ -504,6 +504,66 @@ class _Steps(nn.Module):
         return self.step(ids, labels, index)
 
 
+class _Optimizer:
+    """Adam for dense parameters, ``SparseAdam`` for sparse-gradient embeddings (modules with
+    ``sparse=True``); tables with a ``fused_optimizer`` update themselves inside backward, so they
+    are left out, and only their ``lr`` follows the plateau schedule.
+
+    With dense parameters only, the state dict is Adam's own (checkpoints keep their format).
+    """
+
+    def __init__(self, modules: Dict[str, nn.Module], params: List[nn.Parameter], lr: float) -> None:
+        sparse, fused = set(), []
+        for mod in modules.values():
+            for m in mod.modules():
+                w = getattr(m, "weight", None)
+                if not isinstance(w, nn.Parameter):
+                    continue
+                if getattr(m, "fused_optimizer", None):
+                    fused.append(m)
+                elif getattr(m, "sparse", False) is True:
+                    sparse.add(id(w))
+        skip = {id(m.weight) for m in fused}
+        dense = [p for p in params if id(p) not in sparse and id(p) not in skip]
+        self.fused = fused
+        self.dense = torch.optim.Adam(dense, lr=lr) if dense else None
+        sp = [p for p in params if id(p) in sparse]
+        self.sparse = torch.optim.SparseAdam(sp, lr=lr) if sp else None
+        self.opts = [o for o in (self.dense, self.sparse) if o is not None]
+
+    def zero_grad(self) -> None:
+        for o in self.opts:
+            o.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        for o in self.opts:
+            o.step()
+
+    def scale_lr(self, factor: float) -> None:
+        for o in self.opts:
+            for g in o.param_groups:
+                g["lr"] *= factor
+        for m in self.fused:
+            m.lr *= factor
+
+    def state_dict(self) -> dict:
+        if self.sparse is None and not self.fused and self.dense is not None:
+            return self.dense.state_dict()
+        return {"dense": self.dense.state_dict() if self.dense else None,
+                "sparse": self.sparse.state_dict() if self.sparse else None,
+                "fused_lr": [m.lr for m in self.fused]}
+
+    def load_state_dict(self, st: dict) -> None:
+        if self.sparse is None and not self.fused and self.dense is not None:
+            self.dense.load_state_dict(st)
+            return
+        for o, k in ((self.dense, "dense"), (self.sparse, "sparse")):
+            if o is not None:
+                o.load_state_dict(st[k])
+        for m, lr in zip(self.fused, st["fused_lr"]):
+            m.lr = lr
+
+
 class _Loop:
     """One optimisation run with early stopping and atomic per-epoch checkpoints.
 
@@ -517,7 +577,7 @@ class _Loop:
                  stop_after_epoch: Optional[int] = None) -> None:
         self.modules = modules
         self.cfg = cfg
-        self.opt = torch.optim.Adam(params, lr=cfg.lr)
+        self.opt = _Optimizer(modules, params, cfg.lr)
         self.stopper = EarlyStopper(monitor_name, cfg.patience)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.checkpoint = checkpoint
@@ -598,7 +658,7 @@ class _Loop:
             for k, (a, b) in enumerate(bounds):
                 with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
                     loss = step(ids_e[a:b], lab_e[a:b], perm[a:b])
-                self.opt.zero_grad(set_to_none=True)
+                self.opt.zero_grad()
                 loss.backward()
                 self.opt.step()
                 total += loss.detach() * (b - a)
@@ -619,8 +679,7 @@ class _Loop:
                 value = _dist.broadcast_float(value)
             improved = self.stopper.step(value, self.epoch, self.modules)
             if not improved and self.cfg.reduce_lr_on_plateau:
-                for g in self.opt.param_groups:
-                    g["lr"] *= 0.1
+                self.opt.scale_lr(0.1)
             self.history.append({"epoch": self.epoch + 1, "train_loss": float(total) / max(seen, 1),
                                  "monitor": value, "train_seconds": train_time,
                                  "samples_per_s": n / train_time})

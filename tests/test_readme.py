@@ -28,3 +28,15 @@ def test_readme_distiller_example_runs():
     ns = {}
     exec(compile(_example("distiller"), "README.md", "exec"), ns)
     assert ns["kd"].evaluate(ns["test"])["auc"] > 0.6
+
+
+def test_readme_hashing_example_runs():
+    import xxhash
+
+    ns = {}
+    exec(compile(_example("hashing"), "README.md", "exec"), ns)
+    ids = ns["ids"]
+    assert ids.shape == (3, 2) and ns["vectors"].shape == (3, 2, 16)
+    assert ids[1, 0] == 0 and ids[2, 1] == 0  # None and "" are the missing id
+    # field 0 uses seed 0: 1 + xxh3(value) % (B - 1)
+    assert ids[0, 0] == 1 + xxhash.xxh3_64_intdigest(b"a.com", 0) % 999

@@ -272,3 +272,50 @@ def test_bf16_precision_trains_with_float32_state(splits):
     assert abs(auc["bf16"] - auc["fp32"]) < 0.03
     with pytest.raises(ValueError, match="precision"):
         TrainConfig(precision="fp16")
+
+
+@pytest.mark.parametrize("emb", [dict(sparse=True), dict(embedding_options={"fused_optimizer": "adagrad", "lr": 0.05})],
+                         ids=["sparse-SparseAdam", "fused-adagrad"])
+def test_sparse_and_fused_embeddings_train_in_the_loops(tmp_path, splits, emb):
+    """sparse=True tables get SparseAdam, fused tables update in backward; both resume exactly."""
+    train, valid, test = splits
+    fs = train.field_sizes
+    from fastkd.train import _Optimizer
+
+    def run(stop=None, resume=False):
+        torch.manual_seed(0)
+        model = build_model("dnn", fs, embed_dim=4, hidden_units=(16,), **emb)
+        start = model.embedding.weight.detach().clone()
+        c = cfg(max_epochs=3, patience=1, lr=0.01)
+        try:
+            s = train_model(model, train, valid, c, checkpoint=tmp_path / "m.pt", resume=resume, stop_after_epoch=stop)
+        except KeyboardInterrupt:
+            return None, None, None
+        return model, s, start
+
+    model, s, start = run()
+    opt = _Optimizer({"m": model}, list(model.parameters()), 0.01)
+    if "sparse" in emb:
+        assert opt.sparse is not None and any(p is model.embedding.weight for g in opt.sparse.param_groups for p in g["params"])
+    else:
+        assert opt.sparse is None and opt.fused == [model.embedding]
+        assert all(p is not model.embedding.weight for g in opt.dense.param_groups for p in g["params"])
+        # the plateau schedule reaches the fused table's own learning rate
+        mon = [h["monitor"] for h in s["history"]]
+        bad = sum(1 for k in range(1, len(mon)) if mon[k] <= max(mon[:k]))
+        assert model.embedding.lr == pytest.approx(0.05 * 0.1 ** bad)
+        lr = model.embedding.lr
+        opt.scale_lr(0.1)
+        assert model.embedding.lr == pytest.approx(0.1 * lr)
+        model.embedding.lr = lr
+    assert not torch.equal(model.embedding.weight.detach(), start)  # the table trained
+    assert evaluate(model, test)["auc"] > 0.55
+    (tmp_path / "m.pt").unlink()
+    run(stop=1)
+    resumed, s2, _ = run(resume=True)
+    torch.testing.assert_close(predict_logits(resumed, test), predict_logits(model, test), rtol=0, atol=0)
+
+
+def predict_logits(model, data):
+    from fastkd.train import predict
+    return predict(model, data)
