@@ -139,7 +139,7 @@ setup(
         "data": ["pandas>=1.5", "pyarrow>=12"],
         "report": ["matplotlib>=3.5"],
         # side-by-side throughput comparison (bench/student_throughput.py)
-        "bench": ["pytest-benchmark>=4", "deepctr-torch>=0.3", "requests"],
+        "bench": ["pytest-benchmark>=4", "deepctr-torch>=0.3", "requests", "polars>=1.0", "scikit-learn>=1.2"],
         "test": [
             "pytest>=7",
             "pytest-benchmark>=4",
