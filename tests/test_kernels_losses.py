@@ -31,7 +31,7 @@ from fastkd.kernels import _common  # noqa: E402
 from fastkd.kernels import distill_loss as distill_kernels  # noqa: E402
 from fastkd.kernels import gated_distill_loss as gated_kernels  # noqa: E402
 from fastkd.reference import distill_loss_ref, gated_distill_loss_ref  # noqa: E402
-from test_losses import gate_arg, gate_params, make_inputs  # noqa: E402
+from test_losses import _ENSEMBLES, _GATES, _REDUCTIONS, gate_arg, gate_params, make_inputs  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 # The interpreter evaluates masked lanes too (e.g. −inf − (−inf) in rows past B); numpy warns
@@ -47,9 +47,6 @@ _SHAPE_PARAMS = [
     ("classes_odd", 11, 2, 5),
 ]
 _SHAPE_IDS = [p[0] for p in _SHAPE_PARAMS]
-_GATES = ["logit", "hidden", "mean", "fixed"]
-_ENSEMBLES = ["logit", "prob"]
-_REDUCTIONS = ["mean", "sum", "none"]
 # (dtype, value atol/rtol, gradient rtol): values are computed in fp32 from the rounded inputs,
 # so they meet fp32 tolerances; the student gradient is rounded to the input dtype on return
 # (one bf16 ulp is 2^-8 relative).
