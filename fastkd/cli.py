@@ -48,6 +48,12 @@ def _add_training_args(p: argparse.ArgumentParser, *, max_epochs: int, batch_siz
     p.add_argument("--hard-weight", type=float, default=1.0)
     p.add_argument("--early-stop", choices=("auc", "logloss", "kd"), default="auc",
                    help="what every row stops on (default: validation AUC)")
+    p.add_argument("--merge-validation", action=argparse.BooleanOptionalAction, default=True,
+                   help="students and the plain DNN also train on the validation split except a held-out "
+                        "slice that decides early stopping; teachers never see validation rows "
+                        "(default: on; measured best on Frappe, see docs/results/frappe)")
+    p.add_argument("--monitor-fraction", type=float, default=0.2,
+                   help="share of the validation split held out to monitor early stopping when merging")
     p.add_argument("--patience", type=_positive_int, default=None, help="default 2 (auc/logloss), 3 (kd)")
     p.add_argument("--seeds", type=_positive_int, default=1, help="number of seeds (0..N-1)")
     p.add_argument("--max-epochs", type=_positive_int, default=max_epochs)
@@ -75,7 +81,8 @@ def _spec(args):
             raise ValueError(f"--ablations: unknown {a!r}; choose from {', '.join(ABLATIONS)} or 'all'")
     cfg = TrainConfig(max_epochs=args.max_epochs, batch_size=args.batch_size, lr=args.lr,
                       early_stop=args.early_stop, patience=args.patience, progress=args.progress or None,
-                      precision=args.precision)
+                      precision=args.precision, merge_validation=args.merge_validation,
+                      monitor_fraction=args.monitor_fraction)
     return ExperimentSpec(
         teachers=args.teachers, student=args.student, mode=args.mode, gate=args.gate, ensemble=args.ensemble,
         temperature=args.temperature, hard_weight=args.hard_weight, kd_weight=args.kd_weight,

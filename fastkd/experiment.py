@@ -184,17 +184,19 @@ def run_experiment(train: CTRData, valid: CTRData, test: CTRData, spec: Experime
             fresh = [run.build(n, seed * 100 + i + 1) for i, n in enumerate(spec.teachers)]
             run.student(seed, fresh, "gate", variant="co-train", mode="cotrain")
         if "kd-stop" in abl:
-            c = dataclasses.replace(cfg, early_stop="kd", patience=None)
+            c = dataclasses.replace(cfg, early_stop="kd", patience=None, merge_validation=False)
             run.student(seed, teachers, "gate", variant="stop on kd loss", config=c)
         if "kd-stop-merge" in abl:
             c = dataclasses.replace(cfg, early_stop="kd", patience=None, merge_validation=True)
             run.student(seed, teachers, "gate", variant="stop on kd loss, merged valid", config=c)
         if "merge" in abl:
-            # same training rows as "stop on kd loss, merged valid", stopped on the held-out
-            # slice's labels: separates what the extra rows give from what distillation gives
-            c = dataclasses.replace(cfg, merge_validation=True)
-            run.plain(seed, config=c, variant="merged valid, AUC on held-out slice")
-            run.student(seed, teachers, "gate", variant="merged valid, AUC on held-out slice", config=c)
+            # the plain DNN and the gated student under the other merge_validation setting:
+            # separates what the extra validation rows give from what distillation gives
+            c = dataclasses.replace(cfg, merge_validation=not cfg.merge_validation)
+            variant = (f"merged valid, {cfg.early_stop} on held-out slice" if c.merge_validation
+                       else f"not merged, {cfg.early_stop} on whole valid split")
+            run.plain(seed, config=c, variant=variant)
+            run.student(seed, teachers, "gate", variant=variant, config=c)
         if "partition" in abl:
             m = len(spec.teachers)
             rng = np.random.default_rng(seed)
@@ -276,7 +278,12 @@ def write_report(out: Path, result: ExperimentResult, *, command: str, data_desc
         f"Training (every row unless its variant says otherwise): Adam lr {cfg.lr}, batch {cfg.batch_size}, "
         f"at most {cfg.max_epochs} epochs, early stopping on validation {cfg.early_stop} with patience "
         f"{cfg.patience}, learning rate /10 on each epoch without improvement, best epoch restored. "
-        f"Model settings: {spec.model_kwargs or 'defaults'}.", "",
+        + (f"Merged validation: students and the plain DNN train on the training split plus the validation "
+           f"rows after its first {cfg.monitor_fraction:.0%}, and stop on the {cfg.early_stop} of that held-out "
+           f"first {cfg.monitor_fraction:.0%}; teachers train on the training split only and stop on the whole "
+           f"validation split (the rows whose teacher predictions become soft labels stay unseen by the teachers). "
+           if cfg.merge_validation else "")
+        + f"Model settings: {spec.model_kwargs or 'defaults'}.", "",
         "Mean ± sample std over seeds of test metrics:", "",
         table(records), "",
     ]

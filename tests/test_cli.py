@@ -65,10 +65,12 @@ def test_distill_libfm_with_ablations_two_seeds(tmp_path):
     records = _check_outputs(out, 2, ["single", "mean", "gate"])
     variants = {r.get("variant") for r in records}
     for v in ("hint instead of soft label", "co-train", "stop on kd loss", "stop on kd loss, merged valid",
-              "merged valid, AUC on held-out slice"):
+              "not merged, auc on whole valid split"):
         assert v in variants
-    merged_plain = [r for r in records if r["distill"] == "none" and r.get("variant")]
-    assert len(merged_plain) == 2 and merged_plain[0]["variant"] == "merged valid, AUC on held-out slice"
+    # merged validation is the default: the ablation row is the plain DNN on the whole valid split
+    other_plain = [r for r in records if r["distill"] == "none" and r.get("variant")]
+    assert len(other_plain) == 2 and other_plain[0]["variant"] == "not merged, auc on whole valid split"
+    assert "Merged validation: students and the plain DNN" in (out / "report.md").read_text()
     assert any(v.startswith("D: ") for v in variants)
     report = (out / "report.md").read_text()
     assert " ± " in report  # two seeds: mean ± std
@@ -101,3 +103,14 @@ def test_distill_real_criteo_smoke(tmp_path):
                  "--test", f"criteo:{d / 'criteo_test.txt.gz'}", "--out", str(out), *FAST, "--max-epochs", "1"])
     assert code == 0
     _check_outputs(out, 1, ["single", "mean", "gate"])
+
+
+def test_merge_validation_is_the_default_and_can_be_switched_off():
+    from fastkd.cli import _spec, build_parser
+
+    base = ["distill", "--data", "libfm:x", "--out", "o"]
+    on = _spec(build_parser().parse_args(base)).config
+    off = _spec(build_parser().parse_args(base + ["--no-merge-validation", "--monitor-fraction", "0.3"])).config
+    assert on.merge_validation and on.monitor_fraction == 0.2
+    assert not off.merge_validation and off.monitor_fraction == 0.3
+    assert not on.for_teachers().merge_validation  # teachers never train on validation rows
