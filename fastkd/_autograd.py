@@ -53,6 +53,16 @@ def _triton_launcher(op: str) -> Callable:
     return getattr(distill_kernels if module.endswith(".distill_loss") else gated_kernels, name)
 
 
+def forced_backend() -> str:
+    """``FASTKD_BACKEND`` as ``""`` (unset or "auto"), ``"torch"`` or ``"triton"``; anything else
+    raises. Read at each dispatch so tests and users can switch it at run time; every op
+    (losses, embedding) reads it through here."""
+    forced = os.environ.get("FASTKD_BACKEND", "").strip().lower()
+    if forced not in ("", "auto") + BACKENDS:
+        raise ValueError(f"FASTKD_BACKEND must be one of {BACKENDS} (or unset), got {forced!r}")
+    return "" if forced == "auto" else forced
+
+
 def _fwd_impl(op: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> Callable:
     """The single place where an implementation is chosen for an op on a device.
 
@@ -62,9 +72,7 @@ def _fwd_impl(op: str, device: torch.device, dtype: Optional[torch.dtype] = None
     environment variable ``FASTKD_BACKEND=torch|triton`` forces one side; Triton on CPU tensors
     needs the interpreter (``TRITON_INTERPRET=1``, set before Triton is first imported).
     """
-    forced = os.environ.get("FASTKD_BACKEND", "").strip().lower()
-    if forced not in ("", "auto") + BACKENDS:
-        raise ValueError(f"FASTKD_BACKEND must be one of {BACKENDS} (or unset), got {forced!r}")
+    forced = forced_backend()
     if forced == "torch":
         return _IMPLS[op][0]
     if forced == "triton":
@@ -200,7 +208,8 @@ class GatedDistillLossFunction(torch.autograd.Function):
             g = _scale_per_sample(grad, grad_output)
             if len(saved) == 3:
                 grad_scores = saved[1] * grad_output.to(saved[1].dtype).unsqueeze(1)
-                g_w, g_b = _gate_param_grads(grad_scores, saved[2], ctx.gate)
+                # chain rule through s_bi = w_i·x_bi + b_i
+                g_w, g_b = reference.gate_param_grads_ref(grad_scores, saved[2])
         else:
             go = grad_output.to(grad.dtype)
             g = grad * go
@@ -210,7 +219,3 @@ class GatedDistillLossFunction(torch.autograd.Function):
             g_w, g_b = g_w.to(ctx.param_dtype), g_b.to(ctx.param_dtype)
         return (g.to(ctx.student_dtype), None, None, None, g_w, g_b) + (None,) * 8
 
-
-def _gate_param_grads(grad_scores: torch.Tensor, feats: torch.Tensor, gate: str):
-    """Chain rule through s_bi = w_i·x_bi + b_i: dW_i = Σ_b g_bi x_bi, db_i = Σ_b g_bi."""
-    return reference.gate_param_grads_ref(grad_scores, feats)

@@ -18,7 +18,6 @@ and no table-sized gradient ever exists. On CUDA the work runs in the Triton ker
 """
 from __future__ import annotations
 
-import os
 import types
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import embedding_ref
+from ._autograd import forced_backend
 
 __all__ = [
     "MultiFieldEmbedding",
@@ -82,8 +82,8 @@ def _impl(device: torch.device, backend: str, dtype: Optional[torch.dtype] = Non
     ``"torch"`` forces the reference. Both namespaces expose the same launcher names.
     """
     if backend == "auto":
-        forced = os.environ.get("FASTKD_BACKEND", "").strip().lower()
-        if forced in ("torch", "triton"):
+        forced = forced_backend()
+        if forced:
             backend = forced
         elif device.type != "cuda" or dtype == torch.float64:
             return _REF_IMPL
@@ -541,7 +541,7 @@ class MultiFieldEmbedding(nn.Module):
         if self.grad_mode != "dense":
             return False
         if self.backend == "auto":
-            return os.environ.get("FASTKD_BACKEND", "").strip().lower() != "triton"
+            return forced_backend() != "triton"
         return self.backend == "torch"
 
     def lookup(self, flat_ids: torch.Tensor) -> torch.Tensor:
@@ -622,16 +622,6 @@ class MultiFieldEmbedding(nn.Module):
             s += f", fused_optimizer={self.fused_optimizer!r}, lr={self.lr}"
         if self.backend != "auto":
             s += f", backend={self.backend!r}"
-        return s
-
-
-        start = int(self._offsets[field])
-        return self.weight[start : start + self._field_sizes[field]]
-
-    def extra_repr(self) -> str:
-        s = f"field_sizes={list(self._field_sizes)}, dim={self._dim}"
-        if self.sparse:
-            s += ", sparse=True"
         return s
 
 

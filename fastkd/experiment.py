@@ -109,10 +109,11 @@ class _Run:
             part = self.train if train is None else train[i]
             summ = train_model(model, part, self.valid, dataclasses.replace(tcfg, seed=seed * 100 + i + 1),
                                desc=f"teacher {name}")
+            test_logits = predict(model, self.test)
             if not variant:
-                self.record(name, "teacher", "none", seed, predict(model, self.test), model, summary=summ,
+                self.record(name, "teacher", "none", seed, test_logits, model, summary=summ,
                             seconds=time.perf_counter() - t0)
-            out.append((model, scores(self.valid.labels, predict(model, self.valid))["auc"]))
+            out.append((model, scores(self.valid.labels, predict(model, self.valid))["auc"], test_logits))
         return out
 
     def student(self, seed: int, teachers, distill: str, *, variant: str = "", mode: Optional[str] = None,
@@ -166,9 +167,8 @@ def run_experiment(train: CTRData, valid: CTRData, test: CTRData, spec: Experime
     for seed in spec.seeds:
         log(f"seed {seed}: teachers {', '.join(spec.teachers)}")
         trained = run.teachers(seed, spec.teachers)
-        teachers = [m for m, _ in trained]
-        with torch.no_grad():
-            ens = torch.stack([predict(m, test) for m in teachers], 1).mean(1)
+        teachers = [m for m, _, _ in trained]
+        ens = torch.stack([z for _, _, z in trained], 1).mean(1)
         run.record("ensemble (mean)", "ensemble", "mean", seed, ens)
         run.plain(seed)
         best = max(range(len(trained)), key=lambda i: trained[i][1])
@@ -203,8 +203,8 @@ def run_experiment(train: CTRData, valid: CTRData, test: CTRData, spec: Experime
             parts = np.array_split(rng.permutation(len(train)), m)
             arch = spec.teachers[0]
             dt = run.teachers(seed, [arch] * m, [train.subset(np.sort(p)) for p in parts], variant="D")
-            run.student(seed, [t for t, _ in dt], "gate", variant=f"D: {m}x {arch} on data partitions")
-            run.records[-1]["teacher_valid_auc"] = [a for _, a in dt]
+            run.student(seed, [t for t, _, _ in dt], "gate", variant=f"D: {m}x {arch} on data partitions")
+            run.records[-1]["teacher_valid_auc"] = [a for _, a, _ in dt]
     return ExperimentResult(run.records, run.gate_alphas)
 
 

@@ -321,11 +321,4 @@ def hint_loss(
         )
     V.check_nonempty("student_hint", student_hint.shape[0])
     V.check_same_device(student_hint=student_hint, teacher_hint=teacher_hint, weight=weight)
-    if not normalize:
-        return hint_loss_ref(student_hint, teacher_hint, weight, reduction)
-    dt = torch.promote_types(student_hint.dtype, torch.float32)
-    target = torch.nn.functional.normalize(
-        torch.nn.functional.linear(teacher_hint.detach().to(dt), weight.to(dt)), dim=-1)
-    diff = target - torch.nn.functional.normalize(student_hint.to(dt), dim=-1)
-    per_sample = diff.pow(2).sum(-1)
-    return per_sample if reduction == "none" else (per_sample.sum() if reduction == "sum" else per_sample.mean())
+    return hint_loss_ref(student_hint, teacher_hint, weight, reduction, normalize)

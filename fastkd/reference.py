@@ -189,12 +189,18 @@ def hint_loss_ref(
     teacher_hint: torch.Tensor,
     weight: torch.Tensor,
     reduction: str = "mean",
+    normalize: bool = False,
 ) -> torch.Tensor:
-    """``‖W v_T − v_S‖²`` per sample, summed over features; W is ``weight`` [d_S, d_T]."""
+    """``‖W v_T − v_S‖²`` per sample, summed over features; W is ``weight`` [d_S, d_T].
+
+    ``normalize=True``: both sides L2-normalised first (``2 − 2 cos``; a zero vector stays zero).
+    """
     dt = _compute_dtype(student_hint)
-    vt = teacher_hint.detach().to(dt)
-    diff = F.linear(vt, weight.to(dt)) - student_hint.to(dt)
-    return _reduce(diff.pow(2).sum(-1), reduction)
+    target = F.linear(teacher_hint.detach().to(dt), weight.to(dt))
+    vs = student_hint.to(dt)
+    if normalize:
+        target, vs = F.normalize(target, dim=-1), F.normalize(vs, dim=-1)
+    return _reduce((target - vs).pow(2).sum(-1), reduction)
 
 
 # --------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ With no process group (or a group of one) nothing of this runs and results are u
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -331,10 +332,7 @@ class TeacherCache:
         elif (path / "hidden.npy").exists():
             os.unlink(path / "hidden.npy")
         # the metadata file is written last: its presence marks a complete cache
-        meta = {"rows": n, "teachers": m, "hidden_dim": d if hidden else None}
-        tmp_meta = path / (cls.META + ".tmp")
-        tmp_meta.write_text(json.dumps(meta))
-        os.replace(tmp_meta, path / cls.META)
+        _write_json(path / cls.META, {"rows": n, "teachers": m, "hidden_dim": d if hidden else None})
         return cls.load(path)
 
     @classmethod
@@ -626,14 +624,15 @@ class _Loop:
         if world > 1 and not done and self.epoch < self.cfg.max_epochs:
             from torch.nn.parallel import DistributedDataParallel
 
-            fused = [type(m).__name__ for mod in self.modules.values() for m in mod.modules()
-                     if getattr(m, "fused_optimizer", None)]
-            if fused:
-                raise ValueError(f"{fused[0]} with fused_optimizer updates its rows inside backward, outside "
+            if self.opt.fused:
+                raise ValueError(f"{type(self.opt.fused[0]).__name__} with fused_optimizer updates its rows inside backward, outside "
                                  "DDP's gradient all-reduce, so ranks would drift apart; train it with the "
                                  "default dense gradient under torch.distributed")
             bs = max(1, bs // world)
             step = DistributedDataParallel(_Steps(self.modules, step))
+        # one context object for every step (fp32 runs need none)
+        amp = (torch.autocast(ids.device.type, dtype=torch.bfloat16) if self.cfg.precision == "bf16"
+               else contextlib.nullcontext())
         while not done and self.epoch < self.cfg.max_epochs:
             t0 = time.perf_counter()
             for m in self.modules.values():
@@ -654,9 +653,8 @@ class _Loop:
             if stops and rows - stops[-1] < 2:
                 stops.pop()
             bounds = list(zip([0] + stops, stops + [rows]))
-            bf16 = self.cfg.precision == "bf16"
             for k, (a, b) in enumerate(bounds):
-                with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+                with amp:
                     loss = step(ids_e[a:b], lab_e[a:b], perm[a:b])
                 self.opt.zero_grad()
                 loss.backward()

@@ -700,3 +700,8 @@ def test_cuda_bag_matches_cpu():
     out_c = cpu(values, offsets)
     out_g = gpu([v.cuda() for v in values], [o.cuda() for o in offsets])
     torch.testing.assert_close(out_g.cpu(), out_c, rtol=1e-5, atol=1e-6)
+
+
+def test_repr_names_mode_and_fused_optimizer():
+    r = repr(MultiFieldEmbedding([3, 4], 2, fused_optimizer="sgd", mode="bag", lr=0.5))
+    assert "mode='bag'" in r and "fused_optimizer='sgd'" in r and "lr=0.5" in r

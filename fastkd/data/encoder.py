@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from collections import Counter
-from functools import lru_cache
 from itertools import repeat
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
@@ -16,17 +15,6 @@ __all__ = ["FeatureEncoder"]
 
 MISSING_ID = 0
 OOV_ID = 1
-
-
-@lru_cache(maxsize=1)
-def _native_hasher():
-    """``fastkd.hashing.hash_strings`` if the native extension is built, else None."""
-    try:
-        from fastkd import hashing  # type: ignore[attr-defined]
-    except Exception:  # ImportError, or a broken build: fall back to Python
-        return None
-    fn = getattr(hashing, "hash_strings", None)
-    return fn if callable(fn) else None
 
 
 def _hash_column(values: Sequence[Optional[str]], num_buckets: int, seed: int) -> np.ndarray:
@@ -44,13 +32,11 @@ def _hash_column(values: Sequence[Optional[str]], num_buckets: int, seed: int) -
     Returns:
         int64 array ``[len(values)]``.
     """
-    native = _native_hasher()
-    if native is not None:
-        from fastkd import hashing
+    from fastkd import hashing  # the module itself falls back when the extension is not built
 
-        # hash_strings itself is plain `h % nb`; the reserved-0 contract above is the bucket0 mode
-        if hashing.NATIVE:
-            return hashing._hash_field(values, num_buckets, seed)
+    if hashing.NATIVE:
+        # the reserved-0 contract above is FeatureHasher's bucket0 mode
+        return hashing._hash_field(values, num_buckets, seed)
     h = xxhash.xxh3_64_intdigest
     m = num_buckets - 1
     # Python ints: the 64-bit digest does not fit int64, so take the modulus before numpy sees it.
