@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+# fastkd.models.MODELS' keys, spelled out so that parsing arguments (and --help) does not import
+# torch; tests/test_cli.py keeps the two equal.
 MODEL_NAMES = ("dnn", "widedeep", "deepfm", "dcn", "dcnv2", "xdeepfm", "autoint")
 
 

@@ -114,3 +114,10 @@ def test_merge_validation_is_the_default_and_can_be_switched_off():
     assert on.merge_validation and on.monitor_fraction == 0.2
     assert not off.merge_validation and off.monitor_fraction == 0.3
     assert not on.for_teachers().merge_validation  # teachers never train on validation rows
+
+
+def test_cli_model_names_are_the_registry():
+    from fastkd.cli import MODEL_NAMES
+    from fastkd.models import MODELS
+
+    assert sorted(MODEL_NAMES) == sorted(MODELS)
