@@ -92,7 +92,14 @@ def _extensions():
     exts = [Pybind11Extension(
         "fastkd._hashing", ["csrc/bindings.cpp", "csrc/hash_cpu.cpp"], include_dirs=["csrc"], depends=headers,
         cxx_std=17, extra_compile_args=[*cxx_flags, "-pthread"], extra_link_args=["-pthread"],
-        optional=not strict)]
+        optional=not strict),
+        # -ffp-contract=off: Adagrad's g*g rounds before it is added, as in torch.optim, so the
+        # fused step matches the reference instead of drifting by an FMA's rounding
+        Pybind11Extension(
+            "fastkd._embedding", ["csrc/bindings_embedding.cpp", "csrc/embedding_cpu.cpp"], include_dirs=["csrc"],
+            depends=["csrc/embedding_cpu.h"], cxx_std=17,
+            extra_compile_args=[*cxx_flags, "-pthread", "-fno-math-errno", "-ffp-contract=off"],
+            extra_link_args=["-pthread"], optional=not strict)]
     want_cuda = _env_flag("FASTKD_CUDA")
     nvcc = _find_nvcc() if want_cuda is not False else None
     if want_cuda and nvcc is None:

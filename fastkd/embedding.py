@@ -10,8 +10,10 @@ Backward gives a dense gradient (the default), a sparse one with duplicate rows 
 (``sparse=True``), or no gradient at all: with ``fused_optimizer="sgd"|"adagrad"`` the touched
 rows are updated inside backward, as ``torch.optim.SGD`` / ``Adagrad`` would on a sparse gradient,
 and no table-sized gradient ever exists. On CUDA the work runs in the Triton kernels of
-:mod:`fastkd.kernels.embedding`; elsewhere in their plain-PyTorch twins
-(:mod:`fastkd.embedding_ref`). The choice is made in one place, :func:`_impl`.
+:mod:`fastkd.kernels.embedding`; on CPU in their plain-PyTorch twins (:mod:`fastkd.embedding_ref`,
+also the test oracle), except the sparse and fused backward, which the native extension
+``fastkd._embedding`` does in one pass when it is built (:mod:`fastkd._embedding_native`;
+:data:`NATIVE_CPU`). The choice is made in one place, :func:`_impl`.
 
 :class:`MultiFieldEmbeddingRef` is the plain per-field version (one ``nn.Embedding`` or
 ``nn.EmbeddingBag`` per field), kept as a test oracle and for readability; not meant for training.
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import embedding_ref
+from . import _embedding_native, embedding_ref
 from ._autograd import forced_backend
 
 __all__ = [
@@ -33,7 +35,12 @@ __all__ = [
     "MultiFieldEmbeddingFunction",
     "MultiFieldEmbeddingRef",
     "multi_field_embedding",
+    "NATIVE_CPU",
 ]
+
+#: True when the native CPU backward (``fastkd._embedding``) is built; without it the CPU path
+#: is the plain-PyTorch reference, with the same results.
+NATIVE_CPU: bool = _embedding_native.NATIVE
 
 # CTR embeddings are conventionally initialised close to zero (N(0, 1e-4) is the common default
 # in CTR benchmark suites such as FuxiCTR/BARS). Tiny rows make second-order terms (FM, CIN, cross
@@ -70,22 +77,29 @@ def _load_kernels():
 
 
 _REF_IMPL = types.SimpleNamespace(**{n: getattr(embedding_ref, n + "_ref") for n in _LAUNCHERS})
+# The CPU path: the reference, with the sparse and fused backward done natively where it can
+# (each native function hands what it does not take back to the reference).
+_CPU_IMPL = types.SimpleNamespace(**{
+    n: getattr(_embedding_native, n, None) or getattr(embedding_ref, n + "_ref") for n in _LAUNCHERS})
 
 
 def _impl(device: torch.device, backend: str, dtype: Optional[torch.dtype] = None):
     """The single place where the embedding's implementation is chosen.
 
-    ``"auto"``: Triton for CUDA tensors when it imports, plain PyTorch otherwise (and for
-    float64 tables: the kernels compute in float32); the environment variable
-    ``FASTKD_BACKEND=torch|triton`` overrides ``"auto"`` as it does for the losses. ``"triton"``
-    forces the kernels (on CPU tensors only under ``TRITON_INTERPRET=1``, as the tests do);
-    ``"torch"`` forces the reference. Both namespaces expose the same launcher names.
+    ``"auto"``: Triton for CUDA tensors when it imports, the CPU path otherwise (the reference
+    plus the native sparse/fused backward; the plain reference for float64 CUDA tables: the
+    kernels compute in float32); the environment variable ``FASTKD_BACKEND=torch|triton``
+    overrides ``"auto"`` as it does for the losses. ``"triton"`` forces the kernels (on CPU
+    tensors only under ``TRITON_INTERPRET=1``, as the tests do); ``"torch"`` forces the pure
+    PyTorch reference. All namespaces expose the same launcher names.
     """
     if backend == "auto":
         forced = forced_backend()
         if forced:
             backend = forced
-        elif device.type != "cuda" or dtype == torch.float64:
+        elif device.type != "cuda":
+            return _CPU_IMPL
+        elif dtype == torch.float64:
             return _REF_IMPL
     if backend == "torch":
         return _REF_IMPL
