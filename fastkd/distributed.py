@@ -20,7 +20,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-from typing import Iterable, Optional, Tuple
+from typing import Any, Iterable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -28,8 +28,8 @@ import torch.distributed as dist
 __all__ = [
     "init_process_group", "destroy_process_group", "is_initialized", "get_rank", "get_world_size",
     "is_main_process", "launched_distributed", "default_backend", "barrier", "shard_bounds",
-    "shard_permutation", "gather_rows", "all_reduce_sum", "broadcast_float", "broadcast_buffers",
-    "rank_seed", "free_port",
+    "shard_permutation", "gather_rows", "all_gather_object", "all_gather_uneven", "all_reduce_sum",
+    "broadcast_float", "broadcast_buffers", "rank_seed", "free_port",
 ]
 
 
@@ -191,6 +191,44 @@ def gather_rows(local: torch.Tensor, n: int) -> torch.Tensor:
         a, b = shard_bounds(n, r, world)
         out.append(part[: b - a])
     return torch.cat(out)
+
+
+def all_gather_object(obj: Any) -> List[Any]:
+    """Every rank's picklable ``obj``, in rank order (``[obj]`` in a single process).
+
+    For small things (names, counts, errors, chunk positions); tensors of data go through
+    :func:`all_gather_uneven`.
+    """
+    world = get_world_size()
+    if world == 1:
+        return [obj]
+    out: List[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_gather_uneven(local: torch.Tensor) -> List[torch.Tensor]:
+    """Every rank's ``local`` tensor in rank order, where the first dimension may differ by rank.
+
+    The other dimensions and the dtype must agree. One small collective exchanges the lengths,
+    then one ``all_gather`` moves the rows (each rank's block padded to the longest).
+
+    Shape:
+        - local: ``[n_r, *]`` on rank ``r``
+        - output: ``W`` tensors ``[n_0, *] ... [n_{W-1}, *]``
+    """
+    world = get_world_size()
+    if world == 1:
+        return [local]
+    lengths = torch.zeros(world, dtype=torch.int64)
+    lengths[get_rank()] = local.shape[0]
+    dist.all_reduce(lengths, op=dist.ReduceOp.SUM)
+    longest = int(lengths.max())
+    padded = local.new_zeros((longest,) + tuple(local.shape[1:]))
+    padded[: local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    return [part[: int(n)] for part, n in zip(parts, lengths)]
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

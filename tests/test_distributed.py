@@ -67,11 +67,30 @@ def _fixed_teachers(fs):
 # ------------------------------------------------------------------------------------------------
 # worker (runs in each spawned rank)
 # ------------------------------------------------------------------------------------------------
+def _load_worker(spec: dict, rank: int, out: Path) -> None:
+    from fastkd.data import load
+
+    res = {}
+    for name, (path, kwargs) in spec["load_cases"].items():
+        try:
+            data, enc = load(path, return_encoder=True, **kwargs)
+            res[name] = (data.ids, data.labels, data.field_sizes, enc.state_dict())
+        except Exception as exc:  # the strict case: every rank must raise, none may hang
+            res[name] = f"{type(exc).__name__}: {exc}"
+    torch.save(res, out / f"load{rank}.pt")
+
+
 def _worker(spec: dict) -> None:
     torch.set_num_threads(1)
     distributed.init_process_group(timeout_s=spec["timeout_s"])
     rank = distributed.get_rank()
     out = Path(spec["out"])
+    if spec.get("load_cases"):
+        try:
+            _load_worker(spec, rank, out)
+        finally:
+            distributed.destroy_process_group()
+        return
     try:
         train, valid, test = _splits()
         res = {"world": distributed.get_world_size()}
@@ -181,6 +200,108 @@ def one_process(tmp_path_factory):
                 "test_auc": kd.evaluate(test)["auc"]}
     finally:
         torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------------
+# sharded reading and encoding (fastkd.data.load under a process group)
+# ------------------------------------------------------------------------------------------------
+def _write_sources(d: Path) -> dict:
+    """Small sources in every reader family, with a malformed row, and the load cases over them."""
+    rng = np.random.default_rng(0)
+    n = 103
+    a, b = rng.integers(0, 9, n), rng.integers(0, 30, n)
+    num, lab = rng.normal(size=n).round(3), rng.integers(0, 2, n)
+    lines = ["label,a,b,n"] + [f"{lab[i]},a{a[i]},b{b[i]},{num[i]}" for i in range(n)]
+    lines.insert(61, "1,a1,b2")  # too few fields: skipped, or the strict error
+    (d / "t.csv").write_text("\n".join(lines) + "\n")
+    criteo = []
+    for i in range(n):
+        ints = [str(rng.integers(0, 50)) if rng.random() > 0.2 else "" for _ in range(13)]
+        cats = [format(int(rng.integers(0, 40 if f < 3 else 5)), "08x") for f in range(26)]
+        criteo.append("\t".join([str(lab[i])] + ints + cats))
+    (d / "c.txt").write_text("\n".join(criteo) + "\n")
+    for k, rows in enumerate((range(0, 50), range(50, n))):
+        (d / f"f{k}.libfm").write_text("".join(f"{lab[i]} {a[i]}:1 {9 + b[i]}:1 {40 + i % 7}:1\n" for i in rows))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"label": lab, "a": [f"a{v}" for v in a], "b": [f"b{v}" for v in b], "n": num}),
+                   d / "t.parquet", row_group_size=10)
+    return {
+        "csv-vocab": (f"csv:{d}/t.csv", dict(min_count=2, numeric=["n"], chunk_rows=7)),
+        "csv-hash": (f"csv:{d}/t.csv", dict(kind="hash", num_buckets=50, chunk_rows=7)),
+        "criteo-hash": (f"criteo:{d}/c.txt", dict(kind="hash", num_buckets=[20] * 13 + [64] * 26, chunk_rows=6)),
+        "criteo-vocab": (f"criteo:{d}/c.txt", dict(chunk_rows=6)),
+        "libfm-two-files": (f"libfm:{d}/f0.libfm,{d}/f1.libfm", dict(chunk_rows=9)),
+        "parquet-row-groups": (f"parquet:{d}/t.parquet", dict(numeric=["n"], chunk_rows=4)),
+        "strict-error": (f"csv:{d}/t.csv", dict(strict=True, chunk_rows=7)),
+    }
+
+
+@pytest.fixture(scope="module")
+def sharded_loads(tmp_path_factory):
+    out = tmp_path_factory.mktemp("load")
+    cases = _write_sources(out)
+    codes, logs = _launch(out, load_cases=cases)
+    assert codes == [0, 0], "\n".join(logs)
+    return cases, [torch.load(out / f"load{r}.pt", weights_only=False) for r in range(2)]
+
+
+def test_sharded_reads_partition_the_source_in_order(tmp_path):
+    from fastkd.data import iter_table
+
+    cases = _write_sources(tmp_path)
+    for name in ("csv-vocab", "criteo-vocab", "libfm-two-files", "parquet-row-groups"):
+        path, kw = cases[name]
+        kw = {k: v for k, v in kw.items() if k in ("numeric", "chunk_rows")}
+        whole = list(iter_table(path, **kw))
+        shards = [list(iter_table(path, shard=(r, 3), **kw)) for r in range(3)]
+        assert all(shards), f"{name}: a rank got no chunk"
+        merged = sorted((t for s in shards for t in s), key=lambda t: t.chunk)
+        cat = lambda ts, f: np.concatenate([t.columns[f] for t in ts])  # noqa: E731
+        assert np.array_equal(np.concatenate([t.labels for t in merged]), np.concatenate([t.labels for t in whole]))
+        for f in range(len(whole[0].field_names)):
+            assert list(cat(merged, f)) == list(cat(whole, f)), (name, f)
+
+
+@pytest.mark.parametrize("bad", [(1,), (2, 2), (-1, 2), "0,2"])
+def test_bad_shard_argument_raises(tmp_path, bad):
+    from fastkd.data import iter_table
+
+    (tmp_path / "t.csv").write_text("label,a\n1,x\n")
+    with pytest.raises(ValueError, match="shard must be"):
+        list(iter_table(f"csv:{tmp_path}/t.csv", shard=bad))
+
+
+def test_load_sharded_true_needs_a_process_group(tmp_path):
+    from fastkd.data import load
+
+    (tmp_path / "t.csv").write_text("label,a\n1,x\n")
+    with pytest.raises(RuntimeError, match="process group"):
+        load(f"csv:{tmp_path}/t.csv", sharded=True)
+
+
+def test_two_ranks_load_what_one_process_loads(sharded_loads):
+    from fastkd.data import load
+
+    cases, ranks = sharded_loads
+    for name, (path, kwargs) in cases.items():
+        if name == "strict-error":
+            continue
+        data, enc = load(path, return_encoder=True, **kwargs)
+        for r, res in enumerate(ranks):
+            assert not isinstance(res[name], str), f"rank {r}, {name}: {res[name]}"
+            ids, labels, sizes, state = res[name]
+            assert np.array_equal(ids, data.ids), (name, r)
+            assert np.array_equal(labels, data.labels), (name, r)
+            assert sizes == data.field_sizes and state == enc.state_dict(), (name, r)
+
+
+def test_an_error_on_one_rank_is_raised_on_every_rank(sharded_loads):
+    _, ranks = sharded_loads
+    # line 62 of t.csv lies in the 9th block of 7 lines (unit 8), which rank 0 reads
+    assert ranks[0]["strict-error"].startswith("ValueError: ") and "t.csv:62" in ranks[0]["strict-error"]
+    assert ranks[1]["strict-error"].startswith("RuntimeError: sharded load: rank 0 failed")
+    assert "t.csv:62" in ranks[1]["strict-error"]
 
 
 # ------------------------------------------------------------------------------------------------

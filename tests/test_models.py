@@ -401,3 +401,15 @@ def test_embedding_options_reach_the_table_and_fused_update_trains_it():
     touched = torch.zeros_like(changed)
     touched[model.embedding.flat_ids(ids).reshape(-1)] = True
     assert changed.any() and not (changed & ~touched).any()
+
+
+def test_sparse_and_init_std_may_come_through_embedding_options():
+    model = build_model("dnn", [5, 7], embed_dim=4, hidden_units=(8,),
+                        embedding_options={"sparse": True, "init_std": 0.5})
+    assert model.embedding.sparse and model.embedding.weight.std() > 0.1
+    same = build_model("dnn", [5, 7], embed_dim=4, hidden_units=(8,), sparse=True,
+                       embedding_options={"sparse": True})
+    assert same.embedding.sparse
+    with pytest.raises(ValueError, match="sparse=True contradicts embedding_options"):
+        build_model("dnn", [5, 7], embed_dim=4, hidden_units=(8,), sparse=True,
+                    embedding_options={"sparse": False})

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections import Counter
 from itertools import repeat
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import xxhash
@@ -148,6 +148,17 @@ class FeatureEncoder:
         Returns:
             ``self``.
         """
+        names, counts = self._count(tables)
+        if names is None:
+            raise ValueError("fit() got no tables")
+        return self._fit_counts(names, counts)
+
+    def _count(self, tables) -> Tuple[Optional[List[str]], List[Counter]]:
+        """Field names and (vocab) per-field value counts of ``tables``; ``(None, [])`` if empty.
+
+        Counts of disjoint parts of a source add up to the counts of the whole, which is what a
+        sharded fit (:func:`fastkd.data.load` under torch.distributed) relies on.
+        """
         names: Optional[List[str]] = None
         counts: List[Counter] = []
         for i, t in enumerate(self._tables(tables)):
@@ -164,8 +175,9 @@ class FeatureEncoder:
                 break  # an iterator of chunks: the names are all hashing needs
             for f, col in enumerate(t.columns):
                 counts[f].update(col)
-        if names is None:
-            raise ValueError("fit() got no tables")
+        return names, counts
+
+    def _fit_counts(self, names: List[str], counts: List[Counter]) -> "FeatureEncoder":
         if self.kind == "hash":
             self._sizes = self._hash_sizes(len(names))
             self._vocabs = self._lookups = None
@@ -181,7 +193,7 @@ class FeatureEncoder:
                 known = sorted((k for k, n in c.items() if n >= self.min_count), key=lambda k: (-c[k], k))
                 vocabs.append({k: i + 2 for i, k in enumerate(known)})
             self._set_vocabs(vocabs)
-        self._field_names = names
+        self._field_names = list(names)
         return self
 
     def _set_vocabs(self, vocabs: List[Dict[str, int]]) -> None:

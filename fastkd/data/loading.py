@@ -1,7 +1,10 @@
 """One-call loading: spec -> encoded :class:`CTRData` (:func:`load`)."""
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence, Tuple, Union
+import sys
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
 
 from .encoder import FeatureEncoder
 from .readers import iter_table
@@ -14,10 +17,20 @@ __all__ = ["load"]
 def load(spec: str, *, encoder: Optional[FeatureEncoder] = None, kind: str = "vocab", min_count: int = 1,
          num_buckets=None, seed: int = 0, strict: bool = False, label: Optional[str] = None,
          numeric: Iterable[str] = (), columns: Optional[Sequence[str]] = None, chunk_rows: int = 200_000,
-         return_encoder: bool = False) -> Union[CTRData, Tuple[CTRData, Optional[FeatureEncoder]]]:
+         return_encoder: bool = False,
+         sharded: Optional[bool] = None) -> Union[CTRData, Tuple[CTRData, Optional[FeatureEncoder]]]:
     """Read and encode a data source in two streaming passes (fit, then transform).
 
     Only encoded ids of the whole source are held in memory, never all raw strings at once.
+
+    Under ``torch.distributed`` (a process group of ``W > 1`` ranks) the work is sharded: each
+    rank reads, parses and encodes only its share of the source (``iter_table(shard=(rank, W))``:
+    every ``W``-th block of ``chunk_rows`` lines, or parquet row group), a vocabulary is fitted
+    on the sum of the ranks' counts, and the encoded ids are all-gathered in source order. Every
+    rank gets the same :class:`CTRData` and encoder, identical to a single-process load; the raw
+    strings of the whole source never pass through one process. Errors (a malformed row with
+    ``strict``, a bad file) are raised on every rank, naming the rank that hit them. This is a
+    collective: all ranks must call it with the same arguments.
     ``spec`` may also be ``"synthetic"`` or ``"synthetic:N"``: :func:`make_synthetic` with
     ``n_samples=N`` (default 200,000) and ``seed`` (no encoder involved; it returns ``None`` for it).
 
@@ -28,6 +41,9 @@ def load(spec: str, *, encoder: Optional[FeatureEncoder] = None, kind: str = "vo
         kind, min_count, num_buckets, seed: settings of the new encoder.
         strict, label, numeric, columns, chunk_rows: passed to :func:`~fastkd.data.iter_table`.
         return_encoder: also return the encoder.
+        sharded: ``None`` (default): shard when a process group of more than one rank is
+            initialised; ``False``: every rank reads the whole source itself; ``True``: require a
+            process group (raises without one).
 
     Returns:
         :class:`CTRData`, or ``(CTRData, encoder)`` with ``return_encoder=True``.
@@ -45,6 +61,16 @@ def load(spec: str, *, encoder: Optional[FeatureEncoder] = None, kind: str = "vo
         data = make_synthetic(n_samples=n_samples, seed=seed)
         return (data, None) if return_encoder else data
 
+    world, rank = _process_group()
+    if sharded and world == 1 and not _group_initialized():
+        raise RuntimeError("load(sharded=True) needs an initialised torch.distributed process group "
+                           "(fastkd.distributed.init_process_group())")
+    if world > 1 and sharded is not False:
+        return _load_sharded(spec, encoder, rank, world, return_encoder,
+                             dict(kind=kind, min_count=min_count, num_buckets=num_buckets, seed=seed),
+                             dict(chunk_rows=chunk_rows, strict=strict, label=label, numeric=numeric,
+                                  columns=columns))
+
     def chunks():
         return iter_table(spec, chunk_rows=chunk_rows, strict=strict, label=label, numeric=numeric,
                           columns=columns)
@@ -54,4 +80,105 @@ def load(spec: str, *, encoder: Optional[FeatureEncoder] = None, kind: str = "vo
         encoder = FeatureEncoder(kind, min_count=min_count, num_buckets=num_buckets, seed=seed).fit(first_pass)
     first_pass.close()  # a hash encoder stops after the first chunk; release the open file now
     data = encoder.transform(chunks())
+    return (data, encoder) if return_encoder else data
+
+
+def _group_initialized() -> bool:
+    # No torch imported means no process group: data loading stays torch-free in one process.
+    if "torch" not in sys.modules:
+        return False
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized()
+
+
+def _process_group() -> Tuple[int, int]:
+    """(world size, rank) of the default process group, (1, 0) without one."""
+    if not _group_initialized():
+        return 1, 0
+    from .. import distributed as _dist
+    return _dist.get_world_size(), _dist.get_rank()
+
+
+def _collective(step, what: str):
+    """Run ``step()`` on every rank; if any rank raised, raise on all of them (no rank is left
+    waiting in the next collective). The failing rank re-raises its own exception."""
+    from .. import distributed as _dist
+    try:
+        result, error = step(), None
+    except Exception as exc:  # noqa: BLE001 - re-raised below on this rank, reported on the others
+        result, error = None, exc
+    errors = _dist.all_gather_object(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    for r, e in enumerate(errors):
+        if e is not None:
+            raise RuntimeError(f"sharded load: rank {r} failed while {what}: {e}")
+    return result
+
+
+def _load_sharded(spec, encoder, rank: int, world: int, return_encoder: bool, enc_args: dict,
+                  read_args: dict):
+    import torch
+
+    from .. import distributed as _dist
+
+    def chunks():
+        return iter_table(spec, shard=(rank, world), **read_args)
+
+    if encoder is None:
+        encoder = FeatureEncoder(**enc_args)
+
+        def count():
+            it = chunks()
+            try:
+                return encoder._count(it)
+            finally:
+                it.close()
+
+        parts = _dist.all_gather_object(_collective(count, "reading for the encoder"))
+        names = next((n for n, _ in parts if n is not None), None)
+        if names is None:
+            raise ValueError(f"no rows in {spec!r}")
+        totals = None
+        for n, counts in parts:
+            if n is None:
+                continue
+            if n != names:
+                raise ValueError(f"sharded load: ranks read different fields ({n} vs {names})")
+            if totals is None:
+                totals = counts
+            else:
+                for total, c in zip(totals, counts):
+                    total.update(c)
+        encoder._fit_counts(names, totals or [])
+
+    def encode():
+        keys, blocks, labels = [], [], []
+        for t in chunks():
+            d = encoder.transform(t)
+            keys.append((t.chunk, len(d)))
+            blocks.append(d.ids)
+            labels.append(d.labels)
+        F = len(encoder.field_names)
+        ids = np.concatenate(blocks) if blocks else np.empty((0, F), dtype=np.int64)
+        lab = np.concatenate(labels) if labels else np.empty(0, dtype=np.float32)
+        return keys, ids, lab
+
+    keys, ids, lab = _collective(encode, "encoding its shard")
+    all_keys = _dist.all_gather_object(keys)
+    all_ids = _dist.all_gather_uneven(torch.from_numpy(ids))
+    all_lab = _dist.all_gather_uneven(torch.from_numpy(lab))
+    # Put the chunks back in source order: (chunk position, rank, offset in that rank's block).
+    order: List[Tuple[Tuple[int, int], int, int, int]] = []
+    for r, ks in enumerate(all_keys):
+        offset = 0
+        for key, n in ks:
+            order.append((key, r, offset, n))
+            offset += n
+    order.sort()
+    if not order:
+        raise ValueError(f"no rows in {spec!r}")
+    data = CTRData(np.concatenate([all_ids[r][a:a + n].numpy() for _, r, a, n in order]),
+                   np.concatenate([all_lab[r][a:a + n].numpy() for _, r, a, n in order]),
+                   encoder.field_names, encoder.field_sizes)
     return (data, encoder) if return_encoder else data

@@ -120,6 +120,9 @@ class RawTable:
         field_names: ``F`` names.
         numeric: ``F`` flags, True where the field was numeric (bucketised).
         report: :class:`ReadReport` for the rows of this table.
+        chunk: where :func:`iter_table` read it: ``(unit, part)``, ordered as the chunks of the
+            whole source (a unit is a block of ``chunk_rows`` lines, or a parquet row group read
+            by a shard). Sharded reads use it to put the ranks' chunks back in source order.
     """
 
     labels: np.ndarray
@@ -127,6 +130,7 @@ class RawTable:
     field_names: List[str]
     numeric: List[bool]
     report: ReadReport = field(default_factory=ReadReport)
+    chunk: Optional[Tuple[int, int]] = None
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.float32)
@@ -251,8 +255,9 @@ def _parse_floats(raw: Sequence, what: str) -> Tuple[np.ndarray, Dict[int, str]]
 class _Chunk:
     """Rows of one chunk of one file, collected before validation of labels and numeric fields."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, units: "_Units", part: int = 0):
         self.path = path
+        self.chunk = (units.current, part)  # the unit just taken
         self.lines: List[int] = []
         self.labels: list = []
         self.rows: list = []          # text kinds: list of per-row feature lists
@@ -324,7 +329,7 @@ def _finish_chunk(ch: _Chunk, field_names: List[str], numeric: List[bool], stric
     labels = (lab[keep] == 1).astype(np.float32)
     report = ReadReport(rows_read=ch.n_read, rows_ok=int(keep.sum()), malformed=len(bad_all),
                         first_bad=[(ch.path, l, r) for l, r in bad_all[:_MAX_BAD]], files=[ch.path])
-    return RawTable(labels, out_cols, list(field_names), list(numeric), report)
+    return RawTable(labels, out_cols, list(field_names), list(numeric), report, ch.chunk)
 
 
 def _select(names: Sequence[str], columns: Optional[Sequence[str]], what: str) -> List[int]:
@@ -340,13 +345,34 @@ def _select(names: Sequence[str], columns: Optional[Sequence[str]], what: str) -
     return [list(names).index(c) for c in columns]
 
 
-def _text_chunks(fh, chunk_rows: int) -> Iterator[Tuple[Sequence[int], List[str]]]:
-    """Chunks of ``chunk_rows`` physical lines as (1-based line numbers, lines without EOL); empty lines dropped."""
+class _Units:
+    """Numbers the units (blocks of ``chunk_rows`` lines, parquet row groups) of one source, across
+    its files, and says which ones this shard reads: unit ``i`` belongs to rank ``i % world``."""
+
+    def __init__(self, shard: Optional[Tuple[int, int]]):
+        self.rank, self.world = shard if shard is not None else (0, 1)
+        self.next = 0
+        self.current = -1
+
+    def take(self) -> bool:
+        self.current = self.next
+        self.next += 1
+        return self.current % self.world == self.rank
+
+
+def _text_chunks(fh, chunk_rows: int, units: _Units) -> Iterator[Tuple[Sequence[int], List[str]]]:
+    """Chunks of ``chunk_rows`` physical lines as (1-based line numbers, lines without EOL); empty lines dropped.
+
+    Blocks of other shards are read past (line boundaries must be found) but not split or parsed.
+    """
     start = 1
     while True:
         block = list(islice(fh, chunk_rows))
         if not block:
             return
+        if not units.take():
+            start += len(block)
+            continue
         lines = [s.rstrip("\r\n") for s in block]
         if "" in lines:
             nos = [start + i for i, s in enumerate(lines) if s]
@@ -360,7 +386,7 @@ def _text_chunks(fh, chunk_rows: int) -> Iterator[Tuple[Sequence[int], List[str]
 # ----------------------------------------------------------------------------------------------
 # Kind readers: each yields RawTables, one per chunk per file
 # ----------------------------------------------------------------------------------------------
-def _read_criteo(paths, chunk_rows, strict, label, numeric, columns):
+def _read_criteo(paths, chunk_rows, strict, label, numeric, columns, units):
     if numeric:
         raise ValueError("numeric= does not apply to kind 'criteo' (I1..I13 are always numeric)")
     names_all = CRITEO_NUMERIC + CRITEO_CATEGORICAL
@@ -370,8 +396,8 @@ def _read_criteo(paths, chunk_rows, strict, label, numeric, columns):
     all_sel = columns is None
     for path in paths:
         with _open_text(path) as fh:
-            for nos, lines in _text_chunks(fh, chunk_rows):
-                ch = _Chunk(path)
+            for nos, lines in _text_chunks(fh, chunk_rows, units):
+                ch = _Chunk(path, units)
                 ch.n_read = len(lines)
                 for line_no, s in zip(nos, lines):
                     parts = s.split("\t")
@@ -427,7 +453,7 @@ def _libfm_line(s: str):
     return parts[0], [t[0] for t in toks]
 
 
-def _read_libfm(paths, chunk_rows, strict, label, numeric, columns):
+def _read_libfm(paths, chunk_rows, strict, label, numeric, columns, units):
     if numeric:
         raise ValueError("numeric= does not apply to kind 'libfm' (tokens are feature indices)")
     width = len(columns) if columns is not None else None
@@ -437,8 +463,8 @@ def _read_libfm(paths, chunk_rows, strict, label, numeric, columns):
     pending: List[RawTable] = []
     for path in paths:
         with _open_text(path) as fh:
-            for nos, lines in _text_chunks(fh, chunk_rows):
-                ch = _Chunk(path)
+            for nos, lines in _text_chunks(fh, chunk_rows, units):
+                ch = _Chunk(path, units)
                 ch.n_read = len(lines)
                 if width is None:
                     # The first line whose label and entries parse fixes the number of fields.
@@ -472,7 +498,8 @@ def _read_libfm(paths, chunk_rows, strict, label, numeric, columns):
                     pending.append(_finish_chunk(ch, [], [], strict))
                     continue
                 for p in pending:
-                    yield RawTable(p.labels, [np.empty(0, dtype=object)] * width, names, [False] * width, p.report)
+                    yield RawTable(p.labels, [np.empty(0, dtype=object)] * width, names, [False] * width, p.report,
+                                   p.chunk)
                 pending = []
                 yield _finish_chunk(ch, names, [False] * width, strict)
     for p in pending:  # the whole input had no good line
@@ -483,7 +510,7 @@ def _sniff_delimiter(first_line: str) -> str:
     return "\t" if ("\t" in first_line and "," not in first_line) else ","
 
 
-def _read_delimited(paths, chunk_rows, strict, label, numeric, columns, avazu: bool):
+def _read_delimited(paths, chunk_rows, strict, label, numeric, columns, units, avazu: bool):
     """Generic header-based CSV; with ``avazu=True`` the header is optional and id/hour are special."""
     numeric = list(numeric)
     out_names: Optional[List[str]] = None
@@ -528,7 +555,13 @@ def _read_delimited(paths, chunk_rows, strict, label, numeric, columns, avazu: b
             start_line = 1 if has_header else 0
             reader = csv.reader(lines, delimiter=delim)
             while True:
-                ch = _Chunk(path)
+                if not units.take():
+                    # another shard's block: csv must still tokenise it (quoted fields may hold
+                    # newlines), but its rows are neither kept nor converted
+                    if sum(1 for _ in islice(reader, chunk_rows)) < chunk_rows:
+                        break
+                    continue
+                ch = _Chunk(path, units)
                 got = 0
                 for row in islice(reader, chunk_rows):
                     got += 1
@@ -568,7 +601,7 @@ def _avazu_hour(col: np.ndarray) -> Tuple[np.ndarray, Dict[int, str]]:
     return out, bad
 
 
-def _read_parquet(paths, chunk_rows, strict, label, numeric, columns):
+def _read_parquet(paths, chunk_rows, strict, label, numeric, columns, units):
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -591,17 +624,34 @@ def _read_parquet(paths, chunk_rows, strict, label, numeric, columns):
         missing = [c for c in out_names if c not in file_cols]
         if missing:
             raise ValueError(f"{path}: columns {missing} missing (file has {file_cols})")
-        offset = 0
-        for batch in pf.iter_batches(batch_size=chunk_rows, columns=[label] + out_names):
+        def chunk(batch, offset, part):
             n = batch.num_rows
-            ch = _Chunk(path)
+            ch = _Chunk(path, units, part)
             ch.n_read = n
             ch.lines = list(range(offset + 1, offset + n + 1))
             ch.labels = _arrow_numeric(batch.column(0), pa)
             ch.columns = [(_arrow_numeric(batch.column(j + 1), pa) if is_num[j] else _arrow_strings(batch.column(j + 1), pa))
                           for j in range(len(out_names))]
-            offset += n
-            yield _finish_chunk(ch, out_names, is_num, strict)
+            return _finish_chunk(ch, out_names, is_num, strict)
+
+        cols = [label] + out_names
+        if units.world == 1:
+            offset = 0
+            for batch in pf.iter_batches(batch_size=chunk_rows, columns=cols):
+                units.take()
+                yield chunk(batch, offset, 0)
+                offset += batch.num_rows
+            continue
+        # Sharded: whole row groups per rank, so other shards' groups are never read or decoded.
+        offset = 0
+        for g in range(pf.num_row_groups):
+            rows = pf.metadata.row_group(g).num_rows
+            if units.take():
+                part_offset = offset
+                for part, batch in enumerate(pf.iter_batches(batch_size=chunk_rows, row_groups=[g], columns=cols)):
+                    yield chunk(batch, part_offset, part)
+                    part_offset += batch.num_rows
+            offset += rows
     if out_names is None:  # pragma: no cover - parse_spec guarantees at least one path
         raise ValueError("no parquet files given")
 
@@ -644,7 +694,8 @@ _READERS = {
 # Public entry points
 # ----------------------------------------------------------------------------------------------
 def iter_table(spec: str, chunk_rows: int = 200_000, strict: bool = False, label: Optional[str] = None,
-               numeric: Iterable[str] = (), columns: Optional[Sequence[str]] = None) -> Iterator[RawTable]:
+               numeric: Iterable[str] = (), columns: Optional[Sequence[str]] = None,
+               shard: Optional[Tuple[int, int]] = None) -> Iterator[RawTable]:
     """Stream a data source as :class:`RawTable` chunks of at most ``chunk_rows`` input lines.
 
     Only one chunk is held in memory at a time; a chunk never spans two files. See the module
@@ -662,9 +713,15 @@ def iter_table(spec: str, chunk_rows: int = 200_000, strict: bool = False, label
             (default: all but label, and ``id`` for avazu). ``libfm``: names of the positional fields
             (their number then fixes the expected entries per line; default ``f0, f1, ...``), e.g.
             :data:`FRAPPE_FIELDS`.
+        shard: ``(rank, world_size)``: read only this rank's share. The source is cut into units
+            (blocks of ``chunk_rows`` lines; parquet row groups) and unit ``i`` goes to rank
+            ``i % world_size``, so the shards of all ranks, ordered by :attr:`RawTable.chunk`, are
+            exactly the unsharded chunks. Text formats still scan other ranks' blocks for line
+            ends but do not parse them; parquet skips their row groups entirely.
 
     Yields:
-        :class:`RawTable` per chunk, each with its own :class:`ReadReport`.
+        :class:`RawTable` per chunk, each with its own :class:`ReadReport` and
+        :attr:`~RawTable.chunk` position.
 
     Raises:
         ValueError: bad spec, unknown kind, bad argument, missing label column, or (``strict``) a malformed row.
@@ -687,7 +744,15 @@ def iter_table(spec: str, chunk_rows: int = 200_000, strict: bool = False, label
         columns = list(columns)
     if label is None:
         label = _DEFAULT_LABEL.get(kind, "label")
-    return _READERS[kind](paths, chunk_rows, strict, label, numeric, columns)
+    if shard is not None:
+        try:
+            rank, world = (int(v) for v in shard)
+        except (TypeError, ValueError):
+            raise ValueError(f"shard must be (rank, world_size), got {shard!r}") from None
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard!r}")
+        shard = (rank, world)
+    return _READERS[kind](paths, chunk_rows, strict, label, numeric, columns, _Units(shard))
 
 
 def read_table(spec: str, strict: bool = False, label: Optional[str] = None, numeric: Iterable[str] = (),

@@ -302,8 +302,14 @@ class CTRModel(nn.Module):
         super().__init__()
         if embed_reg < 0:
             raise ValueError(f"embed_reg must be >= 0, got {embed_reg}")
-        self.embedding = MultiFieldEmbedding(field_sizes, embed_dim, sparse=sparse, init_std=init_std,
-                                             **(embedding_options or {}))
+        # sparse= and init_std= may also come in embedding_options (where the other
+        # MultiFieldEmbedding settings live); only a contradiction between the two is an error
+        opts = dict(embedding_options or {})
+        for key, value, default in (("sparse", sparse, False), ("init_std", init_std, DEFAULT_INIT_STD)):
+            if key in opts and value != default and opts[key] != value:
+                raise ValueError(f"{key}={value!r} contradicts embedding_options[{key!r}]={opts[key]!r}")
+            opts.setdefault(key, value)
+        self.embedding = MultiFieldEmbedding(field_sizes, embed_dim, **opts)
         self.hidden_units = _check_hidden_units(hidden_units)
         self.dropout = _check_dropout(dropout)
         self.batch_norm = bool(batch_norm)
