@@ -80,3 +80,6 @@ def embedding_fused_update(rows: torch.Tensor, grad_rows: torch.Tensor, weight: 
     s.fused_update(grad_rows.data_ptr(), D, weight.data_ptr(),
                    0 if state is None else state.data_ptr(), float(lr), float(eps),
                    torch.get_num_threads())
+    # written through raw pointers: bump the version counters as an in-place op would, so that
+    # autograd still catches a later backward through a graph that saved the old table
+    torch.autograd.graph.increment_version(weight if state is None else [weight, state])

@@ -189,3 +189,12 @@ def test_module_training_native_matches_reference_backend():
         results.append(emb)
     torch.testing.assert_close(results[0].weight, results[1].weight, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(results[0].state_sum, results[1].state_sum, rtol=1e-6, atol=1e-7)
+
+
+@needs_native
+def test_fused_update_bumps_version_counters():
+    # The extension writes through raw pointers; autograd must still see an in-place change.
+    w, s = torch.zeros(4, 2), torch.zeros(4, 2)
+    vw, vs = w._version, s._version
+    native.embedding_fused_update(torch.tensor([1, 1]), torch.ones(2, 2), w, s, "adagrad", 0.1, 0.0)
+    assert w._version > vw and s._version > vs
