@@ -86,6 +86,7 @@ PYBIND11_MODULE(_embedding, m) {
         return s;
       },
       py::arg("rows"), py::arg("n"), py::arg("num_rows"));
-  m.def("set_simd", &set_simd_enabled, "use the AVX-512 row kernels when the CPU has them; returns the state");
-  m.def("simd_enabled", &simd_enabled);
+  m.def("set_simd_level", &set_simd_level, py::arg("level"),
+        "cap the row kernels: 0 portable, 1 AVX2+FMA, 2 AVX-512 (clamped to the CPU); returns the level in use");
+  m.def("simd_level", &simd_level);
 }

@@ -20,8 +20,9 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#define FASTKD_HAVE_AVX512_PATH 1
+#define FASTKD_HAVE_SIMD_PATHS 1
 #define FASTKD_AVX512 __attribute__((target("avx512f")))
+#define FASTKD_AVX2 __attribute__((target("avx2,fma")))
 #endif
 
 namespace fastkd {
@@ -36,13 +37,15 @@ constexpr int64_t MIN_LOOKUPS_PER_THREAD = 16384;
 
 enum Op : int { OP_MERGE = 0, OP_SGD = 1, OP_ADAGRAD = 2 };
 
-std::atomic<bool> g_simd{
-#if defined(FASTKD_HAVE_AVX512_PATH)
-    __builtin_cpu_supports("avx512f") != 0
-#else
-    false
+int best_simd_level() {
+#if defined(FASTKD_HAVE_SIMD_PATHS)
+  if (__builtin_cpu_supports("avx512f")) return SIMD_AVX512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return SIMD_AVX2;
 #endif
-};
+  return SIMD_PORTABLE;
+}
+
+std::atomic<int> g_simd{best_simd_level()};
 
 struct Job {
   const SortedRows* s;
@@ -106,7 +109,7 @@ void runs_scalar(const Job& j, int64_t u0, int64_t u1) {
   }
 }
 
-#if defined(FASTKD_HAVE_AVX512_PATH)
+#if defined(FASTKD_HAVE_SIMD_PATHS)
 // The same arithmetic 16 lanes at a time (lane-wise, so the same bits): each 16-wide slice of a
 // row is summed over the run and applied before the next slice, with no scratch row.
 template <int OP>
@@ -140,12 +143,69 @@ FASTKD_AVX512 void runs_avx512(const Job& j, int64_t u0, int64_t u1) {
     if (OP == OP_MERGE) j.out_rows[u] = row;
   }
 }
+
+template <bool TAIL>
+FASTKD_AVX2 inline __m256 load8(const float* p, __m256i m) {
+  return TAIL ? _mm256_maskload_ps(p, m) : _mm256_loadu_ps(p);
+}
+
+template <bool TAIL>
+FASTKD_AVX2 inline void store8(float* p, __m256i m, __m256 v) {
+  if (TAIL)
+    _mm256_maskstore_ps(p, m, v);
+  else
+    _mm256_storeu_ps(p, v);
+}
+
+// 8 lanes of a row: full blocks use plain loads and stores (AVX2's masked stores are slow);
+// only a row's last, partial block is masked.
+template <int OP, bool TAIL>
+FASTKD_AVX2 inline void block_avx2(const Job& j, const uint32_t* idx, int64_t len, const float* g0, float* dst,
+                                   float* st, int64_t d, __m256i m, __m256 neg_lr, __m256 eps) {
+  const int64_t dim = j.dim;
+  __m256 g = load8<TAIL>(g0 + d, m);
+  for (int64_t k = 1; k < len; ++k) g = _mm256_add_ps(g, load8<TAIL>(j.grad + (int64_t)idx[k] * dim + d, m));
+  if (OP == OP_MERGE) {
+    store8<TAIL>(dst + d, m, g);
+    return;
+  }
+  if (OP == OP_ADAGRAD) {
+    const __m256 sv = _mm256_add_ps(load8<TAIL>(st + d, m), _mm256_mul_ps(g, g));
+    store8<TAIL>(st + d, m, sv);
+    g = _mm256_div_ps(g, _mm256_add_ps(_mm256_sqrt_ps(sv), eps));
+  }
+  store8<TAIL>(dst + d, m, _mm256_fmadd_ps(neg_lr, g, load8<TAIL>(dst + d, m)));
+}
+
+// The same again 8 lanes wide for CPUs with AVX2 and FMA but no AVX-512.
+template <int OP>
+FASTKD_AVX2 void runs_avx2(const Job& j, int64_t u0, int64_t u1) {
+  const SortedRows& s = *j.s;
+  const int64_t dim = j.dim;
+  const __m256 neg_lr = _mm256_set1_ps(-j.lr), eps = _mm256_set1_ps(j.eps);
+  const __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(dim % 8)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  const int64_t full = dim - dim % 8;
+  for (int64_t u = u0; u < u1; ++u) {
+    if (u + PREFETCH_RUNS < u1) prefetch_run(j, u + PREFETCH_RUNS, OP);
+    const int64_t a = s.starts[u], len = s.starts[u + 1] - a;
+    const int64_t row = s.keys[a];
+    const uint32_t* idx = s.idx.data() + a;
+    const float* g0 = j.grad + (int64_t)idx[0] * dim;
+    float* dst = OP == OP_MERGE ? j.out + u * dim : j.out + row * dim;
+    float* st = OP == OP_ADAGRAD ? j.state + row * dim : nullptr;
+    for (int64_t d = 0; d < full; d += 8) block_avx2<OP, false>(j, idx, len, g0, dst, st, d, tail, neg_lr, eps);
+    if (full < dim) block_avx2<OP, true>(j, idx, len, g0, dst, st, full, tail, neg_lr, eps);
+    if (OP == OP_MERGE) j.out_rows[u] = row;
+  }
+}
 #endif
 
 template <int OP>
 void runs(const Job& j, int64_t u0, int64_t u1) {
-#if defined(FASTKD_HAVE_AVX512_PATH)
-  if (g_simd.load(std::memory_order_relaxed)) return runs_avx512<OP>(j, u0, u1);
+#if defined(FASTKD_HAVE_SIMD_PATHS)
+  const int level = g_simd.load(std::memory_order_relaxed);
+  if (level == SIMD_AVX512) return runs_avx512<OP>(j, u0, u1);
+  if (level == SIMD_AVX2) return runs_avx2<OP>(j, u0, u1);
 #endif
   runs_scalar<OP>(j, u0, u1);
 }
@@ -228,17 +288,12 @@ void fused_update_cpu(const SortedRows& s, const float* grad, int64_t dim, float
     run_parallel<OP_ADAGRAD>(j, num_threads);
 }
 
-bool set_simd_enabled(bool on) {
-#if defined(FASTKD_HAVE_AVX512_PATH)
-  const bool ok = on && __builtin_cpu_supports("avx512f");
-  g_simd.store(ok);
-  return ok;
-#else
-  (void)on;
-  return false;
-#endif
+int set_simd_level(int level) {
+  const int l = std::max<int>(SIMD_PORTABLE, std::min<int>(level, best_simd_level()));
+  g_simd.store(l);
+  return l;
 }
 
-bool simd_enabled() { return g_simd.load(); }
+int simd_level() { return g_simd.load(); }
 
 }  // namespace fastkd

@@ -35,9 +35,11 @@ void merge_rows_cpu(const SortedRows& s, const float* grad, int64_t dim, int64_t
 void fused_update_cpu(const SortedRows& s, const float* grad, int64_t dim, float* weight, float* state, float lr,
                       float eps, int num_threads);
 
-// The AVX-512 row kernels are used when the CPU has them; set_simd_enabled(false) forces the
-// portable loops (the tests compare the two). Returns the new state.
-bool set_simd_enabled(bool on);
-bool simd_enabled();
+// Row kernels: AVX-512 (16 lanes), AVX2 + FMA (8 lanes) or portable loops, all with the same
+// lane-wise arithmetic and so the same bits. The best the CPU has is used; set_simd_level caps it
+// (the tests compare the three) and returns the level now in use.
+enum SimdLevel : int { SIMD_PORTABLE = 0, SIMD_AVX2 = 1, SIMD_AVX512 = 2 };
+int set_simd_level(int level);
+int simd_level();
 
 }  // namespace fastkd

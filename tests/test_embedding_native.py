@@ -3,7 +3,7 @@
 ``fastkd.embedding_ref`` is the oracle: merged gradients and the SGD step must be bit-identical
 (same summation order, the weight step one fused multiply-add as in torch's ``add_(alpha=)``);
 Adagrad's state is bit-identical and its weight equal to an ulp (the native step rounds sqrt
-correctly; torch's vectorised sqrt is sometimes an ulp off). The AVX-512 and portable loops, and
+correctly; torch's vectorised sqrt is sometimes an ulp off). The AVX-512, AVX2 and portable loops, and
 one or two threads, must give the same bits.
 """
 import os
@@ -99,22 +99,24 @@ def test_fused_update_matches_reference(case, opt):
 
 @needs_native
 @pytest.mark.parametrize("opt", ["sgd", "adagrad"])
-def test_simd_and_portable_loops_agree(opt):
-    case = Case("mixed", 3000, 37, 400)
+def test_avx512_avx2_and_portable_loops_agree(opt):
+    case = Case("mixed", 3000, 37, 400)  # 37 = 2 x 16 + 5 = 4 x 8 + 5: masked tails on both widths
     rows, grad = make(case)
-    results = []
-    before = native._C.simd_enabled()
+    results = {}
+    before = native._C.simd_level()
     try:
-        for on in (True, False):
-            native._C.set_simd(on)
+        for level in (2, 1, 0):
+            got = native._C.set_simd_level(level)
             w, s = tables(case)
             native.embedding_fused_update(rows, grad, w, s, opt, lr=0.1, eps=1e-10)
             u, m = native.embedding_merge_rows(rows, grad, num_rows=case.num_rows)
-            results.append((w, s, u, m))
+            results[got] = (w, s, u, m)  # a CPU without AVX-512 runs level 1 twice
     finally:
-        native._C.set_simd(before)
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
+        native._C.set_simd_level(before)
+    assert 0 in results
+    for level, res in results.items():
+        for a, b in zip(res, results[0]):
+            assert torch.equal(a, b), level
 
 
 @needs_native

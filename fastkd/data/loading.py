@@ -27,10 +27,11 @@ def load(spec: str, *, encoder: Optional[FeatureEncoder] = None, kind: str = "vo
     rank reads, parses and encodes only its share of the source (``iter_table(shard=(rank, W))``:
     every ``W``-th block of ``chunk_rows`` lines, or parquet row group), a vocabulary is fitted
     on the sum of the ranks' counts, and the encoded ids are all-gathered in source order. Every
-    rank gets the same :class:`CTRData` and encoder, identical to a single-process load; the raw
-    strings of the whole source never pass through one process. Errors (a malformed row with
-    ``strict``, a bad file) are raised on every rank, naming the rank that hit them. This is a
-    collective: all ranks must call it with the same arguments.
+    rank gets the same :class:`CTRData` and encoder, identical to a single-process load; no rank
+    parses or holds the raw strings of the whole source (text files are still scanned for line
+    ends). Errors (a malformed row with ``strict``, a bad file) are raised on every rank, naming
+    the rank that hit them. This is a collective: all ranks must call it with the same arguments.
+
     ``spec`` may also be ``"synthetic"`` or ``"synthetic:N"``: :func:`make_synthetic` with
     ``n_samples=N`` (default 200,000) and ``seed`` (no encoder involved; it returns ``None`` for it).
 
