@@ -2,7 +2,7 @@
 //
 // Plan: (1) a stable LSD radix sort of (row, lookup index) pairs on 32-bit keys; (2) the runs of
 // equal rows are split into one contiguous range per thread; (3) each run's gradient rows are
-// summed left to right, 16 lanes at a time, and consumed at once (written out, or applied to the
+// summed left to right, 16 or 8 lanes at a time, and consumed at once (written out, or applied to the
 // row's weight and Adagrad state) without a [U, D] temporary. Rows are unique across runs, so
 // threads never write the same row and the bits do not depend on the thread count. The table
 // rows of the runs ahead are prefetched: the step is bound by random row reads, not arithmetic.
@@ -19,6 +19,7 @@
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
+// GCC 12's own AVX-512 headers trip this (the _mm512_undefined_* idiom in the masked loads)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #define FASTKD_HAVE_SIMD_PATHS 1
 #define FASTKD_AVX512 __attribute__((target("avx512f")))
