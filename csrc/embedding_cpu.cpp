@@ -9,12 +9,12 @@
 #include "embedding_cpu.h"
 
 #include <math.h>
-#include <string.h>
 
 #include <algorithm>
 #include <atomic>
 #include <stdexcept>
 #include <string>
+#include <system_error>
 #include <thread>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -86,7 +86,9 @@ void runs_scalar(const Job& j, int64_t u0, int64_t u1) {
     const int64_t a = s.starts[u], e = s.starts[u + 1];
     const int64_t row = s.keys[a];
     float* __restrict acc = OP == OP_MERGE ? j.out + u * dim : scratch.data();
-    memcpy(acc, j.grad + (int64_t)s.idx[a] * dim, dim * sizeof(float));
+    // Sums start from +0, as embedding_bag's do: a lone -0.0 gradient comes out as +0.0
+    const float* __restrict first = j.grad + (int64_t)s.idx[a] * dim;
+    for (int64_t d = 0; d < dim; ++d) acc[d] = 0.0f + first[d];
     for (int64_t k = a + 1; k < e; ++k) {
       const float* __restrict src = j.grad + (int64_t)s.idx[k] * dim;
       for (int64_t d = 0; d < dim; ++d) acc[d] += src[d];
@@ -127,7 +129,7 @@ FASTKD_AVX512 void runs_avx512(const Job& j, int64_t u0, int64_t u1) {
     float* st = OP == OP_ADAGRAD ? j.state + row * dim : nullptr;
     for (int64_t d = 0; d < dim; d += 16) {
       const __mmask16 m = dim - d >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (dim - d)) - 1);
-      __m512 g = _mm512_maskz_loadu_ps(m, g0 + d);
+      __m512 g = _mm512_add_ps(_mm512_setzero_ps(), _mm512_maskz_loadu_ps(m, g0 + d));  // from +0
       for (int64_t k = a + 1; k < e; ++k)
         g = _mm512_add_ps(g, _mm512_maskz_loadu_ps(m, j.grad + (int64_t)s.idx[k] * dim + d));
       if (OP == OP_MERGE) {
@@ -164,7 +166,7 @@ template <int OP, bool TAIL>
 FASTKD_AVX2 inline void block_avx2(const Job& j, const uint32_t* idx, int64_t len, const float* g0, float* dst,
                                    float* st, int64_t d, __m256i m, __m256 neg_lr, __m256 eps) {
   const int64_t dim = j.dim;
-  __m256 g = load8<TAIL>(g0 + d, m);
+  __m256 g = _mm256_add_ps(_mm256_setzero_ps(), load8<TAIL>(g0 + d, m));  // sums start from +0
   for (int64_t k = 1; k < len; ++k) g = _mm256_add_ps(g, load8<TAIL>(j.grad + (int64_t)idx[k] * dim + d, m));
   if (OP == OP_MERGE) {
     store8<TAIL>(dst + d, m, g);
@@ -220,7 +222,14 @@ void run_parallel(const Job& j, int num_threads) {
   if (nt <= 1) return runs<OP>(j, 0, U);
   std::vector<std::thread> pool;
   pool.reserve(nt - 1);
-  for (int64_t t = 1; t < nt; ++t) pool.emplace_back(runs<OP>, std::cref(j), U * t / nt, U * (t + 1) / nt);
+  int64_t t = 1;
+  try {
+    for (; t < nt; ++t) pool.emplace_back(runs<OP>, std::cref(j), U * t / nt, U * (t + 1) / nt);
+  } catch (const std::system_error&) {
+    // No thread to be had (a process limit): the calling thread takes the ranges left over.
+    // The ranges are disjoint sets of rows, so the result is the same.
+    for (; t < nt; ++t) runs<OP>(j, U * t / nt, U * (t + 1) / nt);
+  }
   runs<OP>(j, 0, U / nt);
   for (auto& th : pool) th.join();
 }

@@ -71,6 +71,11 @@ def embedding_fused_update(rows: torch.Tensor, grad_rows: torch.Tensor, weight: 
     if optimizer == "adagrad" and state is None:
         raise ValueError("optimizer 'adagrad' needs its state tensor")
     state = state if optimizer == "adagrad" else None
+    if state is not None and (state.shape != weight.shape or state.device != weight.device):
+        raise ValueError(f"the Adagrad state must match the weight: state {tuple(state.shape)} on "
+                         f"{state.device}, weight {tuple(weight.shape)} on {weight.device}")
+    if state is not None and weight.numel() and state.data_ptr() == weight.data_ptr():
+        raise ValueError("the Adagrad state must not share memory with the weight")
     if not _takes(rows, grad_rows, weight, state) or weight.shape[0] == 0:
         return embedding_ref.embedding_fused_update_ref(rows, grad_rows, weight, state, optimizer,
                                                         lr, eps, deterministic)

@@ -141,10 +141,14 @@ def cmd_demo(args) -> int:
 
 
 def cmd_distill(args) -> int:
+    from . import distributed
     from .data import load
 
     numeric = args.numeric or ()
-    common = dict(kind=args.encoder, min_count=args.min_count, strict=args.strict, label=args.label, numeric=numeric)
+    # under torchrun every rank reads and encodes its share of the files, then all hold the data
+    sharded = distributed.get_world_size() > 1
+    common = dict(kind=args.encoder, min_count=args.min_count, strict=args.strict, label=args.label, numeric=numeric,
+                  sharded=sharded)
     if args.data:
         if args.train or args.valid or args.test:
             raise ValueError("give either --data or --train/--valid/--test, not both")
@@ -158,8 +162,9 @@ def cmd_distill(args) -> int:
         if not (args.train and args.valid and args.test):
             raise ValueError("give --data KIND:PATH, or all three of --train, --valid and --test")
         train, enc = load(args.train, return_encoder=True, **common)
-        valid = load(args.valid, encoder=enc, strict=args.strict, label=args.label, numeric=numeric)
-        test = load(args.test, encoder=enc, strict=args.strict, label=args.label, numeric=numeric)
+        rest = dict(encoder=enc, strict=args.strict, label=args.label, numeric=numeric, sharded=sharded)
+        valid = load(args.valid, **rest)
+        test = load(args.test, **rest)
         desc = (f"train `{args.train}` ({len(train):,}), valid `{args.valid}` ({len(valid):,}), test "
                 f"`{args.test}` ({len(test):,}); {args.encoder} encoding fitted on train")
     return _run(args, train, valid, test, desc)

@@ -28,7 +28,8 @@ import torch.distributed as dist
 __all__ = [
     "init_process_group", "destroy_process_group", "is_initialized", "get_rank", "get_world_size",
     "is_main_process", "launched_distributed", "default_backend", "barrier", "shard_bounds",
-    "shard_permutation", "gather_rows", "all_gather_object", "all_gather_uneven", "all_reduce_sum",
+    "shard_permutation", "gather_rows", "all_gather_object", "gather_object", "broadcast_object",
+    "all_gather_uneven", "all_reduce_sum",
     "broadcast_float", "broadcast_buffers", "rank_seed", "free_port",
 ]
 
@@ -205,6 +206,26 @@ def all_gather_object(obj: Any) -> List[Any]:
     out: List[Any] = [None] * world
     dist.all_gather_object(out, obj)
     return out
+
+
+def gather_object(obj: Any, dst: int = 0) -> Optional[List[Any]]:
+    """Every rank's picklable ``obj`` in rank order on rank ``dst``, ``None`` on the others
+    (``[obj]`` in a single process). Only ``dst`` holds all of them, unlike :func:`all_gather_object`."""
+    world = get_world_size()
+    if world == 1:
+        return [obj]
+    out: Optional[List[Any]] = [None] * world if get_rank() == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s picklable ``obj`` on every rank (``obj`` itself in a single process)."""
+    if get_world_size() == 1:
+        return obj
+    box = [obj if get_rank() == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def all_gather_uneven(local: torch.Tensor) -> List[torch.Tensor]:

@@ -73,7 +73,7 @@ def _load_worker(spec: dict, rank: int, out: Path) -> None:
     res = {}
     for name, (path, kwargs) in spec["load_cases"].items():
         try:
-            data, enc = load(path, return_encoder=True, **kwargs)
+            data, enc = load(path, return_encoder=True, sharded=True, **kwargs)
             res[name] = (data.ids, data.labels, data.field_sizes, enc.state_dict())
         except Exception as exc:  # the strict case: every rank must raise, none may hang
             res[name] = f"{type(exc).__name__}: {exc}"
@@ -222,6 +222,11 @@ def _write_sources(d: Path) -> dict:
     (d / "c.txt").write_text("\n".join(criteo) + "\n")
     for k, rows in enumerate((range(0, 50), range(50, n))):
         (d / f"f{k}.libfm").write_text("".join(f"{lab[i]} {a[i]}:1 {9 + b[i]}:1 {40 + i % 7}:1\n" for i in rows))
+    # rank 1's only block (lines 10-18 with chunk_rows=9) is all malformed: its field count must
+    # still come from the source's first good line
+    bad_block = [f"{lab[i]} {a[i]}:1 {9 + b[i]}:1 {40 + i % 7}:1" for i in range(9)]
+    bad_block += ["1 x" for _ in range(9)] + [f"{lab[i]} {a[i]}:1 {9 + b[i]}:1 {40 + i % 7}:1" for i in range(4)]
+    (d / "bad.libfm").write_text("\n".join(bad_block) + "\n")
     import pyarrow as pa
     import pyarrow.parquet as pq
     pq.write_table(pa.table({"label": lab, "a": [f"a{v}" for v in a], "b": [f"b{v}" for v in b], "n": num}),
@@ -232,6 +237,7 @@ def _write_sources(d: Path) -> dict:
         "criteo-hash": (f"criteo:{d}/c.txt", dict(kind="hash", num_buckets=[20] * 13 + [64] * 26, chunk_rows=6)),
         "criteo-vocab": (f"criteo:{d}/c.txt", dict(chunk_rows=6)),
         "libfm-two-files": (f"libfm:{d}/f0.libfm,{d}/f1.libfm", dict(chunk_rows=9)),
+        "libfm-malformed-block": (f"libfm:{d}/bad.libfm", dict(chunk_rows=9)),
         "parquet-row-groups": (f"parquet:{d}/t.parquet", dict(numeric=["n"], chunk_rows=4)),
         "strict-error": (f"csv:{d}/t.csv", dict(strict=True, chunk_rows=7)),
     }

@@ -97,6 +97,59 @@ def test_fused_update_matches_reference(case, opt):
     assert torch.equal(w[untouched], tables(case)[0][untouched])
 
 
+def bits(t):
+    return t.contiguous().view(torch.int32)
+
+
+@needs_native
+def test_merged_zero_has_the_references_sign():
+    # A lone -0.0 gradient: embedding_bag's sum starts from +0 and gives +0.0; so must the extension
+    # (torch.equal alone cannot tell -0.0 from +0.0, hence the bit patterns)
+    rows, grad = torch.tensor([3, 1, 3]), torch.tensor([[-0.0, 1.0], [-0.0, -0.0], [0.0, -0.0]])
+    u, m = native.embedding_merge_rows(rows, grad, num_rows=5)
+    u_ref, m_ref = embedding_ref.embedding_merge_rows_ref(rows, grad, num_rows=5)
+    assert torch.equal(bits(m), bits(m_ref)) and torch.equal(u, u_ref)
+
+
+def _adagrad_oracle(rows, grad, w, s, lr, eps):
+    """numpy float32 Adagrad on the merged rows, sqrt correctly rounded (np.sqrt), the weight step
+    one rounding of w - lr*q (the product of two float32 is exact in float64)."""
+    import numpy as np
+
+    u, g = embedding_ref.embedding_merge_rows_ref(rows, grad, num_rows=w.shape[0])
+    u, g = u.numpy(), g.numpy()
+    w, s = w.numpy().copy(), s.numpy().copy()
+    f32 = np.float32
+    sv = (s[u] + (g * g).astype(f32)).astype(f32)
+    q = (g / (np.sqrt(sv) + f32(eps)).astype(f32)).astype(f32)
+    w[u] = (np.float64(-f32(lr)) * q.astype(np.float64) + w[u].astype(np.float64)).astype(f32)
+    s[u] = sv
+    return torch.from_numpy(w), torch.from_numpy(s)
+
+
+@needs_native
+@pytest.mark.parametrize("case", CASES[:5], ids=IDS[:5])
+def test_adagrad_is_exact_against_a_correctly_rounded_oracle(case):
+    rows, grad = make(case)
+    w, s = tables(case)
+    w_ora, s_ora = _adagrad_oracle(rows, grad, w, s, lr=0.3, eps=1e-8)
+    native.embedding_fused_update(rows, grad, w, s, "adagrad", lr=0.3, eps=1e-8)
+    assert torch.equal(bits(s), bits(s_ora))
+    assert torch.equal(bits(w), bits(w_ora))
+
+
+@needs_native
+@pytest.mark.parametrize("state, match", [
+    (torch.zeros(2, 6), "must match the weight"),
+    ("weight", "must not share memory"),
+])
+def test_adagrad_state_must_fit_the_weight(state, match):
+    w = torch.zeros(1000, 6)
+    state = w if isinstance(state, str) else state
+    with pytest.raises(ValueError, match=match):
+        native.embedding_fused_update(torch.tensor([999]), torch.ones(1, 6), w, state, "adagrad", 0.1, 0.0)
+
+
 @needs_native
 @pytest.mark.parametrize("opt", ["sgd", "adagrad"])
 def test_avx512_avx2_and_portable_loops_agree(opt):
@@ -157,18 +210,22 @@ def test_binding_checks_name_the_argument(call, match):
         call()
 
 
-@pytest.mark.parametrize("variant", ["bf16-table", "non-contiguous-grad", "empty"])
+# bf16 and non-contiguous tables go to the reference; a non-contiguous gradient is made
+# contiguous and taken natively; an empty batch touches nothing
+@pytest.mark.parametrize("variant", ["bf16-table", "non-contiguous-table", "non-contiguous-grad", "empty"])
 def test_inputs_the_extension_does_not_take_fall_back_to_the_reference(variant):
     rows = torch.tensor([2, 0, 2, 1])
     grad = torch.randn(4, 6)
     w = torch.randn(3, 6)
+    s = torch.zeros(3, 6)
     if variant == "bf16-table":
-        w = w.to(torch.bfloat16)
+        w, s = w.to(torch.bfloat16), s.to(torch.bfloat16)
+    elif variant == "non-contiguous-table":
+        w, s = torch.randn(6, 3).t(), torch.zeros(6, 3).t()
     elif variant == "non-contiguous-grad":
         grad = torch.randn(6, 4).t()
     else:
         rows, grad = rows[:0], grad[:0]
-    s = torch.zeros(3, 6, dtype=w.dtype)
     w_ref, s_ref = w.clone(), s.clone()
     native.embedding_fused_update(rows, grad, w, s, "adagrad", lr=0.1, eps=1e-10)
     embedding_ref.embedding_fused_update_ref(rows, grad, w_ref, s_ref, "adagrad", lr=0.1, eps=1e-10)

@@ -18,13 +18,13 @@ def load(spec: str, *, encoder: Optional[FeatureEncoder] = None, kind: str = "vo
          num_buckets=None, seed: int = 0, strict: bool = False, label: Optional[str] = None,
          numeric: Iterable[str] = (), columns: Optional[Sequence[str]] = None, chunk_rows: int = 200_000,
          return_encoder: bool = False,
-         sharded: Optional[bool] = None) -> Union[CTRData, Tuple[CTRData, Optional[FeatureEncoder]]]:
+         sharded: bool = False) -> Union[CTRData, Tuple[CTRData, Optional[FeatureEncoder]]]:
     """Read and encode a data source in two streaming passes (fit, then transform).
 
     Only encoded ids of the whole source are held in memory, never all raw strings at once.
 
-    Under ``torch.distributed`` (a process group of ``W > 1`` ranks) the work is sharded: each
-    rank reads, parses and encodes only its share of the source (``iter_table(shard=(rank, W))``:
+    With ``sharded=True`` under ``torch.distributed`` (a process group of ``W > 1`` ranks; the
+    ``fastkd`` CLI asks for it under torchrun) the work is sharded: each rank reads, parses and encodes only its share of the source (``iter_table(shard=(rank, W))``:
     every ``W``-th block of ``chunk_rows`` lines, or parquet row group), a vocabulary is fitted
     on the sum of the ranks' counts, and the encoded ids are all-gathered in source order. Every
     rank gets the same :class:`CTRData` and encoder, identical to a single-process load; no rank
@@ -42,9 +42,9 @@ def load(spec: str, *, encoder: Optional[FeatureEncoder] = None, kind: str = "vo
         kind, min_count, num_buckets, seed: settings of the new encoder.
         strict, label, numeric, columns, chunk_rows: passed to :func:`~fastkd.data.iter_table`.
         return_encoder: also return the encoder.
-        sharded: ``None`` (default): shard when a process group of more than one rank is
-            initialised; ``False``: every rank reads the whole source itself; ``True``: require a
-            process group (raises without one).
+        sharded: share the reading between the ranks of the initialised process group (see
+            above; raises without one). Off by default: a sharded load is a collective that every
+            rank must enter, so code that loads on one rank only keeps working.
 
     Returns:
         :class:`CTRData`, or ``(CTRData, encoder)`` with ``return_encoder=True``.
@@ -62,11 +62,11 @@ def load(spec: str, *, encoder: Optional[FeatureEncoder] = None, kind: str = "vo
         data = make_synthetic(n_samples=n_samples, seed=seed)
         return (data, None) if return_encoder else data
 
-    world, rank = _process_group()
-    if sharded and world == 1 and not _group_initialized():
+    if sharded and not _group_initialized():
         raise RuntimeError("load(sharded=True) needs an initialised torch.distributed process group "
                            "(fastkd.distributed.init_process_group())")
-    if world > 1 and sharded is not False:
+    world, rank = _process_group()
+    if sharded and world > 1:
         return _load_sharded(spec, encoder, rank, world, return_encoder,
                              dict(kind=kind, min_count=min_count, num_buckets=num_buckets, seed=seed),
                              dict(chunk_rows=chunk_rows, strict=strict, label=label, numeric=numeric,
@@ -117,6 +117,25 @@ def _collective(step, what: str):
     return result
 
 
+def _fit_from_parts(encoder: FeatureEncoder, parts, spec) -> FeatureEncoder:
+    """Fit ``encoder`` on the ranks' ``(names, counts)``: the counts of disjoint shards add up."""
+    names = next((n for n, _ in parts if n is not None), None)
+    if names is None:
+        raise ValueError(f"no rows in {spec!r}")
+    totals = None
+    for n, counts in parts:
+        if n is None:
+            continue
+        if n != names:
+            raise ValueError(f"sharded load: ranks read different fields ({n} vs {names})")
+        if totals is None:
+            totals = counts
+        else:
+            for total, c in zip(totals, counts):
+                total.update(c)
+    return encoder._fit_counts(names, totals)
+
+
 def _load_sharded(spec, encoder, rank: int, world: int, return_encoder: bool, enc_args: dict,
                   read_args: dict):
     import torch
@@ -136,22 +155,19 @@ def _load_sharded(spec, encoder, rank: int, world: int, return_encoder: bool, en
             finally:
                 it.close()
 
-        parts = _dist.all_gather_object(_collective(count, "reading for the encoder"))
-        names = next((n for n, _ in parts if n is not None), None)
-        if names is None:
-            raise ValueError(f"no rows in {spec!r}")
-        totals = None
-        for n, counts in parts:
-            if n is None:
-                continue
-            if n != names:
-                raise ValueError(f"sharded load: ranks read different fields ({n} vs {names})")
-            if totals is None:
-                totals = counts
-            else:
-                for total, c in zip(totals, counts):
-                    total.update(c)
-        encoder._fit_counts(names, totals or [])
+        # Rank 0 alone sums the counts and fits; the others get the fitted vocabulary, not W
+        # copies of everyone's counts. Its outcome (state or error) reaches every rank.
+        parts = _dist.gather_object(_collective(count, "reading for the encoder"))
+        outcome = None
+        if rank == 0:
+            try:
+                outcome = (_fit_from_parts(encoder, parts, spec).state_dict(), None)
+            except Exception as exc:  # noqa: BLE001 - raised on every rank below
+                outcome = (None, exc)
+        state, error = _dist.broadcast_object(outcome)
+        if error is not None:
+            raise error
+        encoder.load_state_dict(state)
 
     def encode():
         keys, blocks, labels = [], [], []

@@ -453,6 +453,17 @@ def _libfm_line(s: str):
     return parts[0], [t[0] for t in toks]
 
 
+def _libfm_first_width(paths) -> Optional[int]:
+    """Entries on the first line of the source whose label and entries parse (None: no such line)."""
+    for path in paths:
+        with _open_text(path) as fh:
+            for line in fh:
+                parsed = _libfm_line(line)
+                if not isinstance(parsed, str) and _is_float(parsed[0]):
+                    return len(parsed[1])
+    return None
+
+
 def _read_libfm(paths, chunk_rows, strict, label, numeric, columns, units):
     if numeric:
         raise ValueError("numeric= does not apply to kind 'libfm' (tokens are feature indices)")
@@ -460,6 +471,13 @@ def _read_libfm(paths, chunk_rows, strict, label, numeric, columns, units):
     if columns is not None and len(set(columns)) != len(columns):
         raise ValueError(f"columns has duplicates: {list(columns)}")
     names = list(columns) if columns is not None else None
+    if width is None and units.world > 1:
+        # A shard must not guess the field count from its own blocks (they may all be malformed,
+        # or start elsewhere in a file of mixed widths): take it from the source's first good line,
+        # as an unsharded read does.
+        width = _libfm_first_width(paths)
+        if width is not None:
+            names = [f"f{i}" for i in range(width)]
     pending: List[RawTable] = []
     for path in paths:
         with _open_text(path) as fh:
