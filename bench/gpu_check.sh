@@ -14,7 +14,9 @@
 #   3. the fused-loss kernel matrix (tests/test_kernels_losses.py, unmarked tests), which runs
 #      compiled on CUDA tensors where a GPU is present, and the CPU/CUDA parity tests of
 #      tests/test_losses.py (not cuda-marked)
-#   4. a short table of the benchmarks, printed last
+#   4. bench/profile_loss_cuda.py: host vs device time of one fused-loss step, and a profile
+#   5. a short table of the benchmarks, printed last (SKIP_BENCH=1 skips stage 2 on a rerun;
+#      MATRIX_LIMIT sets stage 3's limit in seconds, default 50)
 # Exit status: non-zero if any stage failed or timed out.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -57,10 +59,12 @@ FASTKD_CUDA_ARCHS="${FASTKD_CUDA_ARCHS:-90}" timeout 150 "$PY" -m pip install -q
 
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider)
 stage tests_cuda 150 "${PYTEST[@]}" -m cuda tests
+[ "${SKIP_BENCH:-0}" = 1 ] && echo "=== bench_cuda skipped (SKIP_BENCH=1)" || \
 stage bench_cuda 200 "${PYTEST[@]}" bench -m cuda --benchmark-only --benchmark-json "$OUT/bench.json" \
     --benchmark-group-by=group --benchmark-columns=min,median,rounds
-stage kernel_matrix_on_cuda 50 "${PYTEST[@]}" tests/test_kernels_losses.py -m "not cuda"
+stage kernel_matrix_on_cuda "${MATRIX_LIMIT:-50}" "${PYTEST[@]}" tests/test_kernels_losses.py -m "not cuda"
 stage cpu_cuda_parity 30 "${PYTEST[@]}" tests/test_losses.py -k parity
+stage profile_loss 60 env PYTHONPATH="bench:tests${PYTHONPATH:+:$PYTHONPATH}" "$PY" bench/profile_loss_cuda.py
 
 echo "=== summary (median of each fwd+bwd; speedup = eager or compile time / fastkd time)"
 "$PY" - "$OUT/bench.json" <<'EOF'
@@ -71,6 +75,13 @@ except (OSError, ValueError, KeyError) as exc:
     sys.exit(f"no benchmark results ({exc})")
 groups = collections.defaultdict(dict)
 other = []
+nan = float("nan")
+
+
+def div(a, b):  # a floor that rounds to 0 ms, or a missing provider, gives nan, not an exception
+    return a / b if b and b == b else nan
+
+
 for r in runs:
     info = r.get("extra_info", {})
     if "provider" in info:
@@ -86,8 +97,8 @@ for name, p in sorted(groups.items(), key=lambda kv: (kv[1][next(iter(kv[1]))][1
     (f, fi), (e, ei), (c, ci) = get("fastkd"), get("eager"), get("compile")
     peaks = "/".join(str(x.get("peak_mem_MB", "-")) for x in (fi, ei, ci))
     floor = fi.get("floor_ms", float("nan"))
-    print(f"{name:<24}{f * 1e3:>10.3f}{e * 1e3:>10.3f}{c * 1e3:>11.3f}{e / f:>9.2f}{c / f:>10.2f}"
-          f"{fi.get('GB/s', float('nan')):>8}{floor:>9.4f}{f * 1e3 / floor:>8.2f}{peaks:>20}")
+    print(f"{name:<24}{f * 1e3:>10.3f}{e * 1e3:>10.3f}{c * 1e3:>11.3f}{div(e, f):>9.2f}{div(c, f):>10.2f}"
+          f"{fi.get('GB/s', nan):>8}{floor:>9.4f}{div(f * 1e3, floor):>8.2f}{peaks:>20}")
 emb = collections.defaultdict(dict)
 for r in other:
     info = r.get("extra_info", {})
@@ -99,12 +110,11 @@ if emb:
     names = ["fastkd", "fastkd-det", "per-field", "one-bag", "fbgemm-tbe"]
     print(f"\n{'embedding step (ms)':<32}" + "".join(f"{n:>12}" for n in names)
           + f"{'x per-field':>13}{'x tbe':>8}{'peak MB fastkd':>16}{'table MB':>10}")
-    nan = float("nan")
     for g, p in sorted(emb.items()):
         t = {n: p[n][0] * 1e3 if n in p else nan for n in names}
         fi = p.get("fastkd", (nan, {}))[1]
         print(f"{g:<32}" + "".join(f"{t[n]:>12.3f}" for n in names)
-              + f"{t['per-field'] / t['fastkd']:>13.2f}{t['fbgemm-tbe'] / t['fastkd']:>8.2f}"
+              + f"{div(t['per-field'], t['fastkd']):>13.2f}{div(t['fbgemm-tbe'], t['fastkd']):>8.2f}"
               + f"{fi.get('peak_mem_MB', nan):>16}{fi.get('table_MB', nan):>10}")
 EOF
 echo "=== gpu_check: $([ $status -eq 0 ] && echo OK || echo FAILED)"

@@ -554,6 +554,12 @@ class MultiFieldEmbedding(nn.Module):
         # has been measured against it on a GPU.
         if self.grad_mode != "dense":
             return False
+        if self.weight.dtype in (torch.bfloat16, torch.float16):
+            # Low-precision tables: torch's CPU index_add_ / embedding_bag backward add duplicate
+            # rows in the table's own dtype, and on an H200 its CUDA embedding backward gave bf16
+            # gradients 0.6 apart from the CPU's for a row looked up ~170 times. fastkd's
+            # reference and Triton kernels accumulate in fp32 and round once.
+            return False
         if self.backend == "auto":
             return forced_backend() != "triton"
         return self.backend == "torch"

@@ -515,7 +515,9 @@ def test_cuda_ints_match_cpu_bit_for_bit(algorithm, num_buckets, seed):
     assert torch.equal(out.cpu(), cpu)
     if num_buckets >= 2:
         cols = torch.stack([v[:1000], v[1000:2000].flip(0)], 1)
-        hasher = FeatureHasher(num_buckets, seeds=seed, algorithm=algorithm)
+        # explicit per-field seeds: an int base seed gives field f the seed `seed + f`, which
+        # leaves murmur3's 32-bit range when `seed` is its largest value
+        hasher = FeatureHasher(num_buckets, seeds=[seed, seed], algorithm=algorithm)
         assert torch.equal(hasher.transform(cols.cuda()).cpu(), hasher.transform(cols))
     assert not (hashing.NATIVE_CUDA and hashing._CUDA_UNUSABLE), "the CUDA kernels fell back to the CPU"
 
