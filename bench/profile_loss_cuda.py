@@ -11,9 +11,15 @@ For each gate at B = 64K, M = 4 (the shape of the issue's speed target), one ste
 
 then a ``torch.profiler`` table of fastkd's step (top ops by self CPU time, and by device time).
 
-    python bench/profile_loss_cuda.py        # needs a CUDA device; prints only
+With ``--cprofile``, the host side of 50 fastkd steps (logit gate) is also run under cProfile
+and its top entries by cumulative time are printed: where the Python overhead sits.
+
+    python bench/profile_loss_cuda.py [--cprofile]       # needs a CUDA device; prints only
 """
+import cProfile
+import pstats
 import statistics
+import sys
 import time
 
 import torch
@@ -75,6 +81,15 @@ def main() -> None:
         avg = prof.key_averages()
         print(avg.table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=60))
         print(avg.table(sort_by="self_device_time_total", row_limit=8, max_name_column_width=60))
+        if "--cprofile" in sys.argv and gate == "logit":
+            one = providers["fastkd"]
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(50):
+                one()
+            torch.cuda.synchronize()
+            prof.disable()
+            pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
 
 
 if __name__ == "__main__":

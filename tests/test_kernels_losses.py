@@ -120,7 +120,8 @@ def test_seam_picks_triton_only_where_it_can_run(monkeypatch):
         _fwd_impl("distill_loss", cpu)
     monkeypatch.setenv("FASTKD_BACKEND", "triton")
     with pytest.raises(TypeError, match="float64"):
-        _fwd_impl("distill_loss", cpu, torch.float64)
+        # on a GPU machine (no interpreter) CPU tensors are refused first, for their device
+        _fwd_impl("distill_loss", dev, torch.float64)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         distill_loss(torch.randn(4), torch.randn(4), torch.ones(4))
