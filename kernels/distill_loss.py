@@ -189,5 +189,5 @@ def distill_loss_forward(
     Same contract as :func:`fastkd.reference.distill_loss_fwd_ref`: inputs already validated,
     ``kd_weight`` already includes any T² factor, binary labels fp32 [B], class labels int64 [B].
     """
-    return torch.ops.fastkd.distill_loss_fwd(student, teacher, labels, float(temperature),
-                                             float(hard_weight), float(kd_weight))
+    return _common.run_op(torch.ops.fastkd.distill_loss_fwd, _launch, student, teacher, labels,
+                          float(temperature), float(hard_weight), float(kd_weight))

@@ -499,7 +499,8 @@ def gated_distill_loss_forward(
     Same contract as :func:`fastkd.reference.gated_distill_loss_fwd_ref`. Used for
     ``reduction="none"``, where the gate gradients depend on the per-sample ``grad_output``.
     """
-    loss, grad, gs, _, _, alpha = torch.ops.fastkd.gated_distill_loss_fwd(
+    loss, grad, gs, _, _, alpha = _common.run_op(
+        torch.ops.fastkd.gated_distill_loss_fwd, _launch,
         student, teacher, labels, teacher_hidden, gate, gate_weight, gate_bias, fixed_weights,
         float(temperature), float(hard_weight), float(kd_weight), ensemble, float(gate_loss_weight), 1.0, False,
     )
@@ -529,7 +530,8 @@ def gated_distill_loss_forward_reduced(
     ``reduction`` "mean" (``grad_scale`` = 1/B) and "sum" (1): the gate gradients never exist
     per sample, only as one partial per program.
     """
-    loss, grad, _, g_w, g_b, alpha = torch.ops.fastkd.gated_distill_loss_fwd(
+    loss, grad, _, g_w, g_b, alpha = _common.run_op(
+        torch.ops.fastkd.gated_distill_loss_fwd, _launch,
         student, teacher, labels, teacher_hidden, gate, gate_weight, gate_bias, fixed_weights,
         float(temperature), float(hard_weight), float(kd_weight), ensemble, float(gate_loss_weight),
         float(grad_scale), True,

@@ -258,6 +258,34 @@ def test_opcheck_registered_ops():
     )
 
 
+def test_eager_calls_launch_directly_and_dispatch_modes_see_the_op(monkeypatch):
+    # Plain eager calls skip torch's custom-op dispatcher (its host cost exceeded the whole GPU
+    # step at B = 64K on an H200); under a dispatch mode (and torch.compile, tested below) the
+    # registered op is what runs, so tracing, fake tensors and export still see one op.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    direct = []
+    real = gated_kernels._launch
+    monkeypatch.setattr(gated_kernels, "_launch", lambda *a, **k: (direct.append(1), real(*a, **k))[1])
+    zs, zt, y, h, params, kw = _gated_case("small", 9, 3, 1, "logit", "logit", "mean")
+    eager = gated_distill_loss(zs, zt, y, h, **kw)
+    assert direct == [1]
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Record() as rec:
+        moded = gated_distill_loss(zs, zt, y, h, **kw)
+    assert direct == [1] and "fastkd.gated_distill_loss_fwd.default" in rec.ops
+    assert torch.equal(eager, moded)
+
+
 def _compiled_step(backend):
     # the usual compiled training step: forward (model + loss) compiled with fullgraph=True, so
     # any graph break fails; backward runs through AOTAutograd's compiled backward
