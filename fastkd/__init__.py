@@ -20,6 +20,7 @@ __all__ = [
     "Distiller",
     "TeacherCache",
     "TrainConfig",
+    "FeatureHasher",
     "functional",
 ]
 

@@ -6,3 +6,9 @@ import torch
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def pytest_collection_modifyitems(config, items):
+    from helpers import mark_cuda_items
+
+    mark_cuda_items(items)

@@ -10,4 +10,13 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 # The condition string is evaluated by pytest at collection; torch.cuda.is_available() never
 # initialises a CUDA context, so a CPU-only machine just skips.
-requires_cuda = pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs a CUDA device")
+CUDA_REASON = "needs a CUDA device"
+requires_cuda = pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason=CUDA_REASON)
+
+
+def mark_cuda_items(items) -> None:
+    """Give every test skipped by :data:`requires_cuda` the ``cuda`` marker too (conftest hook),
+    so ``pytest -m cuda`` (the GPU check) selects all CUDA tests, marked by hand or not."""
+    for item in items:
+        if any(m.name == "skipif" and m.kwargs.get("reason") == CUDA_REASON for m in item.iter_markers()):
+            item.add_marker(pytest.mark.cuda)

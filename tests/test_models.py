@@ -413,3 +413,12 @@ def test_sparse_and_init_std_may_come_through_embedding_options():
     with pytest.raises(ValueError, match="sparse=True contradicts embedding_options"):
         build_model("dnn", [5, 7], embed_dim=4, hidden_units=(8,), sparse=True,
                     embedding_options={"sparse": False})
+
+
+def test_every_public_name_resolves():
+    # __all__ and the lazy table must agree: `from fastkd import *` and each documented name work
+    import fastkd
+
+    for name in fastkd.__all__:
+        assert getattr(fastkd, name) is not None, name
+    assert set(fastkd._LAZY) <= set(fastkd.__all__)
