@@ -17,10 +17,12 @@ Conventions used by the training loops (see ``docs/distributed.md``):
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
-from typing import Any, Iterable, List, Optional, Tuple
+import types
+from typing import Any, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -30,7 +32,7 @@ __all__ = [
     "is_main_process", "launched_distributed", "default_backend", "barrier", "shard_bounds",
     "shard_permutation", "gather_rows", "all_gather_object", "gather_object", "broadcast_object",
     "all_gather_uneven", "all_reduce_sum",
-    "broadcast_float", "broadcast_buffers", "rank_seed", "free_port",
+    "broadcast_float", "broadcast_buffers", "sync_batch_norm", "rank_seed", "free_port",
 ]
 
 
@@ -285,6 +287,86 @@ def broadcast_buffers(modules: Iterable[torch.nn.Module], src: int = 0) -> None:
     for m in modules:
         for buf in m.buffers():
             dist.broadcast(buf.data, src=src)
+
+
+class _SyncBatchNorm1dFunction(torch.autograd.Function):
+    """Training-mode ``BatchNorm1d`` over ``[N, C]`` given the statistics of the batch of all
+    ranks (``mean``, ``invstd``, total rows ``n``; see :func:`_sync_bn_forward`).
+
+    Backward all-reduces the per-channel sums of dy and dy·x̂ that the input gradient needs. The
+    weight and bias gradients stay this rank's own sums: DDP averages them over ranks, which
+    (each rank's loss being the mean over its share of the global batch) gives the
+    single-process gradient, as torch's CUDA ``SyncBatchNorm`` does.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, invstd, n):
+        xhat = (x.float() - mean) * invstd
+        ctx.save_for_backward(xhat, invstd, weight)
+        ctx.n = n
+        return xhat * weight + bias if weight is not None else xhat
+
+    @staticmethod
+    def backward(ctx, dy):
+        xhat, invstd, weight = ctx.saved_tensors
+        dy = dy.float()
+        local = torch.cat([dy.sum(0), (dy * xhat).sum(0)])
+        sums = local.double()
+        dist.all_reduce(sums)
+        C = xhat.shape[1]
+        mean_dy, mean_dy_xhat = (sums[:C] / ctx.n).float(), (sums[C:] / ctx.n).float()
+        scale = invstd if weight is None else invstd * weight
+        dx = scale * (dy - mean_dy - xhat * mean_dy_xhat)
+        if weight is None:
+            return dx, None, None, None, None, None
+        return dx, local[C:], local[:C], None, None, None
+
+
+def _sync_bn_forward(self: torch.nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
+    if not self.training or x.dim() != 2:
+        return type(self).forward(self, x)
+    with torch.no_grad():
+        x32 = x.float()
+        stats = torch.cat([x32.sum(0), (x32 * x32).sum(0), x32.new_tensor([x32.shape[0]])]).double()
+        dist.all_reduce(stats)
+        C = x32.shape[1]
+        n = float(stats[-1])
+        mean = stats[:C] / n
+        var = (stats[C:2 * C] / n - mean * mean).clamp_min(0)
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
+            unbiased = var * (n / max(n - 1.0, 1.0))
+            self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
+        invstd = (var + self.eps).rsqrt().float()
+    return _SyncBatchNorm1dFunction.apply(x, self.weight, self.bias, mean.float(), invstd, n)
+
+
+@contextlib.contextmanager
+def sync_batch_norm(modules: Iterable[torch.nn.Module]) -> Iterator[None]:
+    """Within the block, every ``BatchNorm1d`` in ``modules`` normalises a training batch with
+    the statistics of the global batch (all ranks' rows), as one process would, and updates its
+    running statistics from them; outside it the modules are untouched.
+
+    torch's ``nn.SyncBatchNorm`` takes CUDA tensors only; this covers the CPU (gloo) runs of
+    fastkd's loops, for the ``[N, C]`` inputs of an MLP. Other inputs, eval mode and a single
+    process run the plain layer. Every rank must run the same BatchNorm layers in the same order.
+    """
+    patched = []
+    if get_world_size() > 1:
+        for mod in modules:
+            for m in mod.modules():
+                # CUDA modules are left to torch's own nn.SyncBatchNorm (fastkd's loops run on CPU)
+                if (type(m) is torch.nn.BatchNorm1d and "forward" not in m.__dict__
+                        and all(p.device.type == "cpu" for p in m.parameters())):
+                    m.forward = types.MethodType(_sync_bn_forward, m)
+                    patched.append(m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
 
 
 def rank_seed(seed: int, epoch: int, rank: Optional[int] = None) -> int:

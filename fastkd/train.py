@@ -32,6 +32,8 @@ changes to the calling code (see ``docs/distributed.md``):
   step, so the rows of one step over all ranks are the rows of one single-process batch;
 * stopping quantities are computed on predictions gathered from every rank (AUC, logloss) or
   summed over ranks (distillation loss), and rank 0's value decides for everyone;
+* ``BatchNorm1d`` layers normalise with the statistics of the global batch
+  (:func:`fastkd.distributed.sync_batch_norm`);
 * only rank 0 writes checkpoints; :class:`TeacherCache` is built in parallel.
 
 With no process group (or a group of one) nothing of this runs and results are unchanged.
@@ -633,60 +635,62 @@ class _Loop:
         # one context object for every step (fp32 runs need none)
         amp = (torch.autocast(ids.device.type, dtype=torch.bfloat16) if self.cfg.precision == "bf16"
                else contextlib.nullcontext())
-        while not done and self.epoch < self.cfg.max_epochs:
-            t0 = time.perf_counter()
-            for m in self.modules.values():
-                m.train()
-            perm = torch.randperm(n, generator=self.gen)
-            if world > 1:
-                # same permutation on every rank (self.gen), dealt like DistributedSampler; dropout
-                # masks differ per rank and are reproducible on resume
-                torch.manual_seed(_dist.rank_seed(self.cfg.seed, self.epoch))
-                perm = _dist.shard_permutation(perm)
-            rows = perm.shape[0]
-            ids_e, lab_e = ids[perm], labels[perm]
-            total, seen = torch.zeros((), dtype=torch.float64), 0
-            bar = tqdm(total=rows, desc=f"{self.desc} epoch {self.epoch + 1}", unit="sample",
-                       disable=not self.cfg.show_progress or rank != 0, leave=False)
-            # a final batch of one sample would break BatchNorm; fold it into the previous batch
-            stops = list(range(bs, rows, bs))
-            if stops and rows - stops[-1] < 2:
-                stops.pop()
-            bounds = list(zip([0] + stops, stops + [rows]))
-            for k, (a, b) in enumerate(bounds):
-                with amp:
-                    loss = step(ids_e[a:b], lab_e[a:b], perm[a:b])
-                self.opt.zero_grad()
-                loss.backward()
-                self.opt.step()
-                total += loss.detach() * (b - a)
-                seen += b - a
-                if bar.disable is False and (k % 10 == 0 or b == rows):
-                    bar.set_postfix(loss=f"{float(total) / seen:.4f}")
-                bar.update(b - a)
-            bar.close()
-            if world > 1:
-                _dist.broadcast_buffers(self.modules.values())
-                both = _dist.all_reduce_sum(torch.stack([total, torch.tensor(float(seen), dtype=torch.float64)]))
-                total, seen = both[0], int(both[1])
-            train_time = time.perf_counter() - t0
-            for m in self.modules.values():
-                m.eval()
-            value = monitor()
-            if world > 1:
-                value = _dist.broadcast_float(value)
-            improved = self.stopper.step(value, self.epoch, self.modules)
-            if not improved and self.cfg.reduce_lr_on_plateau:
-                self.opt.scale_lr(0.1)
-            self.history.append({"epoch": self.epoch + 1, "train_loss": float(total) / max(seen, 1),
-                                 "monitor": value, "train_seconds": train_time,
-                                 "samples_per_s": n / train_time})
-            self.epoch += 1
-            done = self.stopper.should_stop
-            if self.checkpoint is not None and rank == 0:
-                atomic_save(self._state(), self.checkpoint)
-            if self.stop_after_epoch is not None and self.epoch >= self.stop_after_epoch:
-                raise KeyboardInterrupt(f"stopped after epoch {self.epoch} (stop_after_epoch)")
+        # under DDP, BatchNorm layers normalise with the statistics of the global batch
+        with _dist.sync_batch_norm(self.modules.values()):
+            while not done and self.epoch < self.cfg.max_epochs:
+                t0 = time.perf_counter()
+                for m in self.modules.values():
+                    m.train()
+                perm = torch.randperm(n, generator=self.gen)
+                if world > 1:
+                    # same permutation on every rank (self.gen), dealt like DistributedSampler; dropout
+                    # masks differ per rank and are reproducible on resume
+                    torch.manual_seed(_dist.rank_seed(self.cfg.seed, self.epoch))
+                    perm = _dist.shard_permutation(perm)
+                rows = perm.shape[0]
+                ids_e, lab_e = ids[perm], labels[perm]
+                total, seen = torch.zeros((), dtype=torch.float64), 0
+                bar = tqdm(total=rows, desc=f"{self.desc} epoch {self.epoch + 1}", unit="sample",
+                           disable=not self.cfg.show_progress or rank != 0, leave=False)
+                # a final batch of one sample would break BatchNorm; fold it into the previous batch
+                stops = list(range(bs, rows, bs))
+                if stops and rows - stops[-1] < 2:
+                    stops.pop()
+                bounds = list(zip([0] + stops, stops + [rows]))
+                for k, (a, b) in enumerate(bounds):
+                    with amp:
+                        loss = step(ids_e[a:b], lab_e[a:b], perm[a:b])
+                    self.opt.zero_grad()
+                    loss.backward()
+                    self.opt.step()
+                    total += loss.detach() * (b - a)
+                    seen += b - a
+                    if bar.disable is False and (k % 10 == 0 or b == rows):
+                        bar.set_postfix(loss=f"{float(total) / seen:.4f}")
+                    bar.update(b - a)
+                bar.close()
+                if world > 1:
+                    _dist.broadcast_buffers(self.modules.values())
+                    both = _dist.all_reduce_sum(torch.stack([total, torch.tensor(float(seen), dtype=torch.float64)]))
+                    total, seen = both[0], int(both[1])
+                train_time = time.perf_counter() - t0
+                for m in self.modules.values():
+                    m.eval()
+                value = monitor()
+                if world > 1:
+                    value = _dist.broadcast_float(value)
+                improved = self.stopper.step(value, self.epoch, self.modules)
+                if not improved and self.cfg.reduce_lr_on_plateau:
+                    self.opt.scale_lr(0.1)
+                self.history.append({"epoch": self.epoch + 1, "train_loss": float(total) / max(seen, 1),
+                                     "monitor": value, "train_seconds": train_time,
+                                     "samples_per_s": n / train_time})
+                self.epoch += 1
+                done = self.stopper.should_stop
+                if self.checkpoint is not None and rank == 0:
+                    atomic_save(self._state(), self.checkpoint)
+                if self.stop_after_epoch is not None and self.epoch >= self.stop_after_epoch:
+                    raise KeyboardInterrupt(f"stopped after epoch {self.epoch} (stop_after_epoch)")
         if self.stopper.best_state is not None:
             for k, m in self.modules.items():
                 m.load_state_dict(self.stopper.best_state[k])

@@ -24,10 +24,10 @@ from fastkd.data import make_synthetic
 from fastkd.models import build_model
 from fastkd.train import _label_monitor, evaluate, train_model
 
-# Dropout 0 and no BatchNorm for the run compared with one process: per-rank dropout masks and
-# per-rank batch statistics (DDP without SyncBatchNorm) are the two things that make a 2-rank step
-# differ from a single-process step by more than summation order. A separate BatchNorm model
-# checks that the ranks still end with one model (running statistics broadcast from rank 0).
+# Dropout 0 for the runs compared with one process: per-rank dropout masks are what make a
+# 2-rank step differ from a single-process step by more than summation order. The distillation
+# run has no BatchNorm; a separate BatchNorm model checks that BatchNorm under DDP uses the global
+# batch's statistics (fastkd.distributed.sync_batch_norm) and so matches one process too.
 SMALL = dict(embed_dim=4, hidden_units=(16,), dropout=0.0, batch_norm=False)
 # 1400 training rows and a global batch of 256: both even, and the last batch (120 rows) is not
 # folded, so the 2-rank steps cover exactly the single-process batches (see shard_permutation)
@@ -195,9 +195,11 @@ def one_process(tmp_path_factory):
     try:
         kd = _distiller(train.field_sizes, out)
         summary = kd.fit(train, valid)
+        bn = _model("dnn", train.field_sizes, 4, batch_norm=True)
+        train_model(bn, train, valid, TrainConfig(**{**CFG, "max_epochs": 2, "early_stop": "auc"}))
         return {"student": kd.student.state_dict(), "history": summary["student"]["history"],
                 "teacher_epochs": [s["epochs"] for s in summary["teachers"]],
-                "test_auc": kd.evaluate(test)["auc"]}
+                "test_auc": kd.evaluate(test)["auc"], "batch_norm_model": bn.state_dict()}
     finally:
         torch.set_num_threads(threads)
 
@@ -469,6 +471,49 @@ def test_batch_norm_running_statistics_agree_across_ranks(two_ranks):
     assert any("running_mean" in k for k in r0["batch_norm_model"])
     for name, v in r0["batch_norm_model"].items():
         torch.testing.assert_close(v, r1["batch_norm_model"][name], rtol=0, atol=0, msg=name)
+
+
+def test_batch_norm_under_ddp_uses_global_batch_statistics(two_ranks, one_process):
+    # CPU "sync BatchNorm": with dropout 0 the 2-rank BatchNorm model takes the single-process
+    # steps (batch statistics of the whole global batch), to float summation order
+    r0 = two_ranks["ranks"][0]["batch_norm_model"]
+    for name, v in one_process["batch_norm_model"].items():
+        if name.endswith("num_batches_tracked"):
+            assert int(v) == int(r0[name]), name
+            continue
+        torch.testing.assert_close(r0[name], v, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_sync_batch_norm_math_equals_batch_norm_on_one_rank(tmp_path):
+    # With one rank the all-reduces are identities: forward, input/weight/bias gradients and the
+    # running statistics must be BatchNorm1d's own.
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        bn = torch.nn.BatchNorm1d(5, momentum=0.3)
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-1, 1)
+        ref = torch.nn.BatchNorm1d(5, momentum=0.3)
+        ref.load_state_dict(bn.state_dict())
+        x = (torch.randn(37, 5) * 3 + 1).requires_grad_()
+        x_ref = x.detach().clone().requires_grad_()
+        up = torch.randn(37, 5)
+        y = distributed._sync_bn_forward(bn, x)
+        y_ref = ref(x_ref)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        got = torch.autograd.grad(y, (x, bn.weight, bn.bias), up)
+        want = torch.autograd.grad(y_ref, (x_ref, ref.weight, ref.bias), up)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+        for name, v in ref.state_dict().items():
+            torch.testing.assert_close(bn.state_dict()[name], v, rtol=1e-5, atol=1e-6, msg=name)
+        with distributed.sync_batch_norm([bn]):  # a group of one: nothing is patched
+            assert "forward" not in bn.__dict__
+    finally:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
