@@ -453,14 +453,23 @@ def _libfm_line(s: str):
     return parts[0], [t[0] for t in toks]
 
 
+def _libfm_width(lines: Iterable[str]) -> Optional[int]:
+    """Entries on the first of ``lines`` whose label and entries parse (None: no such line).
+    That line fixes the number of fields of a libFM source."""
+    for s in lines:
+        parsed = _libfm_line(s)
+        if not isinstance(parsed, str) and _is_float(parsed[0]):
+            return len(parsed[1])
+    return None
+
+
 def _libfm_first_width(paths) -> Optional[int]:
-    """Entries on the first line of the source whose label and entries parse (None: no such line)."""
+    """:func:`_libfm_width` of the whole source, read from its start."""
     for path in paths:
         with _open_text(path) as fh:
-            for line in fh:
-                parsed = _libfm_line(line)
-                if not isinstance(parsed, str) and _is_float(parsed[0]):
-                    return len(parsed[1])
+            width = _libfm_width(fh)
+        if width is not None:
+            return width
     return None
 
 
@@ -485,13 +494,9 @@ def _read_libfm(paths, chunk_rows, strict, label, numeric, columns, units):
                 ch = _Chunk(path, units)
                 ch.n_read = len(lines)
                 if width is None:
-                    # The first line whose label and entries parse fixes the number of fields.
-                    for s in lines:
-                        parsed = _libfm_line(s)
-                        if not isinstance(parsed, str) and _is_float(parsed[0]):
-                            width = len(parsed[1])
-                            names = [f"f{i}" for i in range(width)]
-                            break
+                    width = _libfm_width(lines)
+                    if width is not None:
+                        names = [f"f{i}" for i in range(width)]
                 rows = _libfm_fast(lines, width)
                 if rows is not None:
                     ch.lines = nos
