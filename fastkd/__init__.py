@@ -27,8 +27,8 @@ __all__ = [
 # Heavier parts load on first use, so `import fastkd` stays cheap for users who only want the losses.
 _LAZY = {
     "MultiFieldEmbedding": ("fastkd.embedding", "MultiFieldEmbedding"),
-    "Distiller": ("fastkd.train", "Distiller"),
-    "TeacherCache": ("fastkd.train", "TeacherCache"),
+    "Distiller": ("fastkd.distiller", "Distiller"),
+    "TeacherCache": ("fastkd.teacher_cache", "TeacherCache"),
     "TrainConfig": ("fastkd.train", "TrainConfig"),
     "FeatureHasher": ("fastkd.hashing", "FeatureHasher"),
 }

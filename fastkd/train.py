@@ -1,4 +1,4 @@
-"""Training: plain models, pre-train and co-train distillation, early stopping, checkpoints.
+"""Training: the epoch loop for plain models and students, early stopping, checkpoints.
 
 The loops index whole-dataset tensors directly (one gather per epoch for the shuffle, then
 contiguous slices): at CTR batch sizes a ``DataLoader`` costs more than the model.
@@ -34,7 +34,7 @@ changes to the calling code (see ``docs/distributed.md``):
   summed over ranks (distillation loss), and rank 0's value decides for everyone;
 * ``BatchNorm1d`` layers normalise with the statistics of the global batch
   (:func:`fastkd.distributed.sync_batch_norm`);
-* only rank 0 writes checkpoints; :class:`TeacherCache` is built in parallel.
+* only rank 0 writes checkpoints; :class:`~fastkd.teacher_cache.TeacherCache` is built in parallel.
 
 With no process group (or a group of one) nothing of this runs and results are unchanged.
 """
@@ -43,7 +43,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import math
 import os
 import random
@@ -52,7 +51,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -60,11 +59,10 @@ from torch import nn
 
 from . import distributed as _dist
 from .data import CTRData
-from .losses import GatedDistillLoss, HintLoss
 from .metrics import log_loss, roc_auc
 
 __all__ = [
-    "TrainConfig", "EarlyStopper", "TeacherCache", "Distiller", "train_model", "predict",
+    "TrainConfig", "EarlyStopper", "train_model", "predict",
     "evaluate", "seed_everything", "atomic_save",
 ]
 
@@ -93,7 +91,13 @@ class TrainConfig:
         merge_validation: train on the validation split too, except a held-out
             ``monitor_fraction`` of it (its first rows) that monitors the stopping quantity
             (distillation loss, or labels for "auc"/"logloss").
-        monitor_fraction: share of the validation split held out as the monitor split.
+        monitor_fraction: share of the validation split held out as the monitor split (default
+            0.5: at 0.2 Frappe's monitor had ~1.7K rows and stopping followed noise).
+        monitor_window: decide on the mean of the last ``monitor_window`` epochs' monitored
+            values instead of the last one alone: on a few thousand monitor rows an epoch's AUC
+            moves by noise as much as by learning, and one noisy dip would cut the learning
+            rate or stop training early. The best epoch is the one whose smoothed value was best.
+            Default 3 (docs/accuracy.md).
         seed: seeds initialisation and data order.
         progress: show tqdm progress bars (default: when stderr is a terminal).
         precision: "fp32", or "bf16" to run the training forward passes under
@@ -110,7 +114,8 @@ class TrainConfig:
     reduce_lr_on_plateau: bool = True
     eval_batch_size: int = 16384
     merge_validation: bool = False
-    monitor_fraction: float = 0.2
+    monitor_fraction: float = 0.5
+    monitor_window: int = 3
     seed: int = 0
     progress: Optional[bool] = None
     precision: str = "fp32"
@@ -122,6 +127,8 @@ class TrainConfig:
             self.patience = 3 if self.early_stop == "kd" else 2
         if self.patience < 1 or self.max_epochs < 1 or self.batch_size < 1:
             raise ValueError("patience, max_epochs and batch_size must be >= 1")
+        if isinstance(self.monitor_window, bool) or not isinstance(self.monitor_window, int) or self.monitor_window < 1:
+            raise ValueError(f"monitor_window must be an int >= 1, got {self.monitor_window!r}")
         if not 0.0 < self.monitor_fraction < 1.0:
             raise ValueError(f"monitor_fraction must be in (0, 1), got {self.monitor_fraction}")
         if self.precision not in ("fp32", "bf16"):
@@ -243,248 +250,6 @@ def scores(labels: np.ndarray, logits: torch.Tensor) -> Dict[str, float]:
 def evaluate(model: nn.Module, data: CTRData, batch_size: int = 16384) -> Dict[str, float]:
     """Test metrics of ``model`` on ``data``: {"auc", "logloss"}."""
     return scores(data.labels, predict(model, data, batch_size))
-
-
-# ------------------------------------------------------------------------------------------------
-# Teacher cache
-# ------------------------------------------------------------------------------------------------
-class TeacherCache:
-    """Frozen teachers' outputs for every sample of a dataset, computed once.
-
-    Row ``i`` holds the M teachers' logits (and, when requested, their hidden vectors) for sample
-    ``i`` of the dataset it was built on, so a pre-train student epoch reads them by index and
-    never runs a teacher. With ``path`` the arrays live in memory-mapped ``.npy`` files (for data
-    larger than RAM); they are written under temporary names and renamed only when complete, so
-    an interrupted build never leaves a cache that a later run would trust.
-
-    Under torch.distributed, :meth:`build` is a collective: each rank runs the teachers on its
-    contiguous block of rows only. In memory the blocks are gathered so every rank holds the whole
-    cache; with ``path`` each rank writes its own part files and rank 0 writes the metadata that
-    lists them once every part is complete, and :meth:`load` presents the parts as one cache.
-
-    Shape:
-        - ``logits``: [N, M] float32
-        - ``hidden``: [N, M, d] float32, or None
-    """
-
-    META = "cache.json"
-
-    def __init__(self, logits, hidden=None) -> None:
-        self.logits = torch.as_tensor(np.asarray(logits))
-        self.hidden = None if hidden is None else torch.as_tensor(np.asarray(hidden))
-        if self.logits.dim() != 2:
-            raise ValueError(f"logits must be [N, M], got {list(self.logits.shape)}")
-        if self.hidden is not None and tuple(self.hidden.shape[:2]) != tuple(self.logits.shape):
-            raise ValueError("hidden must be [N, M, d] with the logits' N and M")
-
-    def __len__(self) -> int:
-        return self.logits.shape[0]
-
-    @property
-    def num_teachers(self) -> int:
-        return self.logits.shape[1]
-
-    def gather(self, index: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        h = None if self.hidden is None else self.hidden[index]
-        return self.logits[index], h
-
-    @classmethod
-    def build(cls, teachers: Sequence[nn.Module], data: Union[CTRData, torch.Tensor], *,
-              hidden: bool = False, batch_size: int = 16384, path: Optional[Union[str, Path]] = None,
-              progress: bool = False, shard: Optional[bool] = None) -> "TeacherCache":
-        """Run each teacher once over ``data`` (eval mode, no grad) and store its outputs.
-
-        ``shard`` (default: whether a process group of more than one rank exists) splits the
-        work across ranks; every rank must then call ``build`` with the same arguments, and
-        ``path``, if given, must be a folder every rank sees. ``shard=False`` builds the whole
-        cache in this process alone.
-        """
-        ids = torch.from_numpy(data.ids) if isinstance(data, CTRData) else data
-        n, m = ids.shape[0], len(teachers)
-        if m == 0:
-            raise ValueError("teachers is empty")
-        # Teachers of different hidden widths are zero-padded to the widest: exact for the hidden
-        # gate and for hint losses, whose per-teacher weights meet the padding only as zeros.
-        d = max(int(getattr(t, "hidden_dim", 0)) for t in teachers) if hidden else 0
-        if hidden and d < 1:
-            raise ValueError("hidden vectors requested but the teachers declare no hidden_dim")
-        if (_dist.get_world_size() > 1) if shard is None else shard:
-            return cls._build_sharded(teachers, ids, hidden, d, batch_size, path, progress)
-        if path is not None:
-            path = Path(path)
-            path.mkdir(parents=True, exist_ok=True)
-            # a metadata file left by an earlier build must not vouch for arrays about to change
-            (path / cls.META).unlink(missing_ok=True)
-            tmp_l, tmp_h = path / "logits.npy.tmp", path / "hidden.npy.tmp"
-            logits = np.lib.format.open_memmap(tmp_l, mode="w+", dtype=np.float32, shape=(n, m))
-            hid = np.lib.format.open_memmap(tmp_h, mode="w+", dtype=np.float32, shape=(n, m, d)) if hidden else None
-        else:
-            logits = np.empty((n, m), dtype=np.float32)
-            hid = np.empty((n, m, d), dtype=np.float32) if hidden else None
-        _fill_teacher_outputs(teachers, ids, logits, hid, batch_size, progress)
-        if path is None:
-            return cls(logits, hid)
-        logits.flush()
-        del logits
-        os.replace(tmp_l, path / "logits.npy")
-        if hidden:
-            hid.flush()
-            del hid
-            os.replace(tmp_h, path / "hidden.npy")
-        elif (path / "hidden.npy").exists():
-            os.unlink(path / "hidden.npy")
-        # the metadata file is written last: its presence marks a complete cache
-        _write_json(path / cls.META, {"rows": n, "teachers": m, "hidden_dim": d if hidden else None})
-        return cls.load(path)
-
-    @classmethod
-    def _build_sharded(cls, teachers, ids: torch.Tensor, hidden: bool, d: int, batch_size: int,
-                       path: Optional[Union[str, Path]], progress: bool) -> "TeacherCache":
-        n, m = ids.shape[0], len(teachers)
-        rank, world = _dist.get_rank(), _dist.get_world_size()
-        a, b = _dist.shard_bounds(n)
-        progress = progress and rank == 0
-        if path is None:
-            logits = np.empty((b - a, m), dtype=np.float32)
-            hid = np.empty((b - a, m, d), dtype=np.float32) if hidden else None
-            _fill_teacher_outputs(teachers, ids[a:b], logits, hid, batch_size, progress)
-            full_h = None if hid is None else _dist.gather_rows(torch.from_numpy(hid), n)
-            return cls(_dist.gather_rows(torch.from_numpy(logits), n), full_h)
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        if rank == 0:
-            (path / cls.META).unlink(missing_ok=True)
-        _dist.barrier()
-        stem = f"part{rank:05d}-of-{world:05d}"
-        names = {"logits": f"{stem}.logits.npy", "hidden": f"{stem}.hidden.npy" if hidden else None}
-        # this part's own marker goes first and comes back last: present means complete
-        (path / f"{stem}.json").unlink(missing_ok=True)
-        tmp_l = path / (names["logits"] + ".tmp")
-        logits = np.lib.format.open_memmap(tmp_l, mode="w+", dtype=np.float32, shape=(b - a, m))
-        hid = None
-        if hidden:
-            tmp_h = path / (names["hidden"] + ".tmp")
-            hid = np.lib.format.open_memmap(tmp_h, mode="w+", dtype=np.float32, shape=(b - a, m, d))
-        _fill_teacher_outputs(teachers, ids[a:b], logits, hid, batch_size, progress)
-        logits.flush()
-        del logits
-        os.replace(tmp_l, path / names["logits"])
-        if hidden:
-            hid.flush()
-            del hid
-            os.replace(tmp_h, path / names["hidden"])
-        _write_json(path / f"{stem}.json", {"start": a, "stop": b, "teachers": m,
-                                            "hidden_dim": d if hidden else None, **names})
-        # a rank that died before its marker makes this barrier fail, so no metadata is written
-        _dist.barrier()
-        if rank == 0:
-            parts = []
-            for r in range(world):
-                part = json.loads((path / f"part{r:05d}-of-{world:05d}.json").read_text())
-                if (part["start"], part["stop"]) != _dist.shard_bounds(n, r, world) or part["teachers"] != m:
-                    raise RuntimeError(f"{path}: part {r} of {world} does not match this build: {part}")
-                parts.append(part)
-            _write_json(path / cls.META, {"rows": n, "teachers": m, "hidden_dim": d if hidden else None,
-                                          "parts": parts})
-        _dist.barrier()
-        return cls.load(path)
-
-    @classmethod
-    def load(cls, path: Union[str, Path]) -> "TeacherCache":
-        """Open a cache written by :meth:`build` (memory-mapped, read-only); a cache written in
-        parts by several ranks reads as one."""
-        path = Path(path)
-        if not (path / cls.META).exists():
-            raise FileNotFoundError(f"{path} holds no complete teacher cache (no {cls.META})")
-        meta = json.loads((path / cls.META).read_text())
-        if "parts" in meta:
-            return cls._load_parts(path, meta)
-        logits = np.load(path / "logits.npy", mmap_mode="r")
-        hidden = np.load(path / "hidden.npy", mmap_mode="r") if meta["hidden_dim"] else None
-        if logits.shape != (meta["rows"], meta["teachers"]):
-            raise ValueError(f"{path}: logits.npy has shape {logits.shape}, metadata says {meta}")
-        # torch.as_tensor cannot wrap a read-only memmap without a copy; index through numpy
-        cache = cls.__new__(cls)
-        cache.logits = _MemmapRows(logits)
-        cache.hidden = None if hidden is None else _MemmapRows(hidden)
-        return cache
-
-    @classmethod
-    def _load_parts(cls, path: Path, meta: dict) -> "TeacherCache":
-        parts = meta["parts"]
-        starts = [p["start"] for p in parts]
-        logits = [np.load(path / p["logits"], mmap_mode="r") for p in parts]
-        for p, arr in zip(parts, logits):
-            if arr.shape != (p["stop"] - p["start"], meta["teachers"]):
-                raise ValueError(f"{path}: {p['logits']} has shape {arr.shape}, metadata says {p}")
-        if parts[-1]["stop"] != meta["rows"]:
-            raise ValueError(f"{path}: parts cover {parts[-1]['stop']} rows, metadata says {meta['rows']}")
-        cache = cls.__new__(cls)
-        cache.logits = _PartRows(logits, starts)
-        cache.hidden = None
-        if meta["hidden_dim"]:
-            cache.hidden = _PartRows([np.load(path / p["hidden"], mmap_mode="r") for p in parts], starts)
-        return cache
-
-
-def _fill_teacher_outputs(teachers, ids: torch.Tensor, logits: np.ndarray, hid: Optional[np.ndarray],
-                          batch_size: int, progress: bool) -> None:
-    """Write the teachers' logits [N, M] (and hidden vectors [N, M, d], zero-padded) in place."""
-    from tqdm.auto import tqdm
-
-    hidden = hid is not None
-    for j, t in enumerate(tqdm(teachers, desc="teacher cache", disable=not progress, leave=False)):
-        out = predict(t, ids, batch_size, return_hidden=hidden)
-        if hidden:
-            logits[:, j] = out[0].float().numpy()
-            h = out[1].float().numpy()
-            hid[:, j, : h.shape[1]] = h
-            hid[:, j, h.shape[1]:] = 0.0
-        else:
-            logits[:, j] = out.float().numpy()
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
-
-
-class _PartRows:
-    """Row access to consecutive read-only memory-mapped blocks as if they were one array."""
-
-    def __init__(self, parts: List[np.ndarray], starts: List[int]) -> None:
-        self.parts = parts
-        self.starts = np.asarray(starts, dtype=np.int64)
-        self.shape = torch.Size((sum(p.shape[0] for p in parts),) + tuple(parts[0].shape[1:]))
-
-    def __getitem__(self, index) -> torch.Tensor:
-        idx = index.numpy() if isinstance(index, torch.Tensor) else index
-        idx = np.arange(self.shape[0])[idx] if isinstance(idx, slice) else np.asarray(idx, dtype=np.int64)
-        part = np.searchsorted(self.starts, idx, side="right") - 1
-        out = np.empty(idx.shape + tuple(self.shape[1:]), dtype=self.parts[0].dtype)
-        for p in np.unique(part):
-            sel = part == p
-            out[sel] = self.parts[p][idx[sel] - self.starts[p]]
-        return torch.from_numpy(out)
-
-    def dim(self) -> int:
-        return len(self.shape)
-
-
-class _MemmapRows:
-    """Row access to a read-only memory-mapped array, returning tensors."""
-
-    def __init__(self, arr: np.ndarray) -> None:
-        self.arr = arr
-        self.shape = torch.Size(arr.shape)
-
-    def __getitem__(self, index) -> torch.Tensor:
-        idx = index.numpy() if isinstance(index, torch.Tensor) else index
-        return torch.from_numpy(np.ascontiguousarray(self.arr[idx]))
-
-    def dim(self) -> int:
-        return len(self.shape)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -679,11 +444,14 @@ class _Loop:
                 value = monitor()
                 if world > 1:
                     value = _dist.broadcast_float(value)
-                improved = self.stopper.step(value, self.epoch, self.modules)
+                raw = [h["monitor"] for h in self.history[-(self.cfg.monitor_window - 1):]] if \
+                    self.cfg.monitor_window > 1 else []
+                smoothed = float(np.mean(raw + [value]))
+                improved = self.stopper.step(smoothed, self.epoch, self.modules)
                 if not improved and self.cfg.reduce_lr_on_plateau:
                     self.opt.scale_lr(0.1)
                 self.history.append({"epoch": self.epoch + 1, "train_loss": float(total) / max(seen, 1),
-                                     "monitor": value, "train_seconds": train_time,
+                                     "monitor": value, "smoothed_monitor": smoothed, "train_seconds": train_time,
                                      "samples_per_s": n / train_time})
                 self.epoch += 1
                 done = self.stopper.should_stop
@@ -750,237 +518,13 @@ def train_model(model: nn.Module, train: CTRData, valid: CTRData, cfg: TrainConf
                     _label_monitor(model, monitor_data, cfg.early_stop, cfg.eval_batch_size))
 
 
-# ------------------------------------------------------------------------------------------------
-# Distillation
-# ------------------------------------------------------------------------------------------------
-class Distiller:
-    """Distil an ensemble of CTR teachers into a student, by pre-training or co-training.
-
-    ``mode="pretrain"``: the teachers are trained first (unless ``teachers_trained=True``), frozen,
-    and their outputs cached once in a :class:`TeacherCache`; student epochs read the cache by
-    sample index and never run a teacher. ``mode="cotrain"``: teachers, gate and student train
-    together; each teacher learns from its own label loss, and the distillation gradient flows
-    from teachers to student only (teacher logits enter the loss detached).
-
-    Args:
-        teachers: the M teacher models.
-        student: the student model (one logit per sample; ``return_hidden`` for hints).
-        mode: "pretrain" | "cotrain".
-        gate: "logit" | "hidden" | "mean" (see :class:`~fastkd.GatedDistillLoss`).
-        ensemble: "logit" | "prob".
-        temperature, hard_weight, kd_weight, gate_loss_weight: loss settings.
-        hint_weight: weight of the hint loss ``‖W_i v_Ti − v_S‖²`` averaged over teachers (0: off).
-        hint_normalize: compare L2-normalised hints (default). With the plain formula and W_i
-            trained alongside, ``W_i = 0, v_S = 0`` is a minimum, and on Frappe the student
-            collapsed to AUC 0.50 (see :func:`fastkd.functional.hint_loss`).
-        config: optimisation and early stopping (:class:`TrainConfig`).
-        teacher_config: settings for training the teachers (default: ``config.for_teachers()``).
-
-    Example::
-
-        >>> from fastkd import Distiller, TrainConfig
-        >>> from fastkd.data import make_synthetic
-        >>> from fastkd.models import build_model
-        >>> train, valid, test = make_synthetic(6000, seed=0).split((0.8, 0.1, 0.1))
-        >>> fs = train.field_sizes
-        >>> cfg = TrainConfig(max_epochs=2, batch_size=512)
-        >>> teachers = [build_model(n, fs, hidden_units=(32,)) for n in ("deepfm", "dcn")]
-        >>> kd = Distiller(teachers, build_model("dnn", fs, hidden_units=(16,)), config=cfg)
-        >>> summary = kd.fit(train, valid)
-        >>> round(kd.evaluate(test)["auc"], 1) > 0.5
-        True
-    """
-
-    def __init__(
-        self,
-        teachers: Sequence[nn.Module],
-        student: nn.Module,
-        *,
-        mode: str = "pretrain",
-        gate: str = "logit",
-        ensemble: str = "logit",
-        temperature: float = 1.0,
-        hard_weight: float = 1.0,
-        kd_weight: float = 1.0,
-        gate_loss_weight: float = 1.0,
-        hint_weight: float = 0.0,
-        hint_normalize: bool = True,
-        config: Optional[TrainConfig] = None,
-        teacher_config: Optional[TrainConfig] = None,
-        teachers_trained: bool = False,
-        cache_dir: Optional[Union[str, Path]] = None,
-    ) -> None:
-        if mode not in ("pretrain", "cotrain"):
-            raise ValueError(f"mode must be 'pretrain' or 'cotrain', got {mode!r}")
-        if len(teachers) == 0:
-            raise ValueError("at least one teacher is needed")
-        self.teachers = nn.ModuleList(teachers)
-        self.student = student
-        self.mode = mode
-        self.config = config or TrainConfig()
-        self.teacher_config = teacher_config or self.config.for_teachers()
-        if mode == "cotrain" and self.config.early_stop == "kd":
-            raise ValueError("co-training stops on the student's validation AUC/logloss: the teachers "
-                             "(and so the distillation targets) move during training")
-        self.teachers_trained = teachers_trained
-        self.cache_dir = Path(cache_dir) if cache_dir else None
-        self.hint_weight = float(hint_weight)
-        needs_hidden = gate == "hidden" or self.hint_weight > 0
-        self.needs_hidden = needs_hidden
-        # teachers' hidden vectors are zero-padded to the widest one (see TeacherCache.build)
-        self.hidden_dim = max(int(getattr(t, "hidden_dim", 0)) for t in teachers)
-        self.loss = GatedDistillLoss(
-            len(teachers), temperature=temperature, hard_weight=hard_weight, kd_weight=kd_weight,
-            gate=gate, hidden_dim=self.hidden_dim if gate == "hidden" else None, ensemble=ensemble,
-            gate_loss_weight=gate_loss_weight,
-        )
-        self.hints = None
-        if self.hint_weight > 0:
-            sd = int(getattr(student, "hidden_dim", 0))
-            self.hints = nn.ModuleList(HintLoss(self.hidden_dim, sd, normalize=hint_normalize) for _ in teachers)
-        self.cache: Optional[TeacherCache] = None
-        self.summary: Dict[str, object] = {}
-
-    # -- pieces -------------------------------------------------------------------------------
-    def _student_out(self, ids):
-        if self.hints is not None:
-            return self.student(ids, return_hidden=True)
-        return self.student(ids), None
-
-    @torch.no_grad()
-    def _kd_term(self, z_s: torch.Tensor, t_logits: torch.Tensor, t_hidden) -> torch.Tensor:
-        """Summed distillation term ``CE(target, z_S/T)`` alone: what ``early_stop="kd"`` monitors."""
-        from .reference import gated_distill_loss_ref
-
-        crit = self.loss
-        loss, _ = gated_distill_loss_ref(
-            z_s, t_logits, None, t_hidden, gate=crit.gate_arg,
-            gate_weight=None if crit.weight is None else crit.weight.detach(),
-            gate_bias=None if crit.bias is None else crit.bias.detach(),
-            temperature=crit.temperature, hard_weight=0.0, kd_weight=1.0, ensemble=crit.ensemble,
-            gate_loss_weight=0.0, reduction="sum")
-        return loss
-
-    def _student_loss(self, ids, y, t_logits, t_hidden) -> torch.Tensor:
-        z_s, h_s = self._student_out(ids)
-        loss = self.loss(z_s, t_logits, y, t_hidden)
-        if self.hints is not None:
-            hint = sum(h(h_s, t_hidden[:, i]) for i, h in enumerate(self.hints)) / len(self.hints)
-            loss = loss + self.hint_weight * hint
-        return _plus_regularization(self.student, loss)
-
-    def _student_params(self) -> List[nn.Parameter]:
-        params = list(self.student.parameters()) + list(self.loss.parameters())
-        if self.hints is not None:
-            params += list(self.hints.parameters())
-        return params
-
-    def _student_modules(self) -> Dict[str, nn.Module]:
-        mods = {"student": self.student, "loss": self.loss}
-        if self.hints is not None:
-            mods["hints"] = self.hints
-        return mods
-
-    # -- fit ----------------------------------------------------------------------------------
-    def fit(self, train: CTRData, valid: CTRData, *, checkpoint_dir: Optional[Union[str, Path]] = None,
-            resume: bool = False, stop_after_epoch: Optional[int] = None) -> dict:
-        """Train (teachers, then) the student. Returns a summary with per-phase histories."""
-        ckpt = Path(checkpoint_dir) if checkpoint_dir else None
-        if self.mode == "cotrain":
-            return self._fit_cotrain(train, valid, ckpt, resume, stop_after_epoch)
-        cfg = self.config
-        t0 = time.perf_counter()
-        if not self.teachers_trained:
-            self.summary["teachers"] = []
-            for i, t in enumerate(self.teachers):
-                tc = dataclasses.replace(self.teacher_config, seed=self.teacher_config.seed + 1000 * (i + 1))
-                s = train_model(t, train, valid, tc, desc=f"teacher {i}",
-                                checkpoint=ckpt / f"teacher{i}.pt" if ckpt else None, resume=resume)
-                self.summary["teachers"].append(s)
-        _freeze(self.teachers)
-        self.summary["teacher_seconds"] = time.perf_counter() - t0
-
-        student_train, monitor_data = cfg.split_validation(train, valid)
-        t1 = time.perf_counter()
-        self.cache = TeacherCache.build(list(self.teachers), student_train, hidden=self.needs_hidden,
-                                        batch_size=cfg.eval_batch_size,
-                                        path=self.cache_dir, progress=cfg.show_progress)
-        self.summary["cache_seconds"] = time.perf_counter() - t1
-        cache = self.cache
-
-        def step(ids, y, index):
-            t_logits, t_hidden = cache.gather(index)
-            return self._student_loss(ids, y, t_logits, t_hidden)
-
-        if cfg.early_stop == "kd":
-            # under torch.distributed each rank sums the term over its block of the monitor rows
-            mon_rows = monitor_data
-            if _dist.get_world_size() > 1:
-                mon_rows = monitor_data.subset(slice(*_dist.shard_bounds(len(monitor_data))))
-            mon_cache = TeacherCache.build(list(self.teachers), mon_rows, hidden=self.needs_hidden,
-                                           batch_size=cfg.eval_batch_size, shard=False)
-
-            def monitor() -> float:
-                z = predict(self.student, mon_rows, cfg.eval_batch_size)
-                kd = self._kd_term(z, mon_cache.logits, mon_cache.hidden)
-                return float(_dist.all_reduce_sum(kd.double())) / len(monitor_data)
-        else:
-            monitor = _label_monitor(self.student, monitor_data, cfg.early_stop, cfg.eval_batch_size)
-
-        seed_everything(cfg.seed)
-        ids, labels = _as_tensors(student_train)
-        loop = _Loop(self._student_modules(), self._student_params(), cfg, cfg.early_stop,
-                     ckpt / "student.pt" if ckpt else None, resume, "student", stop_after_epoch)
-        self.summary["student"] = loop.run(ids, labels, step, monitor)
-        return self.summary
-
-    def _fit_cotrain(self, train, valid, ckpt, resume, stop_after_epoch) -> dict:
-        cfg = self.config
-        bce = nn.BCEWithLogitsLoss()
-        teachers = self.teachers
-
-        def step(ids, y, _index):
-            outs = [t(ids, return_hidden=self.needs_hidden) for t in teachers]
-            if self.needs_hidden:
-                t_logits = torch.stack([o[0] for o in outs], 1)
-                d = self.hidden_dim
-                t_hidden = torch.stack([nn.functional.pad(o[1], (0, d - o[1].shape[1])) for o in outs], 1)
-            else:
-                t_logits, t_hidden = torch.stack(outs, 1), None
-            teacher_loss = sum(_plus_regularization(t, bce(t_logits[:, i], y)) for i, t in enumerate(teachers))
-            # detached: the distillation gradient flows teacher -> student only
-            student_loss = self._student_loss(ids, y, t_logits.detach(),
-                                              None if t_hidden is None else t_hidden.detach())
-            return teacher_loss + student_loss
-
-        seed_everything(cfg.seed)
-        train, monitor_data = cfg.split_validation(train, valid)
-        ids, labels = _as_tensors(train)
-        mods = {**self._student_modules(), "teachers": teachers}
-        params = self._student_params() + list(teachers.parameters())
-        loop = _Loop(mods, params, cfg, cfg.early_stop, ckpt / "cotrain.pt" if ckpt else None, resume,
-                     "co-train", stop_after_epoch)
-        self.summary["student"] = loop.run(ids, labels, step,
-                                           _label_monitor(self.student, monitor_data, cfg.early_stop,
-                                                          cfg.eval_batch_size))
-        _freeze(teachers)
-        return self.summary
-
-    # -- use ----------------------------------------------------------------------------------
-    def predict(self, data: CTRData) -> torch.Tensor:
-        """Student logits [N]."""
-        return predict(self.student, data, self.config.eval_batch_size)
-
-    def evaluate(self, data: CTRData) -> Dict[str, float]:
-        """Student test metrics {"auc", "logloss"}."""
-        return evaluate(self.student, data, self.config.eval_batch_size)
-
-    @torch.no_grad()
-    def gate_weights(self, data: CTRData) -> torch.Tensor:
-        """Per-sample teacher weights α [N, M] of the trained gate on ``data``."""
-        from .reference import gate_weights_ref
-
-        cache = TeacherCache.build(list(self.teachers), data, hidden=self.needs_hidden,
-                                   batch_size=self.config.eval_batch_size, shard=False)
-        crit = self.loss
-        return gate_weights_ref(cache.logits, crit.gate_arg, crit.weight, crit.bias, cache.hidden)
+def __getattr__(name):
+    # the Distiller and the TeacherCache moved to modules of their own (which import this one);
+    # old imports keep working
+    if name == "Distiller":
+        from .distiller import Distiller
+        return Distiller
+    if name == "TeacherCache":
+        from .teacher_cache import TeacherCache
+        return TeacherCache
+    raise AttributeError(f"module 'fastkd.train' has no attribute {name!r}")

@@ -20,3 +20,23 @@ def mark_cuda_items(items) -> None:
     for item in items:
         if any(m.name == "skipif" and m.kwargs.get("reason") == CUDA_REASON for m in item.iter_markers()):
             item.add_marker(pytest.mark.cuda)
+
+
+# tiny models and settings for training tests (seconds on a CPU)
+SMALL_MODEL = dict(embed_dim=4, hidden_units=(16,), dropout=0.0)
+
+
+def small_model(name, field_sizes, seed=0):
+    """A tiny ``name`` model, seeded so tests build the same weights."""
+    import torch
+    from fastkd.models import build_model
+
+    torch.manual_seed(seed)
+    return build_model(name, field_sizes, **SMALL_MODEL)
+
+
+def quick_config(max_epochs=2, **kw):
+    """A :class:`~fastkd.TrainConfig` for tests: batch 256, no progress bars."""
+    from fastkd import TrainConfig
+
+    return TrainConfig(**{"max_epochs": max_epochs, "batch_size": 256, "progress": False, **kw})

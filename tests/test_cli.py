@@ -38,7 +38,7 @@ def test_demo_small(tmp_path, capsys):
     assert main(["demo", "--rows", "4000", "--out", str(out), *FAST]) == 0
     printed = capsys.readouterr().out
     assert "| dnn (gate) |" in printed and "report:" in printed
-    _check_outputs(out, 1, ["single", "mean", "gate"])
+    _check_outputs(out, 1, ["mean", "gate"])
     assert (out / "gate_weights.png").exists()
 
 
@@ -64,6 +64,7 @@ def test_distill_libfm_with_ablations_two_seeds(tmp_path):
     assert code == 0
     records = _check_outputs(out, 2, ["single", "mean", "gate"])
     variants = {r.get("variant") for r in records}
+    assert sum(r["distill"] == "single" for r in records) == 2  # 'all' includes the single-teacher row
     for v in ("hint instead of soft label", "co-train", "stop on kd loss", "stop on kd loss, merged valid",
               "not merged, auc on whole valid split"):
         assert v in variants
@@ -84,6 +85,10 @@ def test_distill_libfm_with_ablations_two_seeds(tmp_path):
     (["demo", "--teachers", "deepfm,resnet"], "resnet"),
     (["demo", "--seeds", "0"], "positive"),
     (["demo", "--ablations", "magic"], "magic"),
+    (["demo", "--ablations", "teacher_folds=x+nosuchkey=1"], "nosuchkey"),
+    (["demo", "--ablations", "early_stop=median"], "early_stop"),
+    (["demo", "--ablations", "teacher_folds=x"], "teacher_folds"),
+    (["demo", "--augment", "-1"], "augment"),
     (["demo", "--temperature", "-1", "--rows", "500", "--max-epochs", "1"], "temperature"),
 ])
 def test_bad_arguments_give_one_line_error(argv, needle):
@@ -102,7 +107,7 @@ def test_distill_real_criteo_smoke(tmp_path):
     code = main(["distill", "--train", f"criteo:{d / 'criteo_train.txt.gz'}", "--valid", f"criteo:{d / 'criteo_dev.txt.gz'}",
                  "--test", f"criteo:{d / 'criteo_test.txt.gz'}", "--out", str(out), *FAST, "--max-epochs", "1"])
     assert code == 0
-    _check_outputs(out, 1, ["single", "mean", "gate"])
+    _check_outputs(out, 1, ["mean", "gate"])
 
 
 def test_merge_validation_is_the_default_and_can_be_switched_off():
@@ -111,9 +116,24 @@ def test_merge_validation_is_the_default_and_can_be_switched_off():
     base = ["distill", "--data", "libfm:x", "--out", "o"]
     on = _spec(build_parser().parse_args(base)).config
     off = _spec(build_parser().parse_args(base + ["--no-merge-validation", "--monitor-fraction", "0.3"])).config
-    assert on.merge_validation and on.monitor_fraction == 0.2
+    assert on.merge_validation and on.monitor_fraction == 0.5 and on.monitor_window == 3
     assert not off.merge_validation and off.monitor_fraction == 0.3
     assert not on.for_teachers().merge_validation  # teachers never train on validation rows
+
+
+def test_distill_defaults_are_the_documented_ones():
+    """README's defaults table and docs/accuracy.md describe these; a changed default must change them."""
+    from fastkd.cli import _spec, auto_batch_size, build_parser
+
+    spec = _spec(build_parser().parse_args(["distill", "--data", "libfm:x", "--out", "o"]))
+    assert (spec.gate, spec.gate_fit, spec.augment, spec.teacher_folds) == ("features", None, 1.0, 1)
+    assert spec.config.batch_size == 2048
+    # at least 32 steps an epoch, never above the cap, never below 32
+    assert auto_batch_size(69_265) == 2048 and auto_batch_size(5_000) == 128
+    assert auto_batch_size(10) == 32 and auto_batch_size(10**8, cap=512) == 512
+    for n in (100, 5_000, 40_000, 65_535, 65_536):
+        bs = auto_batch_size(n)
+        assert bs == 32 or n >= 32 * bs
 
 
 def test_cli_model_names_are_the_registry():
@@ -121,3 +141,28 @@ def test_cli_model_names_are_the_registry():
     from fastkd.models import MODELS
 
     assert sorted(MODEL_NAMES) == sorted(MODELS)
+
+
+def test_dev_split_sets_the_test_split_aside():
+    from fastkd.cli import _dev_split
+    from fastkd.data import CTRData
+
+    n = 1000
+    data = CTRData(np.arange(n)[:, None], np.arange(n) % 2, ["row"], [n])
+    train, valid, test = data.split((0.8, 0.1, 0.1), seed=0)
+    (a, b, c), desc = _dev_split(train, valid, test, 0)
+    rows = [set(x.ids[:, 0].tolist()) for x in (a, b, c)]
+    assert not set(test.ids[:, 0].tolist()) & set().union(*rows)          # the test rows are not used
+    assert set().union(*rows) == set(train.ids[:, 0].tolist()) | set(valid.ids[:, 0].tolist())
+    assert (len(a), len(b), len(c)) == (720, 90, 90) and "set aside" in desc
+
+
+def test_new_options_reach_the_spec():
+    from fastkd.cli import _spec, build_parser
+
+    args = build_parser().parse_args(["distill", "--data", "libfm:x", "--out", "o", "--gate", "features",
+                                      "--teacher-folds", "3", "--augment", "1.5", "--augment-swap", "0.1",
+                                      "--ablations", "teacher_folds=1+gate=mean,single"])
+    spec = _spec(args)
+    assert (spec.gate, spec.teacher_folds, spec.augment, spec.augment_swap) == ("features", 3, 1.5, 0.1)
+    assert spec.ablations == ["teacher_folds=1+gate=mean", "single"]

@@ -55,7 +55,8 @@ def _model(name, fs, seed, batch_norm=False):
 
 def _distiller(fs, out: Path) -> Distiller:
     teachers = [_model("deepfm", fs, 1), _model("dcn", fs, 2)]
-    return Distiller(teachers, _model("dnn", fs, 3), gate="logit", config=TrainConfig(**CFG),
+    # the paper's path (joint logit gate, no augmentation): the kill step below counts its batches
+    return Distiller(teachers, _model("dnn", fs, 3), gate="logit", augment=0, config=TrainConfig(**CFG),
                      teacher_config=TrainConfig(**{**CFG, "max_epochs": 1, "early_stop": "auc"}),
                      cache_dir=out / "student_cache")
 

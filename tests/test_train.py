@@ -13,13 +13,12 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import REPO
+from helpers import REPO, quick_config, small_model
 from fastkd import Distiller, TeacherCache, TrainConfig
 from fastkd.data import make_synthetic
 from fastkd.models import build_model
 from fastkd.train import EarlyStopper, evaluate, train_model
 
-SMALL = dict(embed_dim=4, hidden_units=(16,), dropout=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +27,11 @@ def splits():
 
 
 def small(name, fs, seed=0):
-    torch.manual_seed(seed)
-    return build_model(name, fs, **SMALL)
+    return small_model(name, fs, seed)
 
 
 def cfg(**kw):
-    base = dict(max_epochs=3, batch_size=256, progress=False)
-    base.update(kw)
-    return TrainConfig(**base)
+    return quick_config(**{"max_epochs": 3, **kw})
 
 
 def test_early_stopper_patience_and_best():
@@ -79,7 +75,8 @@ def test_pretrain_student_epoch_never_calls_a_teacher(splits, gate):
     train, valid, test = splits
     fs = train.field_sizes
     teachers = [CountingTeacher(small(n, fs, i)) for i, n in enumerate(("deepfm", "dcn"))]
-    kd = Distiller(teachers, small("dnn", fs), gate=gate, config=cfg(max_epochs=2), teachers_trained=True)
+    kd = Distiller(teachers, small("dnn", fs), gate=gate, augment=0,
+                   config=cfg(max_epochs=2), teachers_trained=True)
     calls = []
     orig = TeacherCache.build.__func__
 
@@ -155,8 +152,8 @@ def test_kd_early_stopping_with_merged_validation(splits):
     fs = train.field_sizes
     teachers = [small("deepfm", fs, 1)]
     train_model(teachers[0], train, valid, cfg(max_epochs=2))
-    c = cfg(max_epochs=30, early_stop="kd", merge_validation=True, monitor_fraction=0.25, lr=0.02)
-    kd = Distiller(teachers, small("dnn", fs), gate="mean", config=c, teachers_trained=True)
+    c = cfg(max_epochs=30, early_stop="kd", merge_validation=True, monitor_fraction=0.25, lr=0.02, monitor_window=1)
+    kd = Distiller(teachers, small("dnn", fs), gate="mean", augment=0, config=c, teachers_trained=True)
     summary = kd.fit(train, valid)
     k = round(0.25 * len(valid))
     assert len(kd.cache) == len(train) + len(valid) - k  # the rest of valid was trained on
@@ -170,7 +167,7 @@ def test_kd_early_stopping_with_merged_validation(splits):
 def test_label_stopping_with_merged_validation_monitors_the_held_out_slice(splits):
     """The label-stopped baseline with the same training rows as a merged-validation student."""
     train, valid, test = splits
-    c = cfg(max_epochs=4, early_stop="auc", merge_validation=True, monitor_fraction=0.25)
+    c = cfg(max_epochs=4, early_stop="auc", merge_validation=True, monitor_fraction=0.25, monitor_window=1)
     grown, monitor = c.split_validation(train, valid)
     k = round(0.25 * len(valid))
     assert (len(grown), len(monitor)) == (len(train) + len(valid) - k, k)
@@ -319,3 +316,25 @@ def test_sparse_and_fused_embeddings_train_in_the_loops(tmp_path, splits, emb):
 def predict_logits(model, data):
     from fastkd.train import predict
     return predict(model, data)
+
+
+@pytest.mark.parametrize("window,epochs", [(1, 3), (3, 4)])
+def test_monitor_window_smooths_the_stopping_decision(splits, monkeypatch, window, epochs):
+    """A noisy dip (0.58 after 0.6) stops a patience-1 run at once; averaged over 3 epochs it is
+    still progress (0.56 > 0.55), so training goes on."""
+    import fastkd.train as T
+
+    train, valid, _ = splits
+    values = iter([0.5, 0.6, 0.58, 0.7])
+    monkeypatch.setattr(T, "_label_monitor", lambda *a: (lambda: next(values)))
+    s = train_model(small("dnn", train.field_sizes), train, valid,
+                    cfg(max_epochs=4, patience=1, monitor_window=window))
+    assert s["epochs"] == epochs
+    smoothed = [h["smoothed_monitor"] for h in s["history"]]
+    expect = [np.mean([0.5, 0.6, 0.58, 0.7][max(0, i - window + 1):i + 1]) for i in range(epochs)]
+    np.testing.assert_allclose(smoothed, expect)
+
+
+def test_monitor_window_is_checked():
+    with pytest.raises(ValueError, match="monitor_window"):
+        TrainConfig(monitor_window=0)

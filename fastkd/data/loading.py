@@ -8,6 +8,7 @@ import numpy as np
 
 from .encoder import FeatureEncoder
 from .readers import iter_table
+from .segmented import make_segmented
 from .synthetic import make_synthetic
 from .table import CTRData
 
@@ -33,10 +34,13 @@ def load(spec: str, *, encoder: Optional[FeatureEncoder] = None, kind: str = "vo
     the rank that hit them. This is a collective: all ranks must call it with the same arguments.
 
     ``spec`` may also be ``"synthetic"`` or ``"synthetic:N"``: :func:`make_synthetic` with
-    ``n_samples=N`` (default 200,000) and ``seed`` (no encoder involved; it returns ``None`` for it).
+    ``n_samples=N`` (default 200,000) and ``seed``, or ``"segmented[:N]"``:
+    :func:`~fastkd.data.segmented.make_segmented` (default 100,000 rows); no encoder is involved
+    (``None`` is returned for it).
 
     Args:
-        spec: ``KIND:PATH[,PATH2,...]`` (see :func:`~fastkd.data.iter_table`) or ``synthetic[:N]``.
+        spec: ``KIND:PATH[,PATH2,...]`` (see :func:`~fastkd.data.iter_table`), ``synthetic[:N]`` or
+            ``segmented[:N]``.
         encoder: an already fitted encoder to reuse (e.g. the training set's for a test set); if
             None a new ``FeatureEncoder(kind, min_count, num_buckets, seed)`` is fitted on this source.
         kind, min_count, num_buckets, seed: settings of the new encoder.
@@ -53,13 +57,15 @@ def load(spec: str, *, encoder: Optional[FeatureEncoder] = None, kind: str = "vo
         >>> train, enc = load("criteo:criteo_train.txt.gz", min_count=2, return_encoder=True)  # doctest: +SKIP
         >>> test = load("criteo:criteo_test.txt.gz", encoder=enc)                              # doctest: +SKIP
     """
-    if isinstance(spec, str) and spec.strip().lower().split(":", 1)[0] == "synthetic":
+    generator = spec.strip().lower().split(":", 1)[0] if isinstance(spec, str) else None
+    if generator in ("synthetic", "segmented"):
         _, _, n = spec.partition(":")
         try:
-            n_samples = int(n) if n.strip() else 200_000
+            n_samples = int(n) if n.strip() else (200_000 if generator == "synthetic" else 100_000)
         except ValueError:
-            raise ValueError(f"spec {spec!r}: expected 'synthetic' or 'synthetic:N' with an integer N") from None
-        data = make_synthetic(n_samples=n_samples, seed=seed)
+            raise ValueError(f"spec {spec!r}: expected '{generator}' or '{generator}:N' with an integer N") from None
+        make = make_synthetic if generator == "synthetic" else make_segmented
+        data = make(n_samples=n_samples, seed=seed)
         return (data, None) if return_encoder else data
 
     if sharded and not _group_initialized():

@@ -1,0 +1,210 @@
+"""Reporting an experiment: mean ± std tables, per-segment AUC, ``report.md``, ``results.json``, plots."""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import torch
+
+from .. import distributed as _dist
+from .runner import ExperimentResult
+from .spec import ExperimentSpec
+
+__all__ = ["summarize", "table", "segment_table", "write_report", "command_line"]
+
+
+def _fmt(values: List[float]) -> str:
+    a = np.asarray(values, dtype=float)
+    if len(a) == 1:
+        return f"{a[0]:.4f}"
+    return f"{a.mean():.4f} ± {a.std(ddof=1):.4f}"
+
+
+def _signal(r: dict) -> str:
+    """The distillation column: the ensemble signal a student learned from."""
+    if r["role"] == "teacher" or r["distill"] in ("none", "single"):
+        return r["distill"]
+    return r.get("gate") or r["distill"]
+
+
+def summarize(records: List[dict]) -> List[dict]:
+    """One row per (model, role, signal, variant): metrics and costs over seeds, in first-seen order."""
+    rows: Dict[tuple, dict] = {}
+    for r in records:
+        key = (r["model"], r["role"], _signal(r), r.get("variant", ""))
+        row = rows.setdefault(key, {"model": r["model"], "role": r["role"], "distill": _signal(r),
+                                    "variant": r.get("variant", ""), "auc": [], "logloss": [],
+                                    "params": r.get("params"), "infer": [], "train_rate": [], "epochs": [],
+                                    "epoch_seconds": [], "teacher_seconds": [], "segments": []})
+        row["auc"].append(r["auc"])
+        row["logloss"].append(r["logloss"])
+        for src, dst in (("infer_samples_per_s", "infer"), ("train_samples_per_s", "train_rate"),
+                         ("epochs", "epochs"), ("epoch_seconds", "epoch_seconds"),
+                         ("teacher_seconds", "teacher_seconds"), ("segment_auc", "segments")):
+            if r.get(src):
+                row[dst].append(r[src])
+    return list(rows.values())
+
+
+def table(records: List[dict]) -> str:
+    """Markdown table: test AUC and logloss as mean ± sample std over seeds, sizes and costs."""
+    lines = ["| model | role | distill | variant | test AUC | test logloss | params | infer samples/s | epochs "
+             "| epoch s | teacher s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in summarize(records):
+        infer = f"{np.median(row['infer']):,.0f}" if row["infer"] else "–"
+        params = f"{row['params']:,}" if row["params"] else "–"
+        ep = f"{np.mean(row['epochs']):.1f}" if row["epochs"] else "–"
+        eps = f"{np.median(row['epoch_seconds']):.2f}" if row["epoch_seconds"] else "–"
+        ts = f"{np.mean(row['teacher_seconds']):.0f}" if row["teacher_seconds"] else "–"
+        lines.append(f"| {row['model']} | {row['role']} | {row['distill']} | {row['variant'] or '–'} | "
+                     f"{_fmt(row['auc'])} | {_fmt(row['logloss'])} | {params} | {infer} | {ep} | {eps} | {ts} |")
+    return "\n".join(lines)
+
+
+def segment_table(records: List[dict]) -> str:
+    """Markdown table of test AUC per segment (mean over seeds), for records that carry it."""
+    rows = [r for r in summarize(records) if r["segments"]]
+    if not rows:
+        return ""
+    segs = sorted({s for r in rows for d in r["segments"] for s in d}, key=lambda s: int(s))
+    lines = ["| model | distill | variant | " + " | ".join(f"segment {s}" for s in segs) + " |",
+             "|---|---|---|" + "---|" * len(segs)]
+    for r in rows:
+        cells = []
+        for s in segs:
+            vals = [d[s] for d in r["segments"] if s in d]
+            cells.append(f"{np.mean(vals):.4f}" if vals else "–")
+        lines.append(f"| {r['model']} | {r['distill']} | {r['variant'] or '–'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _versions() -> str:
+    import numpy
+    return (f"fastkd {__import__('fastkd').__version__}, torch {torch.__version__}, numpy {numpy.__version__}, "
+            f"Python {platform.python_version()}, {platform.machine()}, torch threads {torch.get_num_threads()}")
+
+
+def _settings(spec: ExperimentSpec) -> str:
+    cfg = spec.config
+    gate = spec.gate if spec.gate == "mean" else f"{spec.gate} ({spec.gate_fit or 'default fit'})"
+    lines = [
+        f"Teachers: {', '.join(spec.teachers)}; student: {spec.student}; mode: {spec.mode}; gate: {gate}; "
+        f"ensemble: {spec.ensemble}; T = {spec.temperature}; hard_weight = {spec.hard_weight}; "
+        f"kd_weight = {spec.kd_weight}; teacher folds: {spec.teacher_folds}; augmentation: {spec.augment} "
+        f"rows per row (swap probability {spec.augment_swap}); seeds: {list(spec.seeds)}", "",
+        f"Training (every row unless its variant says otherwise): Adam lr {cfg.lr}, batch {cfg.batch_size}, "
+        f"at most {cfg.max_epochs} epochs, early stopping on validation {cfg.early_stop} with patience "
+        f"{cfg.patience}, learning rate /10 on each epoch without improvement, best epoch restored. "
+        + (f"Merged validation: students and the plain DNN train on the training split plus the validation "
+           f"rows after its first {cfg.monitor_fraction:.0%}, and stop on the {cfg.early_stop} of that held-out "
+           f"first {cfg.monitor_fraction:.0%}. " if cfg.merge_validation else "")
+        + ("Teachers train on the training split only and stop on the whole validation split (the rows whose "
+           "teacher predictions become soft labels stay unseen by the teachers). " if spec.teacher_folds == 1 else
+           f"Teachers are cross-fitted in {spec.teacher_folds} folds on the students' training rows (each fold "
+           "model stops on its held-out fold): every training row's soft label comes from a fold model that never "
+           "saw it, other rows' from the fold models' mean; the monitor rows stay unseen by every teacher. ")
+        + f"Model settings: {spec.model_kwargs or 'defaults'}.",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(out: Path, result: ExperimentResult, *, command: str, data_desc: str, spec: ExperimentSpec,
+                 wall_seconds: float, notes: str = "") -> Path:
+    """Write ``report.md``, ``results.json`` and the PNG plots into ``out``; returns the report path.
+
+    Under torch.distributed only rank 0 writes; the other ranks just get the path back.
+    """
+    out = Path(out)
+    if not _dist.is_main_process():
+        return out / "report.md"
+    out.mkdir(parents=True, exist_ok=True)
+    records = result.records
+    _write_text(out / "results.json", json.dumps(records, indent=1))
+    plots = _plots(out, records, result.gate_alphas)
+    lines = [
+        "# fastkd distillation report", "",
+        f"Command: `{command}`", "",
+        f"Data: {data_desc}", "",
+        f"Versions: {_versions()}", "",
+        f"Wall time: {wall_seconds:.0f} s", "",
+        _settings(spec), "",
+        "Mean ± sample std over seeds of test metrics; `epoch s` is the median wall time of one training "
+        "epoch, `teacher s` the teachers' training time the row depends on:", "",
+        table(records), "",
+    ]
+    seg = segment_table(records)
+    if seg:
+        lines += [f"Test AUC per segment (field `{spec.segment_field}`), mean over seeds:", "", seg, ""]
+    if notes:
+        lines += [notes, ""]
+    for p in plots:
+        lines.append(f"![{p.stem}]({p.name})")
+    path = out / "report.md"
+    _write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _plots(out: Path, records: List[dict], alphas: Dict[str, List[np.ndarray]]) -> List[Path]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plots are optional: `pip install fastkd[report]`
+        return []
+    paths = []
+    rows = summarize(records)
+    names = [r["model"] + (f" <{r['distill']}>" if r["role"] != "teacher" and r["distill"] not in ("none",) else "")
+             + (f"\n[{r['variant']}]" if r["variant"] else "") for r in rows]
+    means = [np.mean(r["auc"]) for r in rows]
+    stds = [np.std(r["auc"], ddof=1) if len(r["auc"]) > 1 else 0.0 for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 4.5))
+    colors = {"teacher": "#8888cc", "ensemble": "#aaaaaa", "student": "#cc7744"}
+    ax.bar(range(len(rows)), means, yerr=stds, color=[colors.get(r["role"], "#777") for r in rows], capsize=3)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
+    lo = min(m - s for m, s in zip(means, stds))
+    hi = max(m + s for m, s in zip(means, stds))
+    ax.set_ylim(lo - 0.2 * (hi - lo + 1e-3), hi + 0.2 * (hi - lo + 1e-3))
+    ax.set_ylabel("test AUC")
+    ax.set_title("Test AUC per model (mean ± std over seeds)")
+    fig.tight_layout()
+    p = out / "auc.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+    if alphas:
+        teachers = []
+        for r in records:
+            if r["role"] == "teacher" and not r.get("variant") and r["model"] not in teachers:
+                teachers.append(r["model"])
+        fig, axes = plt.subplots(1, len(alphas), figsize=(5 * len(alphas), 3.5), squeeze=False)
+        for ax, (label, per_seed) in zip(axes[0], alphas.items()):
+            a = np.concatenate(per_seed)
+            for j in range(a.shape[1]):
+                ax.hist(a[:, j], bins=50, range=(0, 1), alpha=0.55,
+                        label=teachers[j] if j < len(teachers) else f"teacher {j}")
+            ax.set_xlabel("gate weight α (per test sample)")
+            ax.set_ylabel("samples")
+            ax.set_title(f"gate {label}", fontsize=9)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        p = out / "gate_weights.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def command_line() -> str:
+    return " ".join(["fastkd"] + [a if " " not in a else repr(a) for a in sys.argv[1:]])

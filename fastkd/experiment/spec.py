@@ -1,0 +1,173 @@
+"""What an experiment trains: :class:`ExperimentSpec` and its ablation rows (:func:`parse_ablation`)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from ..train import TrainConfig
+
+__all__ = ["ExperimentSpec", "Ablation", "parse_ablation", "ABLATIONS", "SPEC_KEYS", "CONFIG_KEYS"]
+
+# named ablations (each one row, or a plain + student pair for "merge")
+ABLATIONS = ("single", "hint", "cotrain", "kd-stop", "kd-stop-merge", "merge", "partition")
+# settings an ablation item KEY=VALUE may change, on the spec or on its TrainConfig
+SPEC_KEYS = ("mode", "gate", "gate_fit", "ensemble", "temperature", "hard_weight", "kd_weight", "teacher_folds",
+             "augment", "augment_swap")
+CONFIG_KEYS = ("early_stop", "patience", "monitor_fraction", "monitor_window", "merge_validation", "lr", "batch_size",
+               "max_epochs", "reduce_lr_on_plateau")
+# config settings that change the plain DNN too: an ablation of them adds a plain-DNN row
+PLAIN_KEYS = ("early_stop", "patience", "monitor_fraction", "monitor_window", "merge_validation", "lr", "batch_size",
+              "max_epochs", "reduce_lr_on_plateau")
+
+
+@dataclass
+class ExperimentSpec:
+    """What to train. Model keyword arguments go to :func:`fastkd.models.build_model`.
+
+    The distillation settings are those of :class:`~fastkd.Distiller`; ``segment_field`` names a
+    field whose values split the test rows into segments for a per-segment AUC table.
+    """
+
+    teachers: Sequence[str] = ("deepfm", "dcn", "xdeepfm")
+    student: str = "dnn"
+    mode: str = "pretrain"
+    gate: str = "features"
+    gate_fit: Optional[str] = None
+    ensemble: str = "logit"
+    temperature: float = 1.0
+    hard_weight: float = 1.0
+    kd_weight: float = 1.0
+    teacher_folds: int = 1
+    augment: float = 1.0
+    augment_swap: float = 0.2
+    seeds: Sequence[int] = (0,)
+    ablations: Sequence[str] = ()
+    model_kwargs: Dict[str, object] = field(default_factory=dict)
+    config: TrainConfig = field(default_factory=TrainConfig)
+    segment_field: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        from ..distiller import GATE_FITS, GATES
+
+        if self.mode not in ("pretrain", "cotrain"):
+            raise ValueError(f"mode must be 'pretrain' or 'cotrain', got {self.mode!r}")
+        if self.gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
+        if self.gate_fit is not None and self.gate_fit not in GATE_FITS:
+            raise ValueError(f"gate_fit must be one of {GATE_FITS}, got {self.gate_fit!r}")
+        if isinstance(self.teacher_folds, bool) or not isinstance(self.teacher_folds, int) or self.teacher_folds < 1:
+            raise ValueError(f"teacher_folds must be an int >= 1, got {self.teacher_folds!r}")
+        for name in ("augment", "augment_swap", "temperature", "hard_weight", "kd_weight"):
+            if not isinstance(getattr(self, name), (int, float)) or isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a number, got {getattr(self, name)!r}")
+        if self.augment < 0 or not 0 < self.augment_swap <= 1:
+            raise ValueError(f"need augment >= 0 and 0 < augment_swap <= 1, got {self.augment}, {self.augment_swap}")
+
+    def with_overrides(self, overrides: Dict[str, object]) -> "ExperimentSpec":
+        """A copy with spec and config settings replaced (keys of :data:`SPEC_KEYS`/:data:`CONFIG_KEYS`)."""
+        spec_kw = {k: v for k, v in overrides.items() if k in SPEC_KEYS}
+        cfg_kw = {k: v for k, v in overrides.items() if k in CONFIG_KEYS}
+        if "early_stop" in cfg_kw and "patience" not in cfg_kw:
+            cfg_kw["patience"] = None  # the new rule's own default
+        out = dataclasses.replace(self, **spec_kw)
+        if cfg_kw:
+            out.config = dataclasses.replace(self.config, **cfg_kw)
+        return out
+
+
+@dataclass
+class Ablation:
+    """One ablation: a label, the settings it overrides, and whether the plain DNN runs under it too."""
+
+    name: str
+    label: str
+    overrides: Dict[str, object]
+    plain: bool = False
+
+
+def _value(text: str):
+    low = text.strip().lower()
+    if low in ("true", "on", "yes"):
+        return True
+    if low in ("false", "off", "no"):
+        return False
+    if low in ("none", "default"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def parse_ablation(item: str, spec: ExperimentSpec) -> Ablation:
+    """A named ablation (:data:`ABLATIONS`) or ``KEY=VALUE[+KEY=VALUE...]`` overrides of the spec.
+
+    Example:
+        >>> parse_ablation("teacher_folds=1+augment=0", ExperimentSpec()).overrides
+        {'teacher_folds': 1, 'augment': 0}
+    """
+    item = item.strip()
+    if item in ABLATIONS:
+        return _named(item, spec)
+    overrides: Dict[str, object] = {}
+    for part in item.split("+"):
+        key, eq, value = part.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in SPEC_KEYS + CONFIG_KEYS:
+            raise ValueError(f"unknown ablation {item!r}; give one of {', '.join(ABLATIONS)} or KEY=VALUE "
+                             f"(joined by '+') with KEY in {', '.join(SPEC_KEYS + CONFIG_KEYS)}")
+        overrides[key] = _value(value)
+    spec.with_overrides(overrides)  # raises now for a bad value (TrainConfig checks its own)
+    return Ablation(item, ", ".join(f"{k}={v}" for k, v in overrides.items()), overrides,
+                    plain=any(k in PLAIN_KEYS for k in overrides))
+
+
+def _named(name: str, spec: ExperimentSpec) -> Ablation:
+    cfg = spec.config
+    no_folds = {"teacher_folds": 1} if spec.teacher_folds > 1 else {}
+    note = " (teachers not cross-fitted)" if no_folds else ""
+    if name == "single":
+        return Ablation(name, "", {})
+    if name == "hint":
+        gate = "mean" if spec.gate == "features" else spec.gate
+        return Ablation(name, "hint instead of soft label" + note,
+                        {"kd_weight": 0.0, "hint_weight": 1.0, "gate": gate, **no_folds})
+    if name == "cotrain":
+        gate = spec.gate if spec.gate in ("logit", "hidden", "mean") else "logit"
+        return Ablation(name, "co-train", {"mode": "cotrain", "gate": gate, "gate_fit": "joint", "augment": 0.0,
+                                           **no_folds})
+    if name == "kd-stop":
+        return Ablation(name, "stop on kd loss", {"early_stop": "kd", "merge_validation": False})
+    if name == "kd-stop-merge":
+        return Ablation(name, "stop on kd loss, merged valid", {"early_stop": "kd", "merge_validation": True})
+    if name == "merge":
+        # the plain DNN and the gated student under the other merge_validation setting:
+        # separates what the extra validation rows give from what distillation gives
+        merged = not cfg.merge_validation
+        label = (f"merged valid, {cfg.early_stop} on held-out slice" if merged
+                 else f"not merged, {cfg.early_stop} on whole valid split")
+        return Ablation(name, label, {"merge_validation": merged}, plain=True)
+    if name == "partition":
+        return Ablation(name, "D", {**no_folds})
+    raise ValueError(f"unknown ablation {name!r}")
+
+
+def expand_ablations(items: Sequence[str], spec: ExperimentSpec) -> List[Ablation]:
+    """Parse every item ('all' expands to the named ablations)."""
+    out: List[Ablation] = []
+    for item in items:
+        if item == "all":
+            out += [_named(n, spec) for n in ABLATIONS]
+        else:
+            out.append(parse_ablation(item, spec))
+    return out
+
+
+def split_overrides(overrides: Dict[str, object]) -> Tuple[Dict[str, object], Dict[str, object]]:
+    """``(spec/config overrides, Distiller-only keyword arguments)``."""
+    known = {k: v for k, v in overrides.items() if k in SPEC_KEYS + CONFIG_KEYS}
+    extra = {k: v for k, v in overrides.items() if k not in SPEC_KEYS + CONFIG_KEYS}
+    return known, extra
