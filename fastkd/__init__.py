@@ -30,7 +30,7 @@ _LAZY = {
     "Distiller": ("fastkd.distiller", "Distiller"),
     "TeacherCache": ("fastkd.teacher_cache", "TeacherCache"),
     "TrainConfig": ("fastkd.train", "TrainConfig"),
-    "FeatureHasher": ("fastkd.hashing", "FeatureHasher"),
+    "FeatureHasher": ("fastkd.feature_hasher", "FeatureHasher"),
 }
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import fastkd.embedding as embedding_module
+import fastkd.embedding_ops as embedding_ops
 from fastkd import embedding_ref
 from fastkd.embedding import MultiFieldEmbedding, MultiFieldEmbeddingRef, multi_field_embedding
 from helpers import requires_cuda
@@ -194,8 +195,9 @@ def test_deterministic_given_seed():
     assert torch.equal(a.weight, b.weight)
 
 
-def test_docstring_examples():
-    result = doctest.testmod(embedding_module, optionflags=doctest.ELLIPSIS)
+@pytest.mark.parametrize("module", [embedding_module, embedding_ops], ids=lambda m: m.__name__)
+def test_docstring_examples(module):
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
 
 
@@ -599,7 +601,7 @@ def test_triton_deterministic_sums_in_lookup_order(triton_on_cpu):
 
 
 def test_backend_triton_without_triton_raises(monkeypatch):
-    monkeypatch.setattr(embedding_module, "_load_kernels", lambda: None)
+    monkeypatch.setattr(embedding_ops, "_load_kernels", lambda: None)
     emb = MultiFieldEmbedding([3], 2, backend="triton")
     with pytest.raises(RuntimeError, match="triton"):
         emb(torch.tensor([[0]]))
