@@ -29,7 +29,7 @@ _LAZY = {
     "MultiFieldEmbedding": ("fastkd.embedding", "MultiFieldEmbedding"),
     "Distiller": ("fastkd.distiller", "Distiller"),
     "TeacherCache": ("fastkd.teacher_cache", "TeacherCache"),
-    "TrainConfig": ("fastkd.train", "TrainConfig"),
+    "TrainConfig": ("fastkd.train_config", "TrainConfig"),
     "FeatureHasher": ("fastkd.feature_hasher", "FeatureHasher"),
 }
 

@@ -12,6 +12,9 @@ Pre-train mode, in order (each step optional where its setting says so):
    (``gate_fit="stacked"``, :mod:`fastkd.gates`), or the paper's gate trained with the student
    (``gate_fit="joint"``);
 4. the student's epochs, which read the cache by row index and never run a teacher.
+
+Over 400 lines on purpose: one class, whose pre-train and co-train paths share the loss terms,
+the checkpointed modules and the prediction methods; half the length is argument docs and checks.
 """
 from __future__ import annotations
 

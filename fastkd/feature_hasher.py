@@ -9,8 +9,9 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .hashing import (MISSING_MODES, _MODE_BUCKET0, _MODE_PLAIN, _check_algorithm, _check_buckets, _check_int,
-                      _check_seed, _is_torch, _module_of, _run_cpu, _run_cuda, _unpack)
+from ._hash_columns import _is_torch, _module_of, _unpack
+from .hashing import (_MODE_BUCKET0, _MODE_PLAIN, MISSING_MODES, _check_algorithm, _check_buckets, _check_int,
+                      _check_seed, _run_cpu, _run_cuda)
 
 __all__ = ["FeatureHasher"]
 
