@@ -9,6 +9,9 @@ binary logits and C classes (online log-sum-exp over column tiles, so any C work
 The gate-parameter gradients are reduced deterministically: each program writes the sum over
 its own rows to a partials buffer [P, ...], then one small kernel sums the P rows in a fixed
 order. No float atomics, so two runs give bit-identical gradients.
+
+Over 400 lines on purpose: one op, whose binary and C-class kernels share the gate helpers and
+one launcher; splitting them would put the two halves of one gradient in different files.
 """
 from __future__ import annotations
 
