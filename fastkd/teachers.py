@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .data import CTRData
-from .train import TrainConfig, predict, train_model
+from .train import TrainConfig, _freeze, predict, train_model
 
 __all__ = ["TeacherSet", "FoldAverage", "train_teachers", "teacher_seed", "fold_assignment", "fingerprint"]
 
@@ -156,12 +156,6 @@ class TeacherSet:
         if self.covers(data):
             return self.out_of_fold(data, batch_size)
         return self.outputs(data, batch_size=batch_size)[0]
-
-
-def _freeze(models) -> None:
-    for m in models:
-        m.eval()
-        m.requires_grad_(False)
 
 
 def train_teachers(teachers: Sequence[nn.Module], train: CTRData, valid: CTRData, cfg: TrainConfig, *,

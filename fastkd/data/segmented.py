@@ -6,9 +6,11 @@ rows. Here field ``segment`` picks, per row, which hidden structure makes the cl
 * ``"pairwise"``: field-pair dot products ``Σ_(f,g) <v_f, v_g>`` over every pair of a few
   fields, what an FM layer computes (DeepFM's FM part, xDeepFM's CIN) and what MLPs and DCN's
   rank-one crosses learn slowly;
-* ``"cross"``: products of scalar per-value effects over field triples ``Σ_t Π_(f∈A_t) u_tf``,
-  what DCN's cross layers and xDeepFM's CIN compute and an FM cannot;
-* ``"deep"``: a random two-layer tanh network of per-value vectors (only MLP parts fit it).
+* ``"cross"``: the product of three additive scores ``Π_t Σ_f u_tf`` over the active fields, a
+  degree-3 cross that DCN's cross layers and xDeepFM's CIN compute and an FM cannot;
+* ``"deep"``: a random two-layer tanh network of per-value vectors (only MLP parts fit it);
+* ``"mf"``: one dot product of the two largest fields' vectors (user × item);
+* ``"periodic"``: sines of additive per-value scores, which no low-degree polynomial fits.
 
 Each structure's logit is scaled to unit standard deviation, plus a weak shared first-order
 term and noise; each segment's bias gives the same click rate. The report of
@@ -20,21 +22,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .synthetic import _sample_ids, default_cardinalities
+from .synthetic import _fit_bias, _popularity_scale, _sample_ids, default_cardinalities
 from .table import CTRData
 
 __all__ = ["make_segmented", "STRUCTURES"]
 
 STRUCTURES = ("pairwise", "mf", "cross", "deep", "periodic")
-
-
-def _popularity_scale(cards, perms, tail_decay):
-    out = []
-    for c, perm in zip(cards, perms):
-        sc = np.empty(c)
-        sc[perm] = (1.0 + np.arange(c) / 10.0) ** (-tail_decay)
-        out.append(sc)
-    return out
 
 
 class _Structure:
@@ -160,14 +153,7 @@ def make_segmented(n_samples: int = 100_000, seed: int = 0, *, structures: Seque
         norms.append((mu, sd))
         logit = strength * (z - mu) / sd + first_order * (cal_first - f_mu) / f_sd
         eps = noise * crng.standard_normal(calibration_rows)
-        lo, hi = -30.0, 30.0
-        for _ in range(60):  # bias by bisection: the mean click rate is monotone in it
-            mid = 0.5 * (lo + hi)
-            if np.mean(1.0 / (1.0 + np.exp(-(logit + eps + mid)))) < positive_rate:
-                lo = mid
-            else:
-                hi = mid
-        biases.append(0.5 * (lo + hi))
+        biases.append(_fit_bias(logit + eps, positive_rate))
 
     drng = np.random.default_rng(data_ss)
     n = int(n_samples)

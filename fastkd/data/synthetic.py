@@ -1,7 +1,7 @@
 """Synthetic CTR data with a known hidden click model (:func:`make_synthetic`)."""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -31,19 +31,36 @@ def _standardise(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
     return x / s if s > 0 else x * 0.0
 
 
+def _popularity_scale(cards: Sequence[int], perms: Sequence[np.ndarray], tail_decay: float) -> List[np.ndarray]:
+    """Per-value effect sizes: shrinking with popularity rank r as (1 + r/10)^-tail_decay, so rare
+    values carry less signal (as shrunken estimates of them would); ``out[f][id]`` for the id of rank r."""
+    scale = []
+    for c, perm in zip(cards, perms):
+        sc = np.empty(c)
+        sc[perm] = (1.0 + np.arange(c) / 10.0) ** (-tail_decay)
+        scale.append(sc)
+    return scale
+
+
+def _fit_bias(logit: np.ndarray, positive_rate: float) -> float:
+    """The bias b with mean(σ(logit + b)) = positive_rate, by bisection (the mean is monotone in b)."""
+    lo, hi = -30.0, 30.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if np.mean(1.0 / (1.0 + np.exp(-(logit + mid)))) < positive_rate:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
 class _HiddenModel:
     """The true logit: bias + first-order + field-pair (low-rank) + 3-field (trilinear) terms."""
 
     def __init__(self, rng: np.random.Generator, cards: Sequence[int], perms: Sequence[np.ndarray], rank: int,
                  pair_density: float, n_triples: int, triple_rank: int, tail_decay: float):
         F = len(cards)
-        # Effect size shrinks with popularity rank r as (1 + r/10)^-tail_decay, so rare values carry
-        # less signal (as shrunken estimates of them would); scale[f][id] for the id of rank r.
-        scale = []
-        for c, perm in zip(cards, perms):
-            sc = np.empty(c)
-            sc[perm] = (1.0 + np.arange(c) / 10.0) ** (-tail_decay)
-            scale.append(sc)
+        scale = _popularity_scale(cards, perms, tail_decay)
         self.w = [rng.standard_normal(c) * sc for c, sc in zip(cards, scale)]
         self.v = [rng.standard_normal((c, rank)) / np.sqrt(rank) * sc[:, None] for c, sc in zip(cards, scale)]
         pairs = [(a, b) for a in range(F) for b in range(a + 1, F)]
@@ -184,15 +201,7 @@ def make_synthetic(n_samples: int = 200_000, n_fields: int = 12, seed: int = 0, 
 
     cal_z = combine(cal, cal)
     cal_eps = noise * np.random.default_rng(calib_ss.spawn(1)[0]).standard_normal(calibration_rows)
-    # Bias by bisection: mean click probability (noise included) is monotone in the bias.
-    lo, hi = -30.0, 30.0
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        if np.mean(1.0 / (1.0 + np.exp(-(cal_z + cal_eps + mid)))) < positive_rate:
-            lo = mid
-        else:
-            hi = mid
-    bias = 0.5 * (lo + hi)
+    bias = _fit_bias(cal_z + cal_eps, positive_rate)
 
     logits = combine(comps, cal) + bias
     nrng = np.random.default_rng(noise_ss)
