@@ -213,8 +213,11 @@ def fit_gate(gate: nn.Module, fit: GateRows, monitor: GateRows, *, lr: float = 1
         raise ValueError("fitting a gate needs non-empty fit and monitor rows")
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(gate.parameters(), lr=lr, weight_decay=weight_decay)
-    uniform = float(F.binary_cross_entropy_with_logits(torch.from_numpy(monitor.logits).mean(1),
-                                                       torch.from_numpy(monitor.labels)))
+    # averaging's per-row monitor losses: its mean is epoch 0's value, and the rows pair with the
+    # fitted gate's in the significance test below
+    uniform_rows = F.binary_cross_entropy_with_logits(torch.from_numpy(monitor.logits).mean(1),
+                                                      torch.from_numpy(monitor.labels), reduction="none")
+    uniform = float(uniform_rows.mean())
     start_state = copy.deepcopy(gate.state_dict())
     best, best_state, best_epoch, bad = uniform, start_state, 0, 0
     history = []
@@ -241,10 +244,7 @@ def fit_gate(gate: nn.Module, fit: GateRows, monitor: GateRows, *, lr: float = 1
     gate.load_state_dict(best_state)
     z_score = 0.0
     if best_epoch > 0:
-        gate.eval()
-        zm = torch.from_numpy(monitor.logits)
-        base = F.binary_cross_entropy_with_logits(zm.mean(1), torch.from_numpy(monitor.labels), reduction="none")
-        d = (base - _row_losses(gate, monitor, batch_size * 8)).double()
+        d = (uniform_rows - _row_losses(gate, monitor, batch_size * 8)).double()
         se = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else 0.0
         z_score = float(d.mean()) / se if se > 0 else 0.0
     kept = best_epoch > 0 and z_score > min_z
