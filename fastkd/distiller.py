@@ -18,14 +18,12 @@ the checkpointed modules and the prediction methods; half the length is argument
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as _dist
@@ -34,6 +32,7 @@ from .augment import swap_augment
 from .data import CTRData
 from .gates import GateRows, ensemble_logits, fit_gate, gate_alpha, make_gate
 from .losses import GatedDistillLoss, HintLoss
+from .reference import gate_weights_ref, gated_distill_loss_ref
 from .teachers import TeacherSet, train_teachers
 from .teacher_cache import TeacherCache
 from .train import (TrainConfig, _as_tensors, _freeze, _label_monitor, _Loop, _plus_regularization, evaluate,
@@ -238,7 +237,6 @@ class Distiller:
             total = total + crit(z_s[real], t_logits[real], y[real], h) * real.sum()
         if self.joint_gate:
             # the gate term needs labels: augmented rows use the gate's α as a constant
-            from .reference import gate_weights_ref
             h = None if t_hidden is None else t_hidden[fake]
             alpha = gate_weights_ref(t_logits[fake], crit.gate_arg, crit.weight.detach(), crit.bias.detach(), h)
             target = ensemble_logits(t_logits[fake], alpha, crit.ensemble, crit.temperature)
@@ -250,8 +248,6 @@ class Distiller:
     @torch.no_grad()
     def _kd_term(self, z_s: torch.Tensor, t_logits: torch.Tensor, t_hidden) -> torch.Tensor:
         """Summed distillation term ``CE(target, z_S/T)`` alone: what ``early_stop="kd"`` monitors."""
-        from .reference import gated_distill_loss_ref
-
         crit = self.loss
         loss, _ = gated_distill_loss_ref(
             z_s, t_logits, None, t_hidden, gate=crit.gate_arg,
@@ -343,8 +339,7 @@ class Distiller:
         """Per-row ensemble logit for the cached rows (None with a joint gate)."""
         if self.joint_gate:
             return None
-        z_all = cache.logits[torch.arange(len(cache))]
-        z_all = z_all if isinstance(z_all, torch.Tensor) else torch.as_tensor(z_all)
+        z_all, h_all = cache.gather(torch.arange(len(cache)))
         m = z_all.shape[1]
         if self.gate == "mean":
             alpha = torch.full_like(z_all, 1.0 / m)
@@ -358,11 +353,7 @@ class Distiller:
                                         seconds=time.perf_counter() - t0)
             self.stacked_gate = gate
             ids = np.concatenate([student_train.ids, aug_ids]) if len(aug_ids) else student_train.ids
-            h_all = None
-            if cache.hidden is not None:
-                h_all = cache.hidden[torch.arange(len(cache))]
-                h_all = h_all.numpy() if isinstance(h_all, torch.Tensor) else np.asarray(h_all)
-            alpha = gate_alpha(gate, GateRows(ids, z_all.numpy(), None, h_all))
+            alpha = gate_alpha(gate, GateRows(ids, z_all.numpy(), None, None if h_all is None else h_all.numpy()))
         return ensemble_logits(z_all.float(), alpha.float(), self.ensemble, self.temperature).unsqueeze(1)
 
     # -- fit ----------------------------------------------------------------------------------
@@ -437,15 +428,29 @@ class Distiller:
         return monitor
 
     @torch.no_grad()
+    def _alpha(self, data: CTRData, logits: torch.Tensor, hidden: Optional[torch.Tensor]) -> torch.Tensor:
+        """Teacher weights α [N, M] on ``data``'s rows, given the teachers' ``logits`` [N, M] there:
+        the frozen stacked gate's, plain averaging's, or the joint gate's."""
+        if self.stacked_gate is not None:
+            return gate_alpha(self.stacked_gate, GateRows(data.ids, logits.numpy(), None,
+                                                          None if hidden is None else hidden.numpy()))
+        if not self.joint_gate:
+            return torch.full_like(logits, 1.0 / logits.shape[1])
+        crit = self.loss
+        return gate_weights_ref(logits, crit.gate_arg, crit.weight, crit.bias, hidden)
+
+    @torch.no_grad()
     def _signal(self, logits: torch.Tensor, data: CTRData, hidden=None) -> torch.Tensor:
-        """Ensemble logit [N] of the mean or frozen stacked gate on rows with teacher ``logits``."""
+        """Ensemble logit [N] on rows with teacher ``logits`` (and ``hidden``)."""
         logits = torch.as_tensor(logits).float()
-        if self.stacked_gate is None:
-            alpha = torch.full_like(logits, 1.0 / logits.shape[1])
-        else:
-            h = None if hidden is None else torch.as_tensor(hidden).numpy()
-            alpha = gate_alpha(self.stacked_gate, GateRows(data.ids, logits.numpy(), None, h))
-        return ensemble_logits(logits, alpha, self.ensemble, self.temperature)
+        hidden = None if hidden is None else torch.as_tensor(hidden)
+        return ensemble_logits(logits, self._alpha(data, logits, hidden), self.ensemble, self.temperature)
+
+    def _teacher_outputs(self, data: CTRData) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The teachers' logits [N, M] (and hidden vectors when the run uses them) on ``data``."""
+        cache = TeacherCache.build(list(self.teachers), data, hidden=self.needs_hidden,
+                                   batch_size=self.config.eval_batch_size, shard=False)
+        return cache.gather(torch.arange(len(cache)))
 
     def _fit_cotrain(self, train, valid, ckpt, resume, stop_after_epoch) -> dict:
         cfg = self.config
@@ -491,24 +496,11 @@ class Distiller:
     @torch.no_grad()
     def gate_weights(self, data: CTRData) -> torch.Tensor:
         """Per-sample teacher weights α [N, M] of the trained gate on ``data``."""
-        from .reference import gate_weights_ref
-
-        cache = TeacherCache.build(list(self.teachers), data, hidden=self.needs_hidden,
-                                   batch_size=self.config.eval_batch_size, shard=False)
-        logits = cache.logits if isinstance(cache.logits, torch.Tensor) else cache.logits[torch.arange(len(cache))]
-        if self.stacked_gate is not None:
-            hidden = cache.hidden
-            return gate_alpha(self.stacked_gate, GateRows(data.ids, logits.numpy(),
-                                                          None, None if hidden is None else hidden.numpy()))
-        if not self.joint_gate:
-            return torch.full_like(logits, 1.0 / logits.shape[1])
-        crit = self.loss
-        return gate_weights_ref(logits, crit.gate_arg, crit.weight, crit.bias, cache.hidden)
+        return self._alpha(data, *self._teacher_outputs(data))
 
     @torch.no_grad()
     def ensemble_logits(self, data: CTRData) -> torch.Tensor:
         """The teacher ensemble's logit [N] on ``data`` as the student's target defines it (gate and
         ``ensemble`` mixing; rows no teacher trained on)."""
-        logits = TeacherSet(list(self.teachers)).outputs(data, batch_size=self.config.eval_batch_size)[0]
-        alpha = self.gate_weights(data)
-        return ensemble_logits(torch.from_numpy(logits), alpha.float(), self.ensemble, self.temperature)
+        logits, hidden = self._teacher_outputs(data)
+        return self._signal(logits, data, hidden)

@@ -49,13 +49,6 @@ def _infer_rate(model: torch.nn.Module, data: CTRData, batch_size: int) -> float
     return len(data) / (time.perf_counter() - t0)
 
 
-def _gate_name(spec: ExperimentSpec) -> str:
-    if spec.gate == "mean":
-        return "mean"
-    fit = spec.gate_fit or ("stacked" if spec.gate == "features" else "joint")
-    return f"{spec.gate}/{fit}"
-
-
 class _Run:
     """State of one experiment: data, spec, teacher sets, output records and logging."""
 
@@ -154,9 +147,7 @@ class _Run:
                 extra: Optional[dict] = None, teachers: Optional[TeacherSet] = None, teacher_seconds=None):
         extra = dict(extra or {})
         cfg = spec.config
-        if distill == "single":
-            gate, gate_fit = "mean", None
-        elif distill == "mean":
+        if distill in ("single", "mean"):
             gate, gate_fit = "mean", None
         else:
             gate, gate_fit = spec.gate, spec.gate_fit
@@ -182,7 +173,8 @@ class _Run:
         t0 = time.perf_counter()
         summ = kd.fit(self.train, self.valid)
         secs = time.perf_counter() - t0
-        gname = "single" if distill == "single" else "mean" if gate == "mean" else _gate_name(spec)
+        # the Distiller resolves the default gate fit; the label names the one it used
+        gname = "single" if distill == "single" else "mean" if gate == "mean" else f"{kd.gate}/{kd.gate_fit}"
         rec = self.record(f"{spec.student} ({distill})", "student", distill, seed, kd.predict(self.test), student,
                           variant=variant, summary=summ, seconds=secs, gate=gname,
                           teacher_seconds=round(tsecs, 2), augmented_rows=summ.get("augmented_rows", 0),
