@@ -162,6 +162,9 @@ def _run(args, train, valid, test, data_desc: str) -> int:
     # process-wide, so only an entry point may do it: keeps freed activation buffers mapped
     # between steps instead of page-faulting them back in (15-20% of a CPU training step)
     tune_cpu_allocator()
+    if args.dev:  # demo has no --split-seed: its split is seeded 0
+        (train, valid, test), more = _dev_split(train, valid, test, getattr(args, "split_seed", 0))
+        data_desc += more
     if args.batch_size is None:
         args.batch_size = auto_batch_size(len(train), args.batch_size_cap)
         data_desc += f"; batch size {args.batch_size} (auto)"
@@ -190,11 +193,13 @@ def _run(args, train, valid, test, data_desc: str) -> int:
 
 def _dev_split(train, valid, test, seed: int):
     """``--dev``: set the test split aside unread; split train + valid again 80/10/10."""
+    import numpy as np
+
     from .data import CTRData
 
     rest = CTRData.concat([train, valid])
     n = len(rest)
-    perm = __import__("numpy").random.default_rng(seed + 1).permutation(n)
+    perm = np.random.default_rng(seed + 1).permutation(n)
     a, b = int(0.8 * n), int(0.8 * n) + int(0.1 * n)
     parts = rest.subset(perm[:a]), rest.subset(perm[a:b]), rest.subset(perm[b:])
     desc = (f"; --dev: the test split ({len(test):,} rows) set aside unread, train + valid permuted by "
@@ -218,9 +223,6 @@ def cmd_demo(args) -> int:
     desc = (f"{what}, seed {args.data_seed}): "
             f"{len(data):,} rows, {len(data.field_sizes)} fields, positive rate {data.labels.mean():.3f}; "
             f"split 80/10/10 -> {len(train):,} / {len(valid):,} / {len(test):,}")
-    if args.dev:
-        (train, valid, test), more = _dev_split(train, valid, test, 0)
-        desc += more
     return _run(args, train, valid, test, desc)
 
 
@@ -242,9 +244,6 @@ def cmd_distill(args) -> int:
                 f"{data.labels.mean():.3f}; rows permuted by numpy.random.default_rng({args.split_seed}), "
                 f"80/10/10 -> {len(train):,} / {len(valid):,} / {len(test):,}; {args.encoder} encoding fitted on "
                 f"the whole file (no labels used)")
-        if args.dev:
-            (train, valid, test), more = _dev_split(train, valid, test, args.split_seed)
-            desc += more
     else:
         if not (args.train and args.valid and args.test):
             raise ValueError("give --data KIND:PATH, or all three of --train, --valid and --test")
@@ -254,9 +253,6 @@ def cmd_distill(args) -> int:
         test = load(args.test, **rest)
         desc = (f"train `{args.train}` ({len(train):,}), valid `{args.valid}` ({len(valid):,}), test "
                 f"`{args.test}` ({len(test):,}); {args.encoder} encoding fitted on train")
-        if args.dev:
-            (train, valid, test), more = _dev_split(train, valid, test, args.split_seed)
-            desc += more
     return _run(args, train, valid, test, desc)
 
 
