@@ -119,13 +119,12 @@ class _Run:
         if key in self.teacher_sets:
             return self.teacher_sets[key]
         models = [self.build(n, teacher_seed(seed, i)) for i, n in enumerate(spec.teachers)]
-        if folds == 1:  # trained on the training split, stopped on the validation split
-            rows, stop = self.train, self.valid
-        else:  # cross-fitted on the student's training rows; the monitor rows stay unseen
-            rows, stop = cfg.split_validation(self.train, self.valid)
+        student_rows, monitor = cfg.split_validation(self.train, self.valid)
+        # folds == 1: trained on the training split, stopped on the validation split; folds > 1:
+        # cross-fitted on the student's training rows, so the monitor rows stay unseen
+        rows, stop = (self.train, self.valid) if folds == 1 else (student_rows, monitor)
         ts = train_teachers(models, rows, stop, cfg.for_teachers(), folds=folds, seed=seed, names=spec.teachers,
                             log=self.log)
-        _, monitor = cfg.split_validation(self.train, self.valid)
         tvariant = variant or ""
         test_logits = []
         for i, (name, model) in enumerate(zip(spec.teachers, ts.models)):
