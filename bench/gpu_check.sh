@@ -11,9 +11,10 @@
 # Stages, each under its own timeout (at most 580 s in all) so the summary always prints:
 #   1. every CUDA-marked test in tests/ (all ops, not only the losses)
 #   2. every CUDA benchmark in bench/ (pytest -m cuda --benchmark-only), JSON to $OUT/bench.json
-#   3. the fused-loss kernel matrix (tests/test_kernels_losses.py, unmarked tests), which runs
-#      compiled on CUDA tensors where a GPU is present, and the CPU/CUDA parity tests of
-#      tests/test_losses.py (not cuda-marked)
+#   3. the fused-loss kernel matrix (the tests marked loss_kernels but not cuda, in
+#      tests/test_distill_loss.py, tests/test_gated_distill_loss.py, tests/test_autograd.py),
+#      which runs compiled on CUDA tensors where a GPU is present, and the CPU/CUDA parity tests
+#      of tests/test_gated_distill_loss.py
 #   4. bench/profile_loss_cuda.py: host vs device time of one fused-loss step, and a profile
 #   5. a short table of the benchmarks, printed last (SKIP_BENCH=1 skips stage 2 on a rerun;
 #      MATRIX_LIMIT sets stage 3's limit in seconds, default 50)
@@ -62,8 +63,8 @@ stage tests_cuda 150 "${PYTEST[@]}" -m cuda tests
 [ "${SKIP_BENCH:-0}" = 1 ] && echo "=== bench_cuda skipped (SKIP_BENCH=1)" || \
 stage bench_cuda 200 "${PYTEST[@]}" bench -m cuda --benchmark-only --benchmark-json "$OUT/bench.json" \
     --benchmark-group-by=group --benchmark-columns=min,median,rounds
-stage kernel_matrix_on_cuda "${MATRIX_LIMIT:-50}" "${PYTEST[@]}" tests/test_kernels_losses.py -m "not cuda"
-stage cpu_cuda_parity 30 "${PYTEST[@]}" tests/test_losses.py -k parity
+stage kernel_matrix_on_cuda "${MATRIX_LIMIT:-50}" "${PYTEST[@]}" tests -m "loss_kernels and not cuda"
+stage cpu_cuda_parity 30 "${PYTEST[@]}" tests/test_gated_distill_loss.py -k parity
 stage profile_loss 60 env PYTHONPATH="bench:tests${PYTHONPATH:+:$PYTHONPATH}" "$PY" bench/profile_loss_cuda.py
 
 echo "=== summary (median of each fwd+bwd; speedup = eager or compile time / fastkd time)"
@@ -90,9 +91,12 @@ for r in runs:
         other.append(r)
 print(f"{'group':<24}{'fastkd ms':>10}{'eager ms':>10}{'compile ms':>11}{'x eager':>9}{'x compile':>10}"
       f"{'GB/s':>8}{'floor ms':>9}{'x floor':>8}{'peak MB f/e/c':>20}")
-for name, p in sorted(groups.items(), key=lambda kv: (kv[1][next(iter(kv[1]))][1]["gate"],
-                                                       kv[1][next(iter(kv[1]))][1]["B"],
-                                                       kv[1][next(iter(kv[1]))][1]["M"])):
+def order(kv):  # the single-teacher loss (gate "-") first, then by gate, B, M
+    info = kv[1][next(iter(kv[1]))][1]
+    return info.get("gate", "-"), info.get("B", 0), info.get("M", 0)
+
+
+for name, p in sorted(groups.items(), key=order):
     get = lambda k: p.get(k, (float("nan"), {}))
     (f, fi), (e, ei), (c, ci) = get("fastkd"), get("eager"), get("compile")
     peaks = "/".join(str(x.get("peak_mem_MB", "-")) for x in (fi, ei, ci))

@@ -26,7 +26,7 @@ import torch
 
 from fastkd.functional import gated_distill_loss
 from fastkd.reference import gated_distill_loss_ref
-from test_bench_kernels import bench_inputs  # bench/ is on sys.path when run from the repo root
+from test_bench_gated_distill_loss import bench_inputs  # bench/ and tests/ on sys.path (see gpu_check.sh)
 
 STEPS = 30
 

@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--embedding", choices=tuple(EMBEDDING) + ("all",), default="dense",
                     help="'all' trains one fastkd student per embedding mode, epochs interleaved")
     args = ap.parse_args()
-    from fastkd.models.perf import tune_cpu_allocator
+    from fastkd.allocator import tune_cpu_allocator
 
     tune_cpu_allocator()  # as the fastkd CLI does; process-wide, so DeepCTR-Torch gets it too
     torch.set_num_threads(args.threads)

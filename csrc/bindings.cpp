@@ -80,6 +80,17 @@ void read_objects(PyObject* const* items, int64_t n, int64_t row_start, const st
   }
 }
 
+// The tail shared by Arrow string and int64 chunk tuples, from t[first] on:
+// (data_addr, validity_addr, validity_bit_offset, n).
+void read_buffer_chunk(const py::tuple& t, size_t first, Chunk& c) {
+  if (t.size() != first + 4) throw py::value_error("chunk kind " + std::to_string(c.kind) + " takes " +
+                                                   std::to_string(first + 4) + " items");
+  c.data = as_ptr<const uint8_t>(t[first]);
+  c.validity = as_ptr<const uint8_t>(t[first + 1]);
+  c.validity_offset = t[first + 2].cast<int64_t>();
+  c.n = t[first + 3].cast<int64_t>();
+}
+
 }  // namespace
 
 // hash_columns(columns, n_rows, algorithm, mode, num_threads, missing_objects) -> None
@@ -124,16 +135,10 @@ static void hash_columns(const py::list& columns, int64_t n_rows, int algorithm,
         case KIND_OFFSETS32:
         case KIND_OFFSETS64:
           c.offsets = as_ptr<const void>(t[1]);
-          c.data = as_ptr<const uint8_t>(t[2]);
-          c.validity = as_ptr<const uint8_t>(t[3]);
-          c.validity_offset = t[4].cast<int64_t>();
-          c.n = t[5].cast<int64_t>();
+          read_buffer_chunk(t, 2, c);
           break;
         case KIND_INT64:
-          c.data = as_ptr<const uint8_t>(t[1]);
-          c.validity = as_ptr<const uint8_t>(t[2]);
-          c.validity_offset = t[3].cast<int64_t>();
-          c.n = t[4].cast<int64_t>();
+          read_buffer_chunk(t, 1, c);
           break;
         case KIND_FIXED:
           c.data = as_ptr<const uint8_t>(t[1]);

@@ -17,9 +17,17 @@ static void check(int err, const char* what) {
   if (err != 0) throw std::runtime_error(std::string(what) + ": " + cuda_error_string(err));
 }
 
-static FastMod checked_fastmod(uint64_t modulus) {
+// The arguments both launchers share (rows, output, seed, modulus, algorithm, mode), set and checked once.
+static void set_launch_args(HashLaunchArgs& a, int64_t n, uintptr_t out, int64_t out_stride, uint64_t seed,
+                            uint64_t modulus, int algorithm, int mode) {
   if (modulus < 1 || modulus > (1ULL << 63)) throw py::value_error("modulus out of range [1, 2^63]");
-  return make_fastmod(modulus);
+  a.n = n;
+  a.out = reinterpret_cast<void*>(out);
+  a.out_stride = out_stride;
+  a.seed = seed;
+  a.fm = make_fastmod(modulus);
+  a.algorithm = algorithm;
+  a.mode = mode;
 }
 
 PYBIND11_MODULE(_hashing_cuda, m) {
@@ -31,14 +39,8 @@ PYBIND11_MODULE(_hashing_cuda, m) {
   m.def("hash_int64", [](uintptr_t values, int64_t n, uintptr_t out, int64_t out_stride, uint64_t seed,
                          uint64_t modulus, int algorithm, int mode, int device, uintptr_t stream) {
     HashIntArgs a;
+    set_launch_args(a, n, out, out_stride, seed, modulus, algorithm, mode);
     a.values = reinterpret_cast<const void*>(values);
-    a.n = n;
-    a.out = reinterpret_cast<void*>(out);
-    a.out_stride = out_stride;
-    a.seed = seed;
-    a.fm = checked_fastmod(modulus);
-    a.algorithm = algorithm;
-    a.mode = mode;
     check(hash_int64_cuda(a, device, reinterpret_cast<void*>(stream)), "fastkd hash_int64 CUDA launch");
   });
   // hash_offsets(offsets_addr, wide, data_addr, validity_addr, validity_offset, n, out_addr,
@@ -49,18 +51,12 @@ PYBIND11_MODULE(_hashing_cuda, m) {
                            int64_t validity_offset, int64_t n, uintptr_t out, int64_t out_stride, uint64_t seed,
                            uint64_t modulus, int algorithm, int mode, int device, uintptr_t stream) {
     HashOffsetsArgs a;
+    set_launch_args(a, n, out, out_stride, seed, modulus, algorithm, mode);
     a.offsets = reinterpret_cast<const void*>(offsets);
     a.wide_offsets = wide;
     a.data = reinterpret_cast<const void*>(data);
     a.validity = reinterpret_cast<const void*>(validity);
     a.validity_offset = validity_offset;
-    a.n = n;
-    a.out = reinterpret_cast<void*>(out);
-    a.out_stride = out_stride;
-    a.seed = seed;
-    a.fm = checked_fastmod(modulus);
-    a.algorithm = algorithm;
-    a.mode = mode;
     check(hash_offsets_cuda(a, device, reinterpret_cast<void*>(stream)), "fastkd hash_offsets CUDA launch");
   });
   m.def("runtime_version", &cuda_runtime_version);

@@ -37,6 +37,7 @@ enum Algorithm : int { ALGO_XXH3 = 0, ALGO_MURMUR3 = 1 };
 
 // MODE_PLAIN: out = h % d, a missing value hashed as the empty byte string.
 // MODE_BUCKET0: missing or empty -> 0, anything else -> 1 + h % (d - 1); the caller passes d - 1.
+// The rule itself: bucket<MODE> at the end of this file.
 enum Mode : int { MODE_PLAIN = 0, MODE_BUCKET0 = 1 };
 
 constexpr uint64_t P32_1 = 0x9E3779B1ULL;
@@ -390,12 +391,16 @@ FASTKD_HD uint64_t hash_int(uint64_t v, uint64_t seed) {
   return murmur3_32_u64(v, (uint32_t)seed);
 }
 
-// `missing` covers nulls and, in MODE_BUCKET0, the empty value; fm divides by num_buckets
-// (MODE_PLAIN) or num_buckets - 1 (MODE_BUCKET0).
+// The bucket rule, its one C++ copy (CPU loops, AVX-512 paths, CUDA kernels; the Python one is
+// fastkd.reference.hashing.bucket_id_ref). `missing`: a null or, in MODE_BUCKET0, an empty value; fm
+// divides by num_buckets (MODE_PLAIN) or num_buckets - 1 (MODE_BUCKET0, whose ids start at 1).
+template <int MODE>
+FASTKD_HD constexpr int64_t first_id() { return MODE == MODE_BUCKET0 ? 1 : 0; }
+
 template <int MODE>
 FASTKD_HD int64_t bucket(uint64_t h, bool missing, const FastMod& fm) {
-  if (MODE == MODE_BUCKET0) return missing ? 0 : 1 + (int64_t)fm.mod(h);
-  return (int64_t)fm.mod(h);
+  if (MODE == MODE_BUCKET0 && missing) return 0;
+  return first_id<MODE>() + (int64_t)fm.mod(h);
 }
 
 }  // namespace fastkd

@@ -130,8 +130,9 @@ FASTKD_AVX512 inline __m512i bucket_x8(__m512i h, const FastMod& fm) {
                                        _mm_cvtsi32_si128(fm.shift));
     r = _mm512_sub_epi64(h, _mm512_mullo_epi64(q, _mm512_set1_epi64((long long)fm.d)));
   }
-  // the values reaching here are never missing (no nulls, length >= 4)
-  return MODE == MODE_BUCKET0 ? _mm512_add_epi64(r, _mm512_set1_epi64(1)) : r;
+  // bucket<MODE> (fastkd_hash.h) for 8 lanes; the values reaching here are never missing (no nulls,
+  // length >= 4), so only its first id is added
+  return first_id<MODE>() == 0 ? r : _mm512_add_epi64(r, _mm512_set1_epi64(first_id<MODE>()));
 }
 
 // xxh3_4to8 from the packed input (last + first << 32) and the length, 8 lanes.

@@ -8,9 +8,9 @@
 
 namespace fastkd {
 
-struct HashIntArgs {
-  const void* values = nullptr;  // device [n] int64
-  int64_t n = 0;
+// What every launch takes besides its input: the rows, where the ids go, and how they are computed.
+struct HashLaunchArgs {
+  int64_t n = 0;                 // rows
   void* out = nullptr;           // device [n] int64, stride out_stride (elements)
   int64_t out_stride = 1;
   uint64_t seed = 0;
@@ -19,19 +19,16 @@ struct HashIntArgs {
   int mode = MODE_PLAIN;
 };
 
-struct HashOffsetsArgs {
+struct HashIntArgs : HashLaunchArgs {
+  const void* values = nullptr;  // device [n] int64
+};
+
+struct HashOffsetsArgs : HashLaunchArgs {
   const void* offsets = nullptr;   // device [n + 1] int32 (wide_offsets = false) or int64
   const void* data = nullptr;      // device bytes
   const void* validity = nullptr;  // device Arrow bitmap or null (all present)
   int64_t validity_offset = 0;
   bool wide_offsets = false;
-  int64_t n = 0;
-  void* out = nullptr;             // device [n] int64, stride out_stride
-  int64_t out_stride = 1;
-  uint64_t seed = 0;
-  FastMod fm{};
-  int algorithm = ALGO_XXH3;
-  int mode = MODE_PLAIN;
 };
 
 // Queue the kernel on `stream` (a cudaStream_t) of `device`; returns a cudaError_t code (0 = ok).

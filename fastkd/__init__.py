@@ -27,10 +27,10 @@ __all__ = [
 # Heavier parts load on first use, so `import fastkd` stays cheap for users who only want the losses.
 _LAZY = {
     "MultiFieldEmbedding": ("fastkd.embedding", "MultiFieldEmbedding"),
-    "Distiller": ("fastkd.distiller", "Distiller"),
-    "TeacherCache": ("fastkd.teacher_cache", "TeacherCache"),
-    "TrainConfig": ("fastkd.train_config", "TrainConfig"),
-    "FeatureHasher": ("fastkd.feature_hasher", "FeatureHasher"),
+    "Distiller": ("fastkd.train.distiller", "Distiller"),
+    "TeacherCache": ("fastkd.train.teacher_cache", "TeacherCache"),
+    "TrainConfig": ("fastkd.train.config", "TrainConfig"),
+    "FeatureHasher": ("fastkd.hashing", "FeatureHasher"),
 }
 
 

@@ -13,8 +13,8 @@ Triton kernels of ``fastkd.kernels`` for CUDA tensors, the closed-form twins in
 gradients into its forward (per-program partials, then a fixed-order sum: bit-reproducible).
 
 Inputs reaching these Functions are already validated and normalised by
-:mod:`fastkd.functional`: binary logits are [B], class logits [B, C]; teachers [B] / [B, C]
-(single teacher) or [B, M] / [B, M, C]; labels float32 [B] or int64 [B].
+:mod:`fastkd.functional` and packed in the op's argument dataclass (:mod:`fastkd.loss_args`),
+which both sides of the seam take.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from typing import Callable, Optional
 import torch
 
 from . import reference
+from .loss_args import DistillLossArgs, GatedDistillLossArgs
 
 # op -> (plain-PyTorch twin, module and name of the Triton launcher). Both sides of a row take
 # the same arguments and return the same outputs, so the seam below only picks one.
@@ -109,21 +110,15 @@ def _scale_per_sample(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Te
 
 
 class DistillLossFunction(torch.autograd.Function):
-    """Temperature-scaled KD + hard-label loss with gradients written in the forward pass."""
+    """Temperature-scaled KD + hard-label loss with gradients written in the forward pass.
+
+    ``student`` is ``args.student`` passed again: autograd tracks tensors among the direct
+    arguments only.
+    """
 
     @staticmethod
-    def forward(
-        ctx,
-        student: torch.Tensor,
-        teacher: torch.Tensor,
-        labels: Optional[torch.Tensor],
-        temperature: float,
-        hard_weight: float,
-        kd_weight: float,
-        reduction: str,
-    ) -> torch.Tensor:
-        fwd = _fwd_impl("distill_loss", student.device, student.dtype)
-        loss, grad = fwd(student, teacher, labels, temperature, hard_weight, kd_weight)
+    def forward(ctx, student: torch.Tensor, args: DistillLossArgs, reduction: str) -> torch.Tensor:
+        loss, grad = _fwd_impl("distill_loss", student.device, student.dtype)(args)
         if reduction == "mean":
             loss = loss.mean()
             grad = grad / student.shape[0]
@@ -142,35 +137,21 @@ class DistillLossFunction(torch.autograd.Function):
             g = _scale_per_sample(grad, grad_output)
         else:
             g = grad * grad_output.to(grad.dtype)
-        return g.to(ctx.student_dtype), None, None, None, None, None, None
+        return g.to(ctx.student_dtype), None, None
 
 
 class GatedDistillLossFunction(torch.autograd.Function):
     """Teacher-gated multi-teacher KD loss; returns ``(loss, alpha)`` with α non-differentiable.
 
     Gradients reach the student logits and the gate parameters only, never the teachers.
+    ``student``, ``gate_weight`` and ``gate_bias`` are the fields of ``args`` passed again:
+    autograd tracks tensors among the direct arguments only.
     """
 
     @staticmethod
-    def forward(
-        ctx,
-        student: torch.Tensor,
-        teacher: torch.Tensor,
-        labels: Optional[torch.Tensor],
-        teacher_hidden: Optional[torch.Tensor],
-        gate_weight: Optional[torch.Tensor],
-        gate_bias: Optional[torch.Tensor],
-        fixed_weights: Optional[torch.Tensor],
-        gate: str,
-        temperature: float,
-        hard_weight: float,
-        kd_weight: float,
-        ensemble: str,
-        gate_loss_weight: float,
-        reduction: str,
-    ):
-        args = (student, teacher, labels, teacher_hidden, gate, gate_weight, gate_bias, fixed_weights,
-                temperature, hard_weight, kd_weight, ensemble, gate_loss_weight)
+    def forward(ctx, student: torch.Tensor, gate_weight: Optional[torch.Tensor], gate_bias: Optional[torch.Tensor],
+                args: GatedDistillLossArgs, reduction: str):
+        gate = args.gate
         ctx.reduction = reduction
         ctx.gate = gate
         ctx.student_dtype = student.dtype
@@ -178,9 +159,9 @@ class GatedDistillLossFunction(torch.autograd.Function):
         if reduction == "none":
             # grad_output is per sample: keep d loss / d s and reduce to parameters in backward
             fwd = _fwd_impl("gated_distill_loss", student.device, student.dtype)
-            loss, grad, grad_scores, alpha = fwd(*args)
+            loss, grad, grad_scores, alpha = fwd(args)
             if grad_scores is not None:
-                feats = teacher_hidden if gate == "hidden" else teacher
+                feats = args.teacher_hidden if gate == "hidden" else args.teacher
                 ctx.save_for_backward(grad, grad_scores, feats)
             else:
                 ctx.save_for_backward(grad)
@@ -189,7 +170,7 @@ class GatedDistillLossFunction(torch.autograd.Function):
             # (deterministically, on the Triton path), backward scales two small tensors
             scale = 1.0 / student.shape[0] if reduction == "mean" else 1.0
             fwd = _fwd_impl("gated_distill_loss_reduced", student.device, student.dtype)
-            loss, grad, g_w, g_b, alpha = fwd(*args, scale)
+            loss, grad, g_w, g_b, alpha = fwd(args, scale)
             loss = loss.mean() if reduction == "mean" else loss.sum()
             if g_w is not None:
                 ctx.save_for_backward(grad, g_w, g_b)
@@ -217,5 +198,5 @@ class GatedDistillLossFunction(torch.autograd.Function):
                 g_w, g_b = saved[1] * go, saved[2] * go
         if g_w is not None:
             g_w, g_b = g_w.to(ctx.param_dtype), g_b.to(ctx.param_dtype)
-        return (g.to(ctx.student_dtype), None, None, None, g_w, g_b) + (None,) * 8
+        return g.to(ctx.student_dtype), g_w, g_b, None, None
 

@@ -2,54 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import List, Optional
 
-# fastkd.models.MODELS' keys, spelled out so that parsing arguments (and --help) does not import
-# torch; tests/test_cli.py keeps the two equal.
-MODEL_NAMES = ("dnn", "widedeep", "deepfm", "dcn", "dcnv2", "xdeepfm", "autoint")
-
-
-def _csv(kind):
-    def parse(text: str):
-        items = [t.strip() for t in text.split(",") if t.strip()]
-        if not items:
-            raise argparse.ArgumentTypeError("expected a comma-separated list")
-        return [kind(t) for t in items]
-    return parse
-
-
-def _models(text: str):
-    names = [t.strip().lower() for t in text.split(",") if t.strip()]
-    bad = [n for n in names if n not in MODEL_NAMES]
-    if not names or bad:
-        raise argparse.ArgumentTypeError(f"unknown model {', '.join(bad) or text!r}; choose from {', '.join(MODEL_NAMES)}")
-    return names
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not v >= 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return v
-
-
-MIN_STEPS_PER_EPOCH = 32
+from .cli_args import (DIST_TIMEOUT_S, MIN_STEPS_PER_EPOCH, MODEL_NAMES, _bad_rows, _csv,  # noqa: F401
+                       _positive_int, add_training_args)
 
 
 def auto_batch_size(n_train: int, cap: int = 2048) -> int:
@@ -62,66 +24,6 @@ def auto_batch_size(n_train: int, cap: int = 2048) -> int:
     while bs > 32 and n_train < MIN_STEPS_PER_EPOCH * bs:
         bs //= 2
     return bs
-
-
-def _add_training_args(p: argparse.ArgumentParser, *, max_epochs: int, batch_size: int) -> None:
-    p.add_argument("--teachers", type=_models, default=["deepfm", "dcn", "xdeepfm"], help="teacher models")
-    p.add_argument("--student", type=lambda s: _models(s)[0], default="dnn", help="student model")
-    p.add_argument("--mode", choices=("pretrain", "cotrain"), default="pretrain")
-    p.add_argument("--gate", choices=("logit", "hidden", "mean", "features"), default="features",
-                   help="ensemble signal: the paper's logit gate, a gate on the teachers' hidden vectors, plain "
-                        "averaging, or a gate on the sample's own fields (mixture-of-experts style; the default: "
-                        "fitted on rows the teachers never saw, frozen, and uniform unless held-out rows say "
-                        "otherwise, see docs/accuracy.md)")
-    p.add_argument("--gate-fit", choices=("joint", "stacked"), default=None,
-                   help="joint: the gate trains with the student (the paper's); stacked: fitted first on rows "
-                        "with honest teacher logits, stopped on the monitor rows, then frozen (default: stacked "
-                        "for --gate features, joint otherwise)")
-    p.add_argument("--teacher-folds", type=_positive_int, default=1,
-                   help="K >= 2 cross-fits the teachers: every student training row's soft label comes from a "
-                        "fold model that never saw it (about K-1 times the teacher cost)")
-    p.add_argument("--augment", type=_non_negative_float, default=1.0,
-                   help="teacher-labelled augmented rows per training row (field-wise swaps; no hard label; "
-                        "0 turns it off; default 1: about 2x the student's epoch cost)")
-    p.add_argument("--augment-swap", type=float, default=0.2, help="per-field swap probability of augmentation")
-    p.add_argument("--ensemble", choices=("logit", "prob"), default="logit")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--kd-weight", type=float, default=1.0)
-    p.add_argument("--hard-weight", type=float, default=1.0)
-    p.add_argument("--early-stop", choices=("auc", "logloss", "kd"), default="auc",
-                   help="what every row stops on (default: validation AUC)")
-    p.add_argument("--merge-validation", action=argparse.BooleanOptionalAction, default=True,
-                   help="students and the plain DNN also train on the validation split except a held-out "
-                        "slice that decides early stopping; teachers never see validation rows "
-                        "(default: on; measured best on Frappe, see docs/results/frappe)")
-    p.add_argument("--monitor-fraction", type=float, default=0.5,
-                   help="share of the validation split held out to monitor early stopping when merging")
-    p.add_argument("--monitor-window", type=_positive_int, default=3,
-                   help="decide early stopping on the mean of the last N epochs' monitored values (1: the "
-                        "last epoch's alone)")
-    p.add_argument("--patience", type=_positive_int, default=None, help="default 2 (auc/logloss), 3 (kd)")
-    p.add_argument("--seeds", type=_positive_int, default=1, help="number of seeds (0..N-1)")
-    p.add_argument("--max-epochs", type=_positive_int, default=max_epochs)
-    p.add_argument("--batch-size", type=_positive_int, default=None,
-                   help=f"training batch size (default: {batch_size}, halved until an epoch has at least "
-                        f"{MIN_STEPS_PER_EPOCH} steps, so small samples still train)")
-    p.set_defaults(batch_size_cap=batch_size)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--embed-dim", type=_positive_int, default=16)
-    p.add_argument("--hidden-units", type=_csv(int), default=[400, 400, 400])
-    p.add_argument("--dropout", type=float, default=0.3,
-                   help="dropout of every model's DNN part (0.3: best validation AUC of the plain DNN on Frappe)")
-    p.add_argument("--ablations", type=_csv(str), default=[],
-                   help="comma list of: hint, cotrain, kd-stop, kd-stop-merge, merge, partition (or 'all' for "
-                        "these), or KEY=VALUE[+KEY=VALUE] overrides of a setting, e.g. teacher_folds=1, "
-                        "gate=features, augment=0+gate=mean")
-    p.add_argument("--dev", action="store_true",
-                   help="choose settings without the test split: it is set aside unread, and the rest is split "
-                        "again 80/10/10 into train/valid/dev; the table's 'test' metrics are then the dev split's")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="bf16: autocast the training forward passes (fast on CPUs with AMX)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--progress", action="store_true", help="show progress bars")
 
 
 def _spec(args):
@@ -149,13 +51,75 @@ def _spec(args):
     return spec
 
 
-def _run(args, train, valid, test, data_desc: str) -> int:
+def _check_out(args) -> None:
+    """Before any data is read: ``--out`` can be written (every rank checks; nothing is left
+    behind), and with ``--resume`` it holds a run to continue."""
+    out = Path(args.out)
+    where = out.absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if where.exists() and not where.is_dir():
+        what = "is a file" if where == out.absolute() else f"cannot be created: {where} is a file"
+        raise NotADirectoryError(f"--out {out} {what}, not a folder")
+    try:  # a folder made and removed at once: the real test of permissions, read-only mounts, quotas
+        os.rmdir(tempfile.mkdtemp(prefix=".fastkd-write-check-", dir=where))
+    except OSError as e:
+        raise PermissionError(f"--out {out} is not writable: cannot create files in {where} "
+                              f"({e.strerror or e})") from None
+    if args.resume:
+        from .experiment.runner import RUN_FILE
+
+        run = out / "checkpoints" / RUN_FILE
+        if not run.is_file():
+            raise FileNotFoundError(f"--resume: nothing to resume in --out {out} ({run} does not exist: no run "
+                                    "with this --out has started); run without --resume")
+
+
+def _mismatch(args, e) -> ValueError:
+    """``--resume`` refused: the saved run's setting ``e.field`` differs from this command's."""
+    top, _, rest = e.field.partition(".")
+    if top == "data":
+        what = (f"the data ({e.field}: other rows, labels, split or encoding than the saved run's; "
+                "--data/--train/--valid/--test, --split-seed, --encoder, --dev, --rows, --data-seed ...)")
+        values = ""
+    else:
+        key = rest.split(".")[0] if top in ("config", "model_kwargs") and rest else top
+        flag = "--" + key.replace("_", "-")
+        what = f"{flag} ({e.field})" if hasattr(args, key) else e.field
+        expected, found = e.expected, e.found
+        if key == "seeds" and isinstance(expected, list) and isinstance(found, list):
+            expected, found = len(expected), len(found)  # --seeds N means seeds 0..N-1
+        values = f": this command has {expected!r}, the saved run {found!r}"
+    return ValueError(f"--resume: {what} differs from the run saved in {e.path}{values}; resume with the same "
+                      "settings, or run without --resume to start afresh (removes that run's results)")
+
+
+def _clear_out(out: Path, resume: bool, log) -> None:
+    """Remove an earlier run's results from ``out`` (rank 0), saying so; a fresh run also
+    removes its checkpoints (run_experiment does, after this message)."""
+    from .experiment.report import RESULT_FILES
+
+    stale = [out / n for n in RESULT_FILES if (out / n).exists()]
+    ckpt = out / "checkpoints"
+    names = [p.name for p in stale] + (["checkpoints/"] if not resume and ckpt.is_dir() and any(ckpt.iterdir())
+                                       else [])
+    if names:
+        log(f"out: removing {'the interrupted' if resume else 'an earlier'} run's {', '.join(names)} from {out} "
+            + ("(rewritten as the run goes on)" if resume else
+               "first (--resume continues an interrupted run instead)"))
+    for p in stale:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def _run(args, train, valid, test, data_desc: str, read_reports=None) -> int:
     import torch
 
     from . import distributed
-    from .experiment import command_line, run_experiment, table, write_report
+    from .experiment import check_resume, command_line, run_experiment, table, write_report
+    from .experiment.report import read_summary
+    from .train.manifest import ArtifactMismatchError
 
-    from .models.perf import tune_cpu_allocator
+    from .allocator import tune_cpu_allocator
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -176,17 +140,43 @@ def _run(args, train, valid, test, data_desc: str) -> int:
     if world > 1:
         data_desc += f"; data-parallel over {world} processes (torch.distributed, {torch.distributed.get_backend()})"
     log = (lambda m: print(m, flush=True)) if main_rank else (lambda m: None)
+    out = Path(args.out)
+    ckpt = out / "checkpoints"
+    if args.resume:  # refused before anything is removed or trained
+        try:
+            check_resume(ckpt, spec, train, valid, test)
+        except ArtifactMismatchError as e:
+            if e.path.parent != ckpt:
+                raise
+            raise _mismatch(args, e) from None
     log(f"data: {data_desc}")
+    if read_reports:
+        log(f"rows read: {read_summary(read_reports)}")
+    if main_rank:
+        _clear_out(out, args.resume, log)
+    if args.resume:
+        log(f"resume: continuing the run saved in {ckpt} (finished models are loaded, not retrained)")
+    command = command_line()
+
+    def notes(result) -> str:
+        return (f"Resumed (`--resume`): {result.loaded} of these rows were loaded from models an interrupted run "
+                "had finished (their timings are that run's)." if result.loaded else "")
+
+    def partial_report(result) -> None:  # after every finished model: report.md marked partial
+        write_report(out, result, command=command, data_desc=data_desc, spec=spec, notes=notes(result),
+                     wall_seconds=time.perf_counter() - t0, read_reports=read_reports, partial=True)
+
     result = run_experiment(train, valid, test, spec, log=log,
-                            partial=Path(args.out) / "results.partial.json" if main_rank else None)
+                            partial=out / "results.partial.json" if main_rank else None,
+                            checkpoint_dir=ckpt, resume=args.resume, on_finished=partial_report)
     wall = time.perf_counter() - t0
     if not main_rank:
         return 0
-    report = write_report(Path(args.out), result, command=command_line(), data_desc=data_desc, spec=spec,
-                          wall_seconds=wall)
+    report = write_report(out, result, command=command, data_desc=data_desc, spec=spec,
+                          wall_seconds=wall, read_reports=read_reports, notes=notes(result))
+    (out / "results.partial.json").unlink(missing_ok=True)
     print()
     print(table(result.records))
-    (Path(args.out) / "results.partial.json").unlink(missing_ok=True)
     print(f"\nreport: {report}  (results.json and plots beside it; {wall:.0f} s)")
     return 0
 
@@ -209,6 +199,7 @@ def _dev_split(train, valid, test, seed: int):
 
 
 def cmd_demo(args) -> int:
+    _check_out(args)
     from .data import make_synthetic
     from .data.segmented import make_segmented
 
@@ -230,11 +221,15 @@ def cmd_distill(args) -> int:
     from . import distributed
     from .data import load
 
+    _check_out(args)
     numeric = args.numeric or ()
     # under torchrun every rank reads and encodes its share of the files, then all hold the data
     sharded = distributed.get_world_size() > 1
-    common = dict(kind=args.encoder, min_count=args.min_count, strict=args.strict, label=args.label, numeric=numeric,
-                  sharded=sharded)
+    # malformed rows: skipped with a warning up to --max-bad-rows (load()'s default: 1 %), an error above
+    checks = dict(strict=args.strict) if args.max_bad_rows is None else \
+        dict(strict=args.strict, max_bad_rows=args.max_bad_rows)
+    common = dict(kind=args.encoder, min_count=args.min_count, label=args.label, numeric=numeric, sharded=sharded,
+                  **checks)
     if args.data:
         if args.train or args.valid or args.test:
             raise ValueError("give either --data or --train/--valid/--test, not both")
@@ -244,16 +239,19 @@ def cmd_distill(args) -> int:
                 f"{data.labels.mean():.3f}; rows permuted by numpy.random.default_rng({args.split_seed}), "
                 f"80/10/10 -> {len(train):,} / {len(valid):,} / {len(test):,}; {args.encoder} encoding fitted on "
                 f"the whole file (no labels used)")
+        reports = {"data": data.read_report}
     else:
         if not (args.train and args.valid and args.test):
             raise ValueError("give --data KIND:PATH, or all three of --train, --valid and --test")
         train, enc = load(args.train, return_encoder=True, **common)
-        rest = dict(encoder=enc, strict=args.strict, label=args.label, numeric=numeric, sharded=sharded)
+        rest = dict(encoder=enc, label=args.label, numeric=numeric, sharded=sharded, **checks)
         valid = load(args.valid, **rest)
         test = load(args.test, **rest)
         desc = (f"train `{args.train}` ({len(train):,}), valid `{args.valid}` ({len(valid):,}), test "
                 f"`{args.test}` ({len(test):,}); {args.encoder} encoding fitted on train")
-    return _run(args, train, valid, test, desc)
+        reports = {"train": train.read_report, "valid": valid.read_report, "test": test.read_report}
+    # generated data (synthetic:N) read no file: no report
+    return _run(args, train, valid, test, desc, {k: r.to_dict() for k, r in reports.items() if r is not None})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -267,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--synthetic", choices=("default", "segmented"), default="default",
                       help="segmented: segments with different interaction structures, where teachers of "
                            "different architectures are best on different rows (a per-segment AUC table follows)")
-    _add_training_args(demo, max_epochs=6, batch_size=2048)
+    add_training_args(demo, max_epochs=6, batch_size=2048)
     demo.set_defaults(hidden_units=[256, 256])  # keeps `make demo` within a few minutes on 2 cores
     demo.set_defaults(func=cmd_demo)
 
@@ -282,10 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--encoder", choices=("vocab", "hash"), default="vocab")
     d.add_argument("--min-count", type=_positive_int, default=1)
     d.add_argument("--strict", action="store_true", help="raise on the first malformed line")
+    d.add_argument("--max-bad-rows", type=_bad_rows, default=None,
+                   help="malformed lines skipped (counted, warned about, in the report) up to this many: a count "
+                        "(10), a fraction of the lines read (0.01) or a percentage (1%%); more stops the run "
+                        "before any training (default: 1%%; 0 refuses any, after reading them all)")
     d.add_argument("--out", required=True)
     d.add_argument("--segment-field", default=None, help="field whose values split the test rows into segments "
                                                          "for a per-segment AUC table")
-    _add_training_args(d, max_epochs=50, batch_size=2048)
+    add_training_args(d, max_epochs=50, batch_size=2048)
     d.set_defaults(func=cmd_distill)
     return p
 
@@ -296,14 +298,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     from . import distributed
 
     # launched by torchrun (WORLD_SIZE > 1): join the group; loops shard, rank 0 reports
-    joined = distributed.init_process_group() if distributed.launched_distributed() else False
+    joined = False
+    try:
+        if distributed.launched_distributed():
+            joined = distributed.init_process_group(timeout_s=args.dist_timeout)
+    except Exception as e:  # a peer that never arrives: torch's DistStoreError after --dist-timeout
+        print(f"fastkd: error: could not join the process group (rank {os.environ.get('RANK', '?')} of "
+              f"{os.environ.get('WORLD_SIZE', '?')}, --dist-timeout {args.dist_timeout:g} s): "
+              f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, TypeError, OSError) as e:
         print(f"fastkd: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fastkd: interrupted", file=sys.stderr)
+        print("fastkd: interrupted (the same command with --resume continues it; finished models are kept)",
+              file=sys.stderr)
         return 130
     finally:
         if joined:

@@ -78,8 +78,11 @@ def init_process_group(backend: Optional[str] = None, *, rank: Optional[int] = N
     Args:
         backend: torch.distributed backend; default :func:`default_backend`.
         rank, world_size: override ``RANK`` / ``WORLD_SIZE`` from the environment.
-        timeout_s: collective timeout in seconds (torch's default when None). A peer that dies
-            is usually noticed at once (its sockets close); the timeout bounds the other cases.
+        timeout_s: seconds a rank waits for its peers, at the rendezvous (the ``env://`` store)
+            and in every collective, before it fails; passed to torch as a ``datetime.timedelta``
+            (None: torch's default, 30 minutes; ``fastkd`` CLI: ``--dist-timeout``, default 1800).
+            A peer that dies is usually noticed at once (its sockets close); the timeout bounds
+            the other cases, such as a peer that never starts.
 
     Returns:
         True if this call created the group, False if one already existed or ``WORLD_SIZE`` is 1
@@ -93,6 +96,8 @@ def init_process_group(backend: Optional[str] = None, *, rank: Optional[int] = N
         >>> distributed.get_rank(), distributed.get_world_size()
         (0, 1)
     """
+    if timeout_s is not None and not 0 < timeout_s < float("inf"):  # NaN fails too
+        raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
     if is_initialized():
         return False
     world = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else int(world_size)

@@ -18,9 +18,13 @@ import torch
 
 from . import _validate as V
 from ._autograd import DistillLossFunction, GatedDistillLossFunction
-from .reference import TRAINABLE_GATES, hint_loss_ref
+from .loss_args import DistillLossArgs, GatedDistillLossArgs
+from .reference import TRAINABLE_GATES
+from .reference._cross_entropy import reduce
+from .reference.hint_loss import hint_loss_fwd_ref
+from .reference.gated_distill_loss import gate_alpha_fwd_ref
 
-__all__ = ["distill_loss", "gated_distill_loss", "hint_loss"]
+__all__ = ["distill_loss", "gated_distill_loss", "gate_weights", "hint_loss"]
 
 ENSEMBLES = ("logit", "prob")
 GATES = ("logit", "hidden", "mean")
@@ -100,7 +104,8 @@ def distill_loss(
         labels = V.prepare_labels(labels, student.shape[0], num_classes)
     if t2_scale:
         kw *= T * T
-    return DistillLossFunction.apply(student, teacher, labels, T, hw, kw, reduction)
+    args = DistillLossArgs(student, teacher, labels, float(T), float(hw), float(kw))
+    return DistillLossFunction.apply(student, args, reduction)
 
 
 def gated_distill_loss(
@@ -208,37 +213,10 @@ def gated_distill_loss(
     if ensemble not in ENSEMBLES:
         raise ValueError(f"ensemble must be one of {ENSEMBLES}, got {ensemble!r}")
 
-    fixed = None
-    if isinstance(gate, torch.Tensor):
-        fixed = check_fixed_weights(gate, M).to(student.device)
-        gate_kind = "fixed"
-    elif gate in GATES:
-        gate_kind = gate
-    else:
-        raise ValueError(f"gate must be one of {GATES} or a tensor of fixed weights, got {gate!r}")
-
-    hidden = None
-    if gate_kind in TRAINABLE_GATES:
-        if gate_kind == "hidden":
-            if teacher_hidden is None:
-                raise ValueError("gate='hidden' needs teacher_hidden [B, M, d]")
-            V.check_logits("teacher_hidden", teacher_hidden)
-            if teacher_hidden.dim() != 3 or teacher_hidden.shape[:2] != (B, M):
-                raise ValueError(f"teacher_hidden must be [B, M, d] = [{B}, {M}, d], got {list(teacher_hidden.shape)}")
-            hidden = teacher_hidden.detach()
-            w_shape = (M, teacher_hidden.shape[2])
-        else:
-            w_shape = (M,) if num_classes == 1 else (M, num_classes)
-        for name, p, shape in (("gate_weight", gate_weight, w_shape), ("gate_bias", gate_bias, (M,))):
-            if p is None:
-                raise ValueError(f"gate={gate_kind!r} needs {name} of shape {list(shape)}")
-            V.check_logits(name, p)
-            if tuple(p.shape) != shape:
-                raise ValueError(f"{name} must have shape {list(shape)}, got {list(p.shape)}")
-        if labels is None:
-            raise ValueError(f"labels are required with the trainable gate {gate_kind!r}: its loss term trains it")
-    else:
-        gate_weight = gate_bias = None
+    gate_kind, fixed, hidden, gate_weight, gate_bias = _check_gate(gate, gate_weight, gate_bias, teacher_hidden,
+                                                                    B, M, num_classes, student.device)
+    if gate_kind in TRAINABLE_GATES and labels is None:
+        raise ValueError(f"labels are required with the trainable gate {gate_kind!r}: its loss term trains it")
     if labels is None and hw != 0.0:
         raise ValueError("labels are required when hard_weight > 0 (pass hard_weight=0 for the KD term alone)")
     if labels is not None:
@@ -246,11 +224,78 @@ def gated_distill_loss(
     if t2_scale:
         kw *= T * T
 
-    loss, alpha = GatedDistillLossFunction.apply(
-        student, teacher.detach(), labels, hidden, gate_weight, gate_bias, fixed,
-        gate_kind, T, hw, kw, ensemble, gw, reduction,
-    )
+    args = GatedDistillLossArgs(student, teacher.detach(), labels, hidden, gate_kind, gate_weight, gate_bias, fixed,
+                                float(T), float(hw), float(kw), ensemble, float(gw))
+    loss, alpha = GatedDistillLossFunction.apply(student, gate_weight, gate_bias, args, reduction)
     return (loss, alpha) if return_weights else loss
+
+
+def _check_gate(gate, gate_weight, gate_bias, teacher_hidden, B: int, M: int, num_classes: int, device):
+    """Validate a gate and its tensors; returns (kind, fixed α | None, hidden | None, w | None, b | None)."""
+    fixed = None
+    if isinstance(gate, torch.Tensor):
+        fixed = check_fixed_weights(gate, M).to(device)
+        gate_kind = "fixed"
+    elif gate in GATES:
+        gate_kind = gate
+    else:
+        raise ValueError(f"gate must be one of {GATES} or a tensor of fixed weights, got {gate!r}")
+    hidden = None
+    if gate_kind not in TRAINABLE_GATES:
+        return gate_kind, fixed, hidden, None, None
+    if gate_kind == "hidden":
+        if teacher_hidden is None:
+            raise ValueError("gate='hidden' needs teacher_hidden [B, M, d]")
+        V.check_logits("teacher_hidden", teacher_hidden)
+        if teacher_hidden.dim() != 3 or teacher_hidden.shape[:2] != (B, M):
+            raise ValueError(f"teacher_hidden must be [B, M, d] = [{B}, {M}, d], got {list(teacher_hidden.shape)}")
+        hidden = teacher_hidden.detach()
+        w_shape = (M, teacher_hidden.shape[2])
+    else:
+        w_shape = (M,) if num_classes == 1 else (M, num_classes)
+    for name, p, shape in (("gate_weight", gate_weight, w_shape), ("gate_bias", gate_bias, (M,))):
+        if p is None:
+            raise ValueError(f"gate={gate_kind!r} needs {name} of shape {list(shape)}")
+        V.check_logits(name, p)
+        if tuple(p.shape) != shape:
+            raise ValueError(f"{name} must have shape {list(shape)}, got {list(p.shape)}")
+    return gate_kind, fixed, hidden, gate_weight, gate_bias
+
+
+def gate_weights(
+    teacher_logits: torch.Tensor,
+    gate: Union[str, torch.Tensor] = "mean",
+    gate_weight: Optional[torch.Tensor] = None,
+    gate_bias: Optional[torch.Tensor] = None,
+    teacher_hidden: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    r"""The per-sample teacher weights α of a gate, as :func:`gated_distill_loss` mixes them.
+
+    Args:
+        teacher_logits: the M teachers' logits.
+        gate, gate_weight, gate_bias, teacher_hidden: as in :func:`gated_distill_loss`.
+
+    Shape:
+        - teacher_logits: [B, M] (binary) or [B, M, C]
+        - output: α [B, M], float32 (float64 for float64 logits); differentiable w.r.t. the gate
+          parameters, never the teachers.
+
+    Example::
+
+        >>> import torch
+        >>> from fastkd.functional import gate_weights
+        >>> zt = torch.randn(4, 3)
+        >>> gate_weights(zt, "logit", torch.ones(3), torch.zeros(3)).shape
+        torch.Size([4, 3])
+    """
+    V.check_logits("teacher_logits", teacher_logits)
+    if teacher_logits.dim() not in (2, 3) or teacher_logits.shape[1] == 0:
+        raise ValueError(f"teacher_logits must be [B, M] or [B, M, C] with M >= 1, got {list(teacher_logits.shape)}")
+    B, M = teacher_logits.shape[:2]
+    num_classes = 1 if teacher_logits.dim() == 2 else teacher_logits.shape[2]
+    kind, fixed, hidden, w, b = _check_gate(gate, gate_weight, gate_bias, teacher_hidden, B, M, num_classes,
+                                            teacher_logits.device)
+    return gate_alpha_fwd_ref(teacher_logits.detach(), kind, w, b, fixed, hidden)
 
 
 def check_fixed_weights(weights: torch.Tensor, num_teachers: int) -> torch.Tensor:
@@ -321,4 +366,4 @@ def hint_loss(
         )
     V.check_nonempty("student_hint", student_hint.shape[0])
     V.check_same_device(student_hint=student_hint, teacher_hint=teacher_hint, weight=weight)
-    return hint_loss_ref(student_hint, teacher_hint, weight, reduction, normalize)
+    return reduce(hint_loss_fwd_ref(student_hint, teacher_hint, weight, normalize), reduction)

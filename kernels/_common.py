@@ -160,32 +160,27 @@ def run_op(op: Callable, launch: Callable, *args):
     return launch(*args, wrap=_plain_launch)
 
 
-def register_op(name: str, launch: Callable) -> Callable:
-    """Decorator: register ``launch(*args, wrap=...)`` as the torch op ``name``.
+def register_op(name: str, launch: Callable, signature: inspect.Signature):
+    """Register ``launch(*args, wrap=...)`` as the torch op ``name``; returns the op.
 
-    The decorated stub only declares the signature (the op schema is inferred from its
-    annotations). With compiled Triton the op is a ``torch.library.triton_op`` (``wrap`` =
-    ``wrap_triton``), so ``torch.compile`` traces into the kernels without a graph break.
-    Interpreted kernels cannot run on fake tensors, so under ``TRITON_INTERPRET=1`` the op is an
-    opaque ``custom_op`` whose fake implementation allocates the outputs and launches nothing
-    (``wrap=None``).
+    ``signature`` declares the arguments and outputs (the op schema is inferred from its
+    annotations; :func:`fastkd.loss_args.op_signature` builds it from an argument dataclass).
+    With compiled Triton the op is a ``torch.library.triton_op`` (``wrap`` = ``wrap_triton``), so
+    ``torch.compile`` traces into the kernels without a graph break. Interpreted kernels cannot
+    run on fake tensors, so under ``TRITON_INTERPRET=1`` the op is an opaque ``custom_op`` whose
+    fake implementation allocates the outputs and launches nothing (``wrap=None``).
     """
-    def dec(stub: Callable):
-        sig = inspect.signature(stub, eval_str=True)  # the stub module may use string annotations
+    def bind(wrap):
+        def fn(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            return launch(*bound.args, wrap=wrap)
 
-        def bind(wrap):
-            def fn(*args, **kwargs):
-                bound = sig.bind(*args, **kwargs)
-                return launch(*bound.args, wrap=wrap)
+        fn.__signature__ = signature
+        fn.__name__ = name.split("::")[-1]
+        return fn
 
-            fn.__signature__ = sig
-            fn.__name__ = stub.__name__
-            return fn
-
-        if interpreting():
-            op = torch.library.custom_op(name, bind(_plain_launch), mutates_args=())
-            op.register_fake(bind(None))
-            return op
-        return torch.library.triton_op(name, bind(torch.library.wrap_triton), mutates_args=())
-
-    return dec
+    if interpreting():
+        op = torch.library.custom_op(name, bind(_plain_launch), mutates_args=())
+        op.register_fake(bind(None))
+        return op
+    return torch.library.triton_op(name, bind(torch.library.wrap_triton), mutates_args=())

@@ -8,12 +8,13 @@ classes with an online log-sum-exp, so any C works.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from ..loss_args import DistillLossArgs, op_signature
 from . import _common
 from ._common import lse_update, sigmoid, softplus
 
@@ -164,30 +165,14 @@ def _launch(student, teacher, labels, temperature, hard_weight, kd_weight, wrap)
     return loss, grad
 
 
-@_common.register_op("fastkd::distill_loss_fwd", _launch)
-def _distill_loss_fwd_op(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    labels: Optional[torch.Tensor],
-    temperature: float,
-    hard_weight: float,
-    kd_weight: float,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Schema of the op: (loss [B], grad) as in :func:`distill_loss_forward`."""
+_OUTPUTS = Tuple[torch.Tensor, torch.Tensor]  # (loss [B], grad), fp32
+_OP = _common.register_op("fastkd::distill_loss_fwd", _launch,
+                          op_signature(DistillLossArgs, _returns=_OUTPUTS))
 
 
-def distill_loss_forward(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    labels: Optional[torch.Tensor],
-    temperature: float,
-    hard_weight: float,
-    kd_weight: float,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+def distill_loss_forward(a: DistillLossArgs) -> _OUTPUTS:
     """Per-sample loss [B] and d loss_b / d z_S,b ([B] or [B, C]), fp32, in one kernel launch.
 
-    Same contract as :func:`fastkd.reference.distill_loss_fwd_ref`: inputs already validated,
-    ``kd_weight`` already includes any T² factor, binary labels fp32 [B], class labels int64 [B].
+    Same contract as :func:`fastkd.reference.distill_loss_fwd_ref`.
     """
-    return _common.run_op(torch.ops.fastkd.distill_loss_fwd, _launch, student, teacher, labels,
-                          float(temperature), float(hard_weight), float(kd_weight))
+    return _common.run_op(_OP, _launch, *a.values())

@@ -1,7 +1,8 @@
 """Fused multi-field embedding: one-launch gather / bag pooling, and its backward passes.
 
-Twin of :mod:`fastkd.embedding_ref` (same launcher names without ``_ref``, same arguments, same
-results up to summation order); :mod:`fastkd.embedding` picks one or the other at a single seam.
+Twin of :mod:`fastkd.reference.embedding` (same launcher names without ``_ref``, same arguments,
+same results up to summation order); :mod:`fastkd.embedding.ops` picks one or the other at a
+single seam and registers each launcher as a ``torch.library`` op.
 All fields live in one table ``weight [R, D]``; a lookup is a *row id* (per-field id + the field's
 offset), so one launch serves every field. Tables may be fp32 or bf16: rows are loaded in their
 native dtype and every sum and optimizer step is computed in fp32.
@@ -48,6 +49,26 @@ _OPTIMIZERS = {"sgd": SGD, "adagrad": ADAGRAD}
 
 
 @triton.jit
+def _lookup_tile(index_ptr, N, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # This program's tile: lookups n [BLOCK_N] (grid axis 0) x columns cols [BLOCK_D] (axis 1),
+    # its mask, and the int64 index (table row or slot) of each lookup.
+    n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    nmask = n < N
+    mask = nmask[:, None] & (cols < D)[None, :]
+    index = tl.load(index_ptr + n, mask=nmask, other=0).to(tl.int64)
+    return n, cols, mask, index
+
+
+@triton.jit
+def _item_columns(D, BLOCK_D: tl.constexpr):
+    # For kernels with one item (a bag, a sorted position) per program on grid axis 0: that item,
+    # and the columns [BLOCK_D] of grid axis 1 with their mask.
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    return tl.program_id(0).to(tl.int64), cols, cols < D
+
+
+@triton.jit
 def _mfe_gather_kernel(
     out_ptr,  # [N, D] looked-up rows (weight dtype)
     weight_ptr,  # [R, D] fused table, row stride stride_w
@@ -59,12 +80,7 @@ def _mfe_gather_kernel(
     BLOCK_D: tl.constexpr,
 ):
     # out[n, :] = weight[rows[n], :]
-    pid_n = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = n < N
-    mask = nmask[:, None] & (cols < D)[None, :]
-    rows = tl.load(rows_ptr + n, mask=nmask, other=0).to(tl.int64)
+    n, cols, mask, rows = _lookup_tile(rows_ptr, N, D, BLOCK_N, BLOCK_D)
     vals = tl.load(weight_ptr + rows[:, None] * stride_w + cols[None, :], mask=mask)
     tl.store(out_ptr + n[:, None] * D + cols[None, :], vals, mask=mask)
 
@@ -84,9 +100,7 @@ def _mfe_bag_fwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     # out[b] = sum_{j in bag b} psw[j] * weight[values[j]]   (/ |bag b| when MEAN; empty bag -> 0)
-    bag = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    cmask = cols < D
+    bag, cols, cmask = _item_columns(D, BLOCK_D)
     start = tl.load(starts_ptr + bag)
     end = tl.load(starts_ptr + bag + 1)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -115,12 +129,7 @@ def _mfe_scatter_add_kernel(
     BLOCK_D: tl.constexpr,
 ):
     # dst[slots[n], :] += grad[n, :]   (atomic: summation order is not fixed)
-    pid_n = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = n < N
-    mask = nmask[:, None] & (cols < D)[None, :]
-    slots = tl.load(slots_ptr + n, mask=nmask, other=0).to(tl.int64)
+    n, cols, mask, slots = _lookup_tile(slots_ptr, N, D, BLOCK_N, BLOCK_D)
     g = tl.load(grad_ptr + n[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.atomic_add(dst_ptr + slots[:, None] * D + cols[None, :], g, mask=mask)
 
@@ -164,9 +173,7 @@ def _mfe_segment_kernel(
     # The program at sorted position j works only if j heads a run of equal row ids:
     #   g = sum_{k in run} grad[perm[k]]   (summed in sorted order: deterministic)
     # then stores g (sparse / dense gradient) or applies the optimizer step to that row once.
-    j = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    cmask = cols < D
+    j, cols, cmask = _item_columns(D, BLOCK_D)
     row = tl.load(sorted_ptr + j)
     prev = tl.load(sorted_ptr + j - 1, mask=j > 0, other=-1)
     if row != prev:
@@ -185,29 +192,6 @@ def _mfe_segment_kernel(
             tl.store(out_ptr + row * D + cols, acc, mask=cmask)
         else:
             _apply_update(weight_ptr, state_ptr, row, cols, cmask, acc, stride_w, lr, eps, MODE)
-
-
-@triton.jit
-def _mfe_update_kernel(
-    weight_ptr,  # [R, D] table updated in place, row stride stride_w
-    state_ptr,  # [R, D] Adagrad sum of squared gradients, row stride stride_w (ADAGRAD)
-    rows_ptr,  # [U] int64 unique rows to update
-    merged_ptr,  # [U, D] fp32 merged gradient of each unique row
-    U,
-    D,
-    stride_w,
-    lr,
-    eps,
-    OPTIMIZER: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    # One program per unique row: the optimizer step of _apply_update on merged[u].
-    u = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    row = tl.load(rows_ptr + u).to(tl.int64)
-    g = tl.load(merged_ptr + u * D + cols, mask=cmask, other=0.0)
-    _apply_update(weight_ptr, state_ptr, row, cols, cmask, g, stride_w, lr, eps, OPTIMIZER)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -345,9 +329,8 @@ def embedding_fused_update(rows: torch.Tensor, grad_rows: torch.Tensor, weight: 
         sorted_rows, perm = _sorted_runs(rows)
         _segment(sorted_rows, perm, grad_rows, None, None, weight, state, lr, eps, opt)
         return
+    # Atomic merge first; then the unique rows are runs of one, so the segment kernel applies
+    # each row's step exactly once (acc = +0 + merged[u] = merged[u]: merged is never -0).
     unique, merged = embedding_merge_rows(rows, grad_rows, deterministic=False)
-    block_d = _block_d(D)
-    _mfe_update_kernel[(unique.numel(), triton.cdiv(D, block_d))](
-        weight, state if state is not None else weight, unique, merged,
-        unique.numel(), D, weight.stride(0), float(lr), float(eps),
-        OPTIMIZER=opt, BLOCK_D=block_d, num_warps=_num_warps(block_d), enable_fp_fusion=False)
+    one_run_each = torch.arange(unique.numel(), device=unique.device)
+    _segment(unique, one_run_each, merged, None, None, weight, state, lr, eps, opt)

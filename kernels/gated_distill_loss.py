@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..loss_args import GatedDistillLossArgs, op_signature
 from . import _common
 from ._common import lse_update, sigmoid, softplus
 
@@ -469,71 +470,27 @@ def _launch(student, teacher, labels, teacher_hidden, gate, gate_weight, gate_bi
     return loss, grad, gs, g_w, g_b, alpha
 
 
-@_common.register_op("fastkd::gated_distill_loss_fwd", _launch)
-def _gated_distill_loss_fwd_op(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    labels: Optional[torch.Tensor],
-    teacher_hidden: Optional[torch.Tensor],
-    gate: str,
-    gate_weight: Optional[torch.Tensor],
-    gate_bias: Optional[torch.Tensor],
-    fixed_weights: Optional[torch.Tensor],
-    temperature: float,
-    hard_weight: float,
-    kd_weight: float,
-    ensemble: str,
-    gate_loss_weight: float,
-    grad_scale: float,
-    reduce_gate: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Schema of the op: (loss, grad, grad_scores, dW, db, α); absent outputs are empty tensors
-    (an op schema cannot express optional outputs)."""
+# (loss, grad, grad_scores, dW, db, α); absent outputs are empty tensors (an op schema cannot
+# express optional outputs)
+_OUTPUTS = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+_OP = _common.register_op("fastkd::gated_distill_loss_fwd", _launch,
+                          op_signature(GatedDistillLossArgs, grad_scale=float, reduce_gate=bool, _returns=_OUTPUTS))
 
 
 def gated_distill_loss_forward(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    labels: Optional[torch.Tensor],
-    teacher_hidden: Optional[torch.Tensor],
-    gate: str,
-    gate_weight: Optional[torch.Tensor],
-    gate_bias: Optional[torch.Tensor],
-    fixed_weights: Optional[torch.Tensor],
-    temperature: float,
-    hard_weight: float,
-    kd_weight: float,
-    ensemble: str,
-    gate_loss_weight: float,
+    a: GatedDistillLossArgs,
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
     """Loss [B], d loss / d z_S, d loss / d s [B, M] (trainable gates, else None), α [B, M]; fp32.
 
     Same contract as :func:`fastkd.reference.gated_distill_loss_fwd_ref`. Used for
     ``reduction="none"``, where the gate gradients depend on the per-sample ``grad_output``.
     """
-    loss, grad, gs, _, _, alpha = _common.run_op(
-        torch.ops.fastkd.gated_distill_loss_fwd, _launch,
-        student, teacher, labels, teacher_hidden, gate, gate_weight, gate_bias, fixed_weights,
-        float(temperature), float(hard_weight), float(kd_weight), ensemble, float(gate_loss_weight), 1.0, False,
-    )
-    return loss, grad, (gs if gate in ("logit", "hidden") else None), alpha
+    loss, grad, gs, _, _, alpha = _common.run_op(_OP, _launch, *a.values(), 1.0, False)
+    return loss, grad, (gs if a.gate in ("logit", "hidden") else None), alpha
 
 
 def gated_distill_loss_forward_reduced(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    labels: Optional[torch.Tensor],
-    teacher_hidden: Optional[torch.Tensor],
-    gate: str,
-    gate_weight: Optional[torch.Tensor],
-    gate_bias: Optional[torch.Tensor],
-    fixed_weights: Optional[torch.Tensor],
-    temperature: float,
-    hard_weight: float,
-    kd_weight: float,
-    ensemble: str,
-    gate_loss_weight: float,
-    grad_scale: float,
+    a: GatedDistillLossArgs, grad_scale: float,
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
     """Loss [B], ``grad_scale``·d loss / d z_S, ``grad_scale``·d loss / d (w, b) (summed over the
     batch; None for gates without parameters), α [B, M]; fp32.
@@ -542,12 +499,7 @@ def gated_distill_loss_forward_reduced(
     ``reduction`` "mean" (``grad_scale`` = 1/B) and "sum" (1): the gate gradients never exist
     per sample, only as one partial per program.
     """
-    loss, grad, _, g_w, g_b, alpha = _common.run_op(
-        torch.ops.fastkd.gated_distill_loss_fwd, _launch,
-        student, teacher, labels, teacher_hidden, gate, gate_weight, gate_bias, fixed_weights,
-        float(temperature), float(hard_weight), float(kd_weight), ensemble, float(gate_loss_weight),
-        float(grad_scale), True,
-    )
-    if gate not in ("logit", "hidden"):
+    loss, grad, _, g_w, g_b, alpha = _common.run_op(_OP, _launch, *a.values(), float(grad_scale), True)
+    if a.gate not in ("logit", "hidden"):
         return loss, grad, None, None, alpha
     return loss, grad, g_w, g_b, alpha

@@ -3,14 +3,18 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from helpers import REPO, SHARED_DATA
 from fastkd.cli import main
+from fastkd.data import MalformedRowsWarning
 
 FAST = ["--max-epochs", "2", "--embed-dim", "4", "--hidden-units", "16", "--teachers", "deepfm,dcn",
         "--batch-size", "512"]
@@ -75,6 +79,70 @@ def test_distill_libfm_with_ablations_two_seeds(tmp_path):
     assert any(v.startswith("D: ") for v in variants)
     report = (out / "report.md").read_text()
     assert " ± " in report  # two seeds: mean ± std
+
+
+def test_distill_reports_malformed_rows(tmp_path, capsys):
+    data = tmp_path / "toy.libfm.gz"
+    _write_libfm(data, n=1500)
+    with gzip.open(data, "rt") as fh:
+        lines = fh.read().splitlines()
+    lines[0] = lines[0].rsplit(" ", 1)[0]      # a short first line fixes no width
+    lines[700] = "1 3:1 x"
+    with gzip.open(data, "wt") as fh:
+        fh.write("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    with pytest.warns(MalformedRowsWarning, match="2 malformed rows of 1500"):
+        code = main(["distill", "--data", f"libfm:{data}", "--out", str(out), *FAST, "--max-epochs", "1",
+                     "--augment", "0", "--gate", "mean"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "rows read: data `toy.libfm.gz`: 1,500 rows read, 1,498 kept, 2 malformed skipped" in printed
+    assert "toy.libfm.gz:1: expected 4 idx:val entries, got 3" in printed
+    report = (out / "report.md").read_text()
+    assert "Rows read: data `toy.libfm.gz`" in report and "toy.libfm.gz:701: entry 2 'x' is not idx:val" in report
+    records = json.loads((out / "results.json").read_text())
+    for r in records:
+        rep = r["read_report"]["data"]
+        assert (rep["rows_read"], rep["rows_ok"], rep["malformed"]) == (1500, 1498, 2)
+        assert [b["line"] for b in rep["first_bad"]] == [1, 701]
+
+
+def test_distill_stops_above_max_bad_rows_before_training(tmp_path, capsys):
+    train = tmp_path / "train.libfm.gz"
+    _write_libfm(train, n=1000)
+    with gzip.open(train, "rt") as fh:
+        lines = fh.read().splitlines()
+    for i in (3, 4, 5):
+        lines[i] = "1 1:1"
+    with gzip.open(train, "wt") as fh:
+        fh.write("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    code = main(["distill", "--train", f"libfm:{train}", "--valid", f"libfm:{train}", "--test", f"libfm:{train}",
+                 "--out", str(out), *FAST, "--max-bad-rows", "2"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert str(train) in err and "3 malformed rows of 1000" in err and "max_bad_rows=2 rows" in err
+    assert not out.exists()                      # stopped before anything trained or was written
+    assert main(["distill", "--data", f"libfm:{train}", "--out", str(out), "--strict"]) == 2
+    assert "train.libfm.gz:4: expected 4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text,value", [("5", 5), ("0", 0), ("0.01", 0.01), ("1%", 0.01), ("1.0", 1.0)])
+def test_max_bad_rows_argument(text, value):
+    from fastkd.cli import build_parser
+
+    args = build_parser().parse_args(["distill", "--data", "libfm:x", "--out", "o", "--max-bad-rows", text])
+    assert args.max_bad_rows == pytest.approx(value) and type(args.max_bad_rows) is type(value)
+    assert build_parser().parse_args(["distill", "--data", "libfm:x", "--out", "o"]).max_bad_rows is None
+
+
+@pytest.mark.parametrize("text", ["-1", "1.5", "nan", "x", "200%"])
+def test_max_bad_rows_argument_refused(text, capsys):
+    from fastkd.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["distill", "--data", "libfm:x", "--out", "o", "--max-bad-rows", text])
+    assert "--max-bad-rows" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -166,3 +234,70 @@ def test_new_options_reach_the_spec():
     spec = _spec(args)
     assert (spec.gate, spec.teacher_folds, spec.augment, spec.augment_swap) == ("features", 3, 1.5, 0.1)
     assert spec.ablations == ["teacher_folds=1+gate=mean", "single"]
+
+
+def test_unwritable_out_fails_before_reading_data(tmp_path, capsys):
+    """An --out that cannot be written stops the run before the data is read (so before any training)."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cases = [(afile / "run", "cannot be created: " + str(afile) + " is a file"), (afile, "is a file, not a folder")]
+    if sys.platform.startswith("linux"):
+        cases.append((Path("/proc/fastkd-out"), "is not writable"))  # nobody, root included, creates files there
+    for out, needle in cases:
+        assert main(["distill", "--data", "libfm:/nonexistent.gz", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {out}" in err and needle in err and "nonexistent" not in err
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_out_fails_before_reading_data(tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        assert main(["demo", "--rows", "500", "--out", str(ro / "run")]) == 2
+        assert f"--out {ro / 'run'} is not writable" in capsys.readouterr().err
+    finally:
+        ro.chmod(0o700)
+
+
+def test_dist_timeout_argument():
+    from fastkd.cli import DIST_TIMEOUT_S, build_parser
+
+    assert build_parser().parse_args(["demo"]).dist_timeout == DIST_TIMEOUT_S == 1800  # torch's default
+    assert build_parser().parse_args(["demo", "--dist-timeout", "2.5"]).dist_timeout == 2.5
+    for bad in ("0", "-1", "nan", "inf", "x"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["demo", "--dist-timeout", bad])
+
+
+def test_dist_timeout_reaches_init_process_group(monkeypatch):
+    import datetime
+
+    from fastkd import distributed
+
+    seen = {}
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(distributed, "is_initialized", lambda: False)
+    assert distributed.init_process_group("gloo", rank=0, world_size=2, timeout_s=7.5)
+    assert seen["timeout"] == datetime.timedelta(seconds=7.5)
+    with pytest.raises(ValueError, match="timeout_s"):
+        distributed.init_process_group("gloo", rank=0, world_size=2, timeout_s=0)
+
+
+def test_dist_timeout_bounds_the_wait_for_a_peer_that_never_comes(tmp_path):
+    """Rank 1 of 2 with no rank 0: fails after --dist-timeout with one error line, not torch's 30 minutes."""
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "fastkd", "demo", "--rows", "500", "--out", str(tmp_path / "o"),
+                           "--dist-timeout", "1"], env=env, capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "fastkd: error: could not join the process group (rank 1 of 2, --dist-timeout 1 s)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert time.monotonic() - t0 < 120

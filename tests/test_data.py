@@ -211,7 +211,9 @@ def test_libfm_labels_positions_and_malformed(tmp_path):
     assert read_table(f"libfm:{path}", columns=["u", "i"]).report.rows_ok == 1
 
 
-def test_libfm_width_from_first_good_line(tmp_path):
+def test_libfm_width_from_the_majority_of_good_lines(tmp_path):
+    # the most common entry count among lines whose label parses (line 1's label does not); more
+    # in tests/test_data_hardening.py
     path = write(tmp_path / "d.txt", "x 1:1 2:1 3:1 4:1\n1 1:1 2:1\n0 3:1 4:1\n1 5:1 6:1 7:1\n")
     t = read_table(f"libfm:{path}")
     assert t.field_names == ["f0", "f1"] and len(t) == 2
@@ -234,7 +236,7 @@ def test_chunking_matches_single_chunk(tmp_path, chunk_rows):
     rng = np.random.default_rng(0)
     lines = [f"{rng.choice(['1', '-1'])} " + " ".join(f"{f * 100 + rng.integers(5)}:1" for f in range(4))
              for _ in range(11)]
-    lines[0] = "x 1:1 2:1 3:1"  # bad first line: the field count comes from a later line (or chunk)
+    lines[0] = "x 1:1 2:1 3:1"  # bad first line: the field count comes from the other lines
     lines[5] = "1 1:1"          # malformed in the middle: exercises the per-line path in one chunk
     path = write(tmp_path / "d.gz", "\n".join(lines) + "\n", gz=True)
     whole = read_table(f"libfm:{path}", chunk_rows=10**6)

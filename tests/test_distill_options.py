@@ -9,13 +9,13 @@ import torch
 from torch import nn
 
 from helpers import quick_config, small_model
-import fastkd.distiller as distiller_mod
+import fastkd.train.distiller as distiller_mod
 import fastkd.gates as gates_mod
 from fastkd import Distiller
 from fastkd.augment import swap_augment
 from fastkd.data import CTRData, make_synthetic
 from fastkd.gates import FeatureGate, GateRows, LogitGate, ensemble_logits, fit_gate
-from fastkd.teachers import TeacherSet, fold_assignment, train_teachers
+from fastkd.train.teachers import fold_assignment, train_teachers
 
 
 

@@ -22,7 +22,8 @@ from fastkd import Distiller, TeacherCache, TrainConfig
 from fastkd import distributed
 from fastkd.data import make_synthetic
 from fastkd.models import build_model
-from fastkd.train import _label_monitor, evaluate, train_model
+from fastkd.train import evaluate, train_model
+from fastkd.train.evaluation import _label_monitor
 
 # Dropout 0 for the runs compared with one process: per-rank dropout masks are what make a
 # 2-rank step differ from a single-process step by more than summation order. The distillation
@@ -240,7 +241,7 @@ def _write_sources(d: Path) -> dict:
         "criteo-hash": (f"criteo:{d}/c.txt", dict(kind="hash", num_buckets=[20] * 13 + [64] * 26, chunk_rows=6)),
         "criteo-vocab": (f"criteo:{d}/c.txt", dict(chunk_rows=6)),
         "libfm-two-files": (f"libfm:{d}/f0.libfm,{d}/f1.libfm", dict(chunk_rows=9)),
-        "libfm-malformed-block": (f"libfm:{d}/bad.libfm", dict(chunk_rows=9)),
+        "libfm-malformed-block": (f"libfm:{d}/bad.libfm", dict(chunk_rows=9, max_bad_rows=9)),
         "parquet-row-groups": (f"parquet:{d}/t.parquet", dict(numeric=["n"], chunk_rows=4)),
         "strict-error": (f"csv:{d}/t.csv", dict(strict=True, chunk_rows=7)),
     }

@@ -17,14 +17,14 @@ import pytest
 import torch
 from torch import nn
 
-import fastkd.embedding as embedding_module
-import fastkd.embedding_ops as embedding_ops
-from fastkd import embedding_ref
 from fastkd.embedding import MultiFieldEmbedding, MultiFieldEmbeddingRef, multi_field_embedding
+from fastkd.embedding import modules as embedding_modules
+from fastkd.embedding import ops as embedding_ops
+from fastkd.reference import embedding as embedding_ref
 from helpers import requires_cuda
 
 # is_available() asks the driver without creating a context, so collection stays CUDA-free. The
-# interpreter flag must be set before Triton is imported (as tests/test_kernels_losses.py does).
+# interpreter flag must be set before Triton is imported (as tests/conftest.py does).
 ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -195,7 +195,7 @@ def test_deterministic_given_seed():
     assert torch.equal(a.weight, b.weight)
 
 
-@pytest.mark.parametrize("module", [embedding_module, embedding_ops], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [embedding_modules, embedding_ops], ids=lambda m: m.__name__)
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
@@ -266,7 +266,7 @@ def test_fused_update_equals_torch_optimizer(opt, field_sizes, dim, batch, backe
                 o.step()
                 o.zero_grad()
         assert fused.weight.grad is None
-    if backend == "torch" or opt == "sgd" or not embedding_module.NATIVE_CPU:
+    if backend == "torch" or opt == "sgd" or not embedding_ops.NATIVE_CPU:
         assert torch.equal(fused.weight, unfused.weight)
     else:
         torch.testing.assert_close(fused.weight, unfused.weight, rtol=1e-6, atol=1e-7)
@@ -600,6 +600,88 @@ def test_triton_deterministic_sums_in_lookup_order(triton_on_cpu):
     assert torch.equal(unique, ref_unique) and torch.equal(merged, ref_merged)
 
 
+# ---- torch.library ops and torch.compile -------------------------------------------------------
+def _op_cases(impl, device):
+    """(launcher, args) for every ``fastkd::`` embedding op: small tensors, duplicate rows, an
+    empty bag, a dense gradient in another dtype than the upstream one."""
+    g = torch.Generator().manual_seed(0)
+    w, state = torch.randn(7, 3, generator=g).to(device), torch.rand(7, 3, generator=g).to(device)
+    rows = torch.tensor([[1, 6], [1, 0], [3, 1]], device=device)
+    flat, grad_rows = rows.reshape(-1), torch.randn(6, 3, generator=g).to(device)
+    starts, psw = torch.tensor([0, 2, 2, 6], device=device), torch.rand(6, generator=g).to(device)
+    return [
+        ("multi_field_embedding_forward", (w, rows, impl)),
+        ("multi_field_embedding_bag_forward", (w, flat, starts, psw, False, impl)),
+        ("multi_field_embedding_bag_forward", (w, flat, starts, None, True, impl)),
+        ("embedding_dense_grad", (flat, grad_rows, 7, torch.bfloat16, False, impl)),
+        ("embedding_merge_rows", (flat, grad_rows, False, 7, impl)),
+        ("embedding_fused_update", (flat, grad_rows, w.clone(), state.clone(), "adagrad", 0.1, 1e-10, False, impl)),
+        ("embedding_fused_update", (flat, grad_rows, w.clone(), None, "sgd", 0.1, 0.0, False, impl)),
+    ]
+
+
+@pytest.mark.parametrize("impl", ["cpu", "torch", "triton"])
+def test_opcheck_embedding_ops(impl):
+    # schema (declared mutations), fake kernel against the real one, AOT dispatch with dynamic
+    # shapes; "triton" runs the interpreter on CPU tensors, the kernels on a GPU
+    device = "cpu"
+    if impl == "triton":
+        pytest.importorskip("triton")
+        device = "cuda" if ON_GPU else "cpu"
+    cases = _op_cases(impl, device)
+    assert {name for name, _ in cases} == set(embedding_ops._OPS)  # every registered op
+    for name, args in cases:
+        torch.library.opcheck(getattr(torch.ops.fastkd, name).default, args)
+
+
+class _TinyCTR(nn.Module):
+    """A multi-field embedding under a linear head: the smallest model that trains a table."""
+
+    def __init__(self, **kw):
+        super().__init__()
+        self.emb = MultiFieldEmbedding([5, 7, 3], 4, init_std=1.0, **kw)
+        self.head = nn.Linear(12, 1)
+
+    def forward(self, *inputs):
+        return self.head(self.emb(*inputs).flatten(1)).squeeze(1)
+
+
+@pytest.mark.parametrize("kw", [
+    pytest.param({"fused_optimizer": "adagrad", "lr": 0.1}, id="fused-adagrad"),
+    pytest.param({"fused_optimizer": "sgd", "lr": 0.1, "deterministic": True}, id="fused-sgd"),
+    pytest.param({"fused_optimizer": "adagrad", "lr": 0.1, "mode": "bag", "pooling": "mean"}, id="fused-bag"),
+    pytest.param({"dtype": torch.bfloat16}, id="dense-bf16"),  # bf16 dense goes through the op too
+])
+def test_compiled_model_matches_eager(kw):
+    # fullgraph=True fails on any graph break, forward or backward (dynamo traces the Function's
+    # backward when it traces the forward). backend="aot_eager": AOTAutograd traces the joint graph
+    # through the fake kernels and functionalises the fused update, as inductor would see it;
+    # inductor itself takes ~20 s per model on CPU.
+    kw = dict(kw)
+    dtype = kw.pop("dtype", torch.float32)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager, model = _TinyCTR(**kw).to(dtype), _TinyCTR(**kw).to(dtype)
+    model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for step in range(3):
+        if kw.get("mode") == "bag":
+            inputs = random_bags([5, 7, 3], 6, seed=step)[:2]
+        else:
+            inputs = (random_ids([5, 7, 3], 6, seed=step),)
+        if step == 2 and "lr" in kw:
+            eager.emb.lr = model.emb.lr = 0.5  # a changed lr must reach the compiled fused step
+        out_e, out_c = eager(*inputs), compiled(*inputs)
+        assert torch.equal(out_c, out_e)
+        out_e.sum().backward()
+        out_c.sum().backward()
+    for (name, a), b in zip(eager.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name  # the fused steps, Adagrad's state, the head
+    for (name, a), b in zip(eager.named_parameters(), model.parameters()):
+        assert (a.grad is None) == (b.grad is None), name
+        assert a.grad is None or torch.equal(a.grad, b.grad), name
+
+
 def test_backend_triton_without_triton_raises(monkeypatch):
     monkeypatch.setattr(embedding_ops, "_load_kernels", lambda: None)
     emb = MultiFieldEmbedding([3], 2, backend="triton")
@@ -627,10 +709,9 @@ build(E._mfe_gather_kernel, dict(BLOCK_N=32, BLOCK_D=128), dict(out_ptr=bf, weig
 build(E._mfe_bag_fwd_kernel, dict(MEAN=True, HAS_PSW=True, BLOCK_V=16, BLOCK_D=64),
       dict(out_ptr=bf, weight_ptr=bf, values_ptr="*i64", starts_ptr="*i64", psw_ptr=bf), 2)
 build(E._mfe_scatter_add_kernel, dict(BLOCK_N=256, BLOCK_D=16), dict(slots_ptr="*i64"))
-for mode in (E.STORE_SLOT, E.ADAGRAD):
-    build(E._mfe_segment_kernel, dict(MODE=mode, BLOCK_D=16),
-          dict(sorted_ptr="*i64", perm_ptr="*i64", slot_ptr="*i64", weight_ptr=bf), 1)
-build(E._mfe_update_kernel, dict(OPTIMIZER=E.ADAGRAD, BLOCK_D=64), dict(rows_ptr="*i64"), 2)
+for mode, block_d, warps in ((E.STORE_SLOT, 16, 1), (E.ADAGRAD, 16, 1), (E.ADAGRAD, 64, 2)):
+    build(E._mfe_segment_kernel, dict(MODE=mode, BLOCK_D=block_d),
+          dict(sorted_ptr="*i64", perm_ptr="*i64", slot_ptr="*i64", weight_ptr=bf), warps)
 print("compiled")
 """
 

@@ -1,6 +1,6 @@
 """The native CPU backward of MultiFieldEmbedding (``fastkd._embedding``) against its oracle.
 
-``fastkd.embedding_ref`` is the oracle: merged gradients and the SGD step must be bit-identical
+``fastkd.reference.embedding`` is the oracle: merged gradients and the SGD step must be bit-identical
 (same summation order, the weight step one fused multiply-add as in torch's ``add_(alpha=)``);
 Adagrad's state is bit-identical and its weight equal to an ulp (the native step rounds sqrt
 correctly; torch's vectorised sqrt is sometimes an ulp off). The AVX-512, AVX2 and portable loops, and
@@ -12,9 +12,9 @@ from collections import namedtuple
 import pytest
 import torch
 
-from fastkd import _embedding_native as native
-from fastkd import embedding_ref
 from fastkd.embedding import MultiFieldEmbedding, _impl
+from fastkd.embedding import _native as native
+from fastkd.reference import embedding as embedding_ref
 
 needs_native = pytest.mark.skipif(not native.NATIVE, reason="fastkd._embedding not built")
 
@@ -57,13 +57,18 @@ def test_extension_is_built_in_ci():
     assert native.NATIVE, "fastkd._embedding did not build"
 
 
+@needs_native
 def test_cpu_dispatch_uses_native_backward():
     impl = _impl(torch.device("cpu"), "auto", torch.float32)
-    expected = native.embedding_fused_update if native.NATIVE else embedding_ref.embedding_fused_update_ref
-    assert impl.embedding_fused_update is expected
-    # "torch" is the plain reference, the oracle
+    assert impl.embedding_fused_update is native.embedding_fused_update
+    assert impl.embedding_merge_rows is native.embedding_merge_rows
+
+
+def test_torch_backend_is_the_plain_reference():
+    # "torch" is the plain reference, the oracle, whether the extension is built or not
     ref = _impl(torch.device("cpu"), "torch", torch.float32)
     assert ref.embedding_fused_update is embedding_ref.embedding_fused_update_ref
+    assert ref.embedding_merge_rows is embedding_ref.embedding_merge_rows_ref
 
 
 @needs_native
@@ -212,6 +217,7 @@ def test_binding_checks_name_the_argument(call, match):
 
 # bf16 and non-contiguous tables go to the reference; a non-contiguous gradient is made
 # contiguous and taken natively; an empty batch touches nothing
+@needs_native
 @pytest.mark.parametrize("variant", ["bf16-table", "non-contiguous-table", "non-contiguous-grad", "empty"])
 def test_inputs_the_extension_does_not_take_fall_back_to_the_reference(variant):
     rows = torch.tensor([2, 0, 2, 1])
@@ -233,6 +239,7 @@ def test_inputs_the_extension_does_not_take_fall_back_to_the_reference(variant):
     torch.testing.assert_close(s, s_ref, rtol=0, atol=0)
 
 
+@needs_native
 def test_module_training_native_matches_reference_backend():
     # Three fused Adagrad steps through the module: default CPU path vs backend="torch".
     sizes, dim, batch = [50, 7, 300], 33, 64

@@ -168,10 +168,6 @@ def test_sparse_embedding_gradient(name):
     opt_dense.step()
 
 
-def test_import_does_not_touch_cuda():
-    assert not torch.cuda.is_initialized()
-
-
 @pytest.mark.parametrize("name", ALL_NAMES)
 def test_eval_is_deterministic_and_seeded(name):
     model = small_model(name, seed=3)
@@ -373,12 +369,12 @@ def test_docstring_examples():
     import fastkd.models.dcn
     import fastkd.models.dnn
     import fastkd.models.layers
-    import fastkd.models.perf
+    import fastkd.allocator
     import fastkd.models.xdeepfm
 
     mods = [models_pkg, fastkd.models.base, fastkd.models.dnn, fastkd.models.dcn,
             fastkd.models.xdeepfm, fastkd.models.autoint, fastkd.models.layers,
-            fastkd.models.perf]
+            fastkd.allocator]
     attempted = 0
     for mod in mods:
         result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
@@ -413,12 +409,3 @@ def test_sparse_and_init_std_may_come_through_embedding_options():
     with pytest.raises(ValueError, match="sparse=True contradicts embedding_options"):
         build_model("dnn", [5, 7], embed_dim=4, hidden_units=(8,), sparse=True,
                     embedding_options={"sparse": False})
-
-
-def test_every_public_name_resolves():
-    # __all__ and the lazy table must agree: `from fastkd import *` and each documented name work
-    import fastkd
-
-    for name in fastkd.__all__:
-        assert getattr(fastkd, name) is not None, name
-    assert set(fastkd._LAZY) <= set(fastkd.__all__)

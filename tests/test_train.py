@@ -277,7 +277,7 @@ def test_sparse_and_fused_embeddings_train_in_the_loops(tmp_path, splits, emb):
     """sparse=True tables get SparseAdam, fused tables update in backward; both resume exactly."""
     train, valid, test = splits
     fs = train.field_sizes
-    from fastkd.train import _Optimizer
+    from fastkd.train.loop import _Optimizer
 
     def run(stop=None, resume=False):
         torch.manual_seed(0)
@@ -322,7 +322,7 @@ def predict_logits(model, data):
 def test_monitor_window_smooths_the_stopping_decision(splits, monkeypatch, window, epochs):
     """A noisy dip (0.58 after 0.6) stops a patience-1 run at once; averaged over 3 epochs it is
     still progress (0.56 > 0.55), so training goes on."""
-    import fastkd.train as T
+    import fastkd.train.loop as T
 
     train, valid, _ = splits
     values = iter([0.5, 0.6, 0.58, 0.7])

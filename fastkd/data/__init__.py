@@ -2,7 +2,8 @@
 
 Pipeline: ``iter_table`` / ``read_table`` (file -> :class:`RawTable` of string tokens, with a
 :class:`ReadReport`) -> :class:`FeatureEncoder` (tokens -> per-field ids) -> :class:`CTRData`
-(model-ready int64 ids + float32 labels). :func:`load` does all of it in one call and
+(model-ready int64 ids + float32 labels). :func:`load` does all of it in one call (the read's
+report on ``CTRData.read_report``, a :class:`MalformedRowsWarning` for skipped rows) and
 :func:`make_synthetic` draws data from a known hidden click model.
 
 Example:
@@ -14,13 +15,14 @@ Example:
 """
 from .encoder import FeatureEncoder
 from .loading import load
-from .readers import (AVAZU_COLUMNS, CRITEO_CATEGORICAL, CRITEO_NUMERIC, FRAPPE_FIELDS, IPINYOU_FIELDS, KINDS,
-                      RawTable, ReadReport, bucketize_numeric, iter_table, parse_spec, read_table)
+from .readers import (AVAZU_COLUMNS, CRITEO_CATEGORICAL, CRITEO_NUMERIC, DEFAULT_MAX_BAD_ROWS, FRAPPE_FIELDS,
+                      IPINYOU_FIELDS, KINDS, MalformedRowsWarning, RawTable, ReadReport, bucketize_numeric, iter_table,
+                      parse_spec, read_table)
 from .synthetic import default_cardinalities, make_synthetic
 from .table import CTRData
 
 __all__ = [
-    "CTRData", "RawTable", "ReadReport", "FeatureEncoder",
+    "CTRData", "RawTable", "ReadReport", "MalformedRowsWarning", "DEFAULT_MAX_BAD_ROWS", "FeatureEncoder",
     "iter_table", "read_table", "load", "make_synthetic",
     "parse_spec", "bucketize_numeric", "default_cardinalities",
     "KINDS", "CRITEO_NUMERIC", "CRITEO_CATEGORICAL", "AVAZU_COLUMNS", "FRAPPE_FIELDS", "IPINYOU_FIELDS",

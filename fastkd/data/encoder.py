@@ -6,7 +6,6 @@ from itertools import repeat
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import xxhash
 
 from .readers import RawTable
 from .table import CTRData
@@ -32,16 +31,10 @@ def _hash_column(values: Sequence[Optional[str]], num_buckets: int, seed: int) -
     Returns:
         int64 array ``[len(values)]``.
     """
-    from fastkd import hashing  # the module itself falls back when the extension is not built
+    from fastkd import hashing  # natively, or in its pure-Python twin when the extension is not built
 
-    if hashing.NATIVE:
-        # the reserved-0 contract above is FeatureHasher's bucket0 mode
-        return hashing._hash_field(values, num_buckets, seed)
-    h = xxhash.xxh3_64_intdigest
-    m = num_buckets - 1
-    # Python ints: the 64-bit digest does not fit int64, so take the modulus before numpy sees it.
-    return np.fromiter((1 + h(v.encode("utf-8"), seed) % m if v else 0 for v in values),
-                       dtype=np.int64, count=len(values))
+    # the reserved-0 contract above is FeatureHasher's bucket0 mode: one bucket rule for both
+    return hashing._hash_field(values, num_buckets, seed)
 
 
 class FeatureEncoder:

@@ -7,7 +7,8 @@ from typing import Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .encoder import FeatureEncoder
-from .readers import iter_table
+from .readers import DEFAULT_MAX_BAD_ROWS, ReadReport, iter_table, parse_spec
+from .readers.report import check_max_bad_rows, check_report
 from .segmented import make_segmented
 from .synthetic import make_synthetic
 from .table import CTRData
@@ -18,11 +19,20 @@ __all__ = ["load"]
 def load(spec: str, *, encoder: Optional[FeatureEncoder] = None, kind: str = "vocab", min_count: int = 1,
          num_buckets=None, seed: int = 0, strict: bool = False, label: Optional[str] = None,
          numeric: Iterable[str] = (), columns: Optional[Sequence[str]] = None, chunk_rows: int = 200_000,
-         return_encoder: bool = False,
-         sharded: bool = False) -> Union[CTRData, Tuple[CTRData, Optional[FeatureEncoder]]]:
+         return_encoder: bool = False, sharded: bool = False,
+         max_bad_rows: Union[int, float] = DEFAULT_MAX_BAD_ROWS
+         ) -> Union[CTRData, Tuple[CTRData, Optional[FeatureEncoder]]]:
     """Read and encode a data source in two streaming passes (fit, then transform).
 
     Only encoded ids of the whole source are held in memory, never all raw strings at once.
+
+    Nothing is dropped silently: the returned data's :attr:`~CTRData.read_report` holds the whole
+    read's :class:`~fastkd.data.ReadReport` (rows read and kept, malformed rows skipped, the first
+    five as ``(file, line, reason)``), and skipped rows raise a
+    :class:`~fastkd.data.MalformedRowsWarning` that says as much. A read that cannot be trusted
+    stops with a ``ValueError`` naming the files, before anything is encoded: no data row (empty
+    or header-only files), no well-formed row (most likely the wrong kind, e.g. a Criteo TSV read
+    as libfm), or more malformed rows than ``max_bad_rows``.
 
     With ``sharded=True`` under ``torch.distributed`` (a process group of ``W > 1`` ranks; the
     ``fastkd`` CLI asks for it under torchrun) the work is sharded: each rank reads, parses and encodes only its share of the source (``iter_table(shard=(rank, W))``:
@@ -44,14 +54,25 @@ def load(spec: str, *, encoder: Optional[FeatureEncoder] = None, kind: str = "vo
         encoder: an already fitted encoder to reuse (e.g. the training set's for a test set); if
             None a new ``FeatureEncoder(kind, min_count, num_buckets, seed)`` is fitted on this source.
         kind, min_count, num_buckets, seed: settings of the new encoder.
-        strict, label, numeric, columns, chunk_rows: passed to :func:`~fastkd.data.iter_table`.
+        strict, label, numeric, columns, chunk_rows: passed to :func:`~fastkd.data.iter_table`
+            (``strict=True`` raises on the first malformed row, naming its file and line).
+        max_bad_rows: most malformed rows let through (skipped, with the warning): an int is a
+            count, a float in ``[0, 1]`` a fraction of the rows read (default 0.01: 1 %); above it
+            ``ValueError`` names the files, the count and the limit. ``0`` refuses any malformed row
+            but, unlike ``strict``, reads the whole source first and reports them all.
         return_encoder: also return the encoder.
         sharded: share the reading between the ranks of the initialised process group (see
             above; raises without one). Off by default: a sharded load is a collective that every
             rank must enter, so code that loads on one rank only keeps working.
 
     Returns:
-        :class:`CTRData`, or ``(CTRData, encoder)`` with ``return_encoder=True``.
+        :class:`CTRData` (with :attr:`~CTRData.read_report`), or ``(CTRData, encoder)`` with
+        ``return_encoder=True``.
+
+    Raises:
+        ValueError: a bad spec or argument, no data row, no well-formed row, more malformed rows
+            than ``max_bad_rows``, or (``strict``) a malformed row.
+        FileNotFoundError: a path does not exist.
 
     Example:
         >>> train, enc = load("criteo:criteo_train.txt.gz", min_count=2, return_encoder=True)  # doctest: +SKIP
@@ -68,6 +89,7 @@ def load(spec: str, *, encoder: Optional[FeatureEncoder] = None, kind: str = "vo
         data = make(n_samples=n_samples, seed=seed)
         return (data, None) if return_encoder else data
 
+    max_bad_rows = check_max_bad_rows(max_bad_rows)
     if sharded and not _group_initialized():
         raise RuntimeError("load(sharded=True) needs an initialised torch.distributed process group "
                            "(fastkd.distributed.init_process_group())")
@@ -76,18 +98,54 @@ def load(spec: str, *, encoder: Optional[FeatureEncoder] = None, kind: str = "vo
         return _load_sharded(spec, encoder, rank, world, return_encoder,
                              dict(kind=kind, min_count=min_count, num_buckets=num_buckets, seed=seed),
                              dict(chunk_rows=chunk_rows, strict=strict, label=label, numeric=numeric,
-                                  columns=columns))
+                                  columns=columns), max_bad_rows)
 
     def chunks():
         return iter_table(spec, chunk_rows=chunk_rows, strict=strict, label=label, numeric=numeric,
                           columns=columns)
 
-    first_pass = chunks()  # validates spec and files before anything is fitted
+    first_pass = _Checked(chunks(), spec, max_bad_rows)  # validates spec and files before anything is fitted
     if encoder is None:
         encoder = FeatureEncoder(kind, min_count=min_count, num_buckets=num_buckets, seed=seed).fit(first_pass)
     first_pass.close()  # a hash encoder stops after the first chunk; release the open file now
-    data = encoder.transform(chunks())
+    second_pass = _Checked(chunks(), spec, max_bad_rows)
+    data = encoder.transform(second_pass)
+    data.read_report = second_pass.report
+    second_pass.warn()
     return (data, encoder) if return_encoder else data
+
+
+class _Checked:
+    """One pass over a source's chunks (an iterator), adding up their reports. At the end of the
+    source it raises (:func:`~fastkd.data.readers.raw.check_report`) if the read cannot be trusted,
+    so an empty, wrong-kind or too-malformed source fails before it is fitted or encoded."""
+
+    def __init__(self, chunks, spec: str, max_bad_rows) -> None:
+        self.chunks = chunks
+        self.kind, self.paths = parse_spec(spec)
+        self.max_bad_rows = max_bad_rows
+        self.report = ReadReport()
+        self._it = self._pass()
+
+    def _pass(self):
+        for t in self.chunks:
+            self.report = self.report.merge(t.report)
+            yield t
+        check_report(self.report, self.kind, self.paths, self.max_bad_rows, warn=False)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._it)
+
+    def warn(self) -> None:
+        """The warning for the rows skipped (load()'s caller is 4 frames up)."""
+        check_report(self.report, self.kind, self.paths, self.max_bad_rows, stacklevel=4)
+
+    def close(self) -> None:
+        self._it.close()
+        self.chunks.close()
 
 
 def _group_initialized() -> bool:
@@ -126,8 +184,9 @@ def _collective(step, what: str):
 def _fit_from_parts(encoder: FeatureEncoder, parts, spec) -> FeatureEncoder:
     """Fit ``encoder`` on the ranks' ``(names, counts)``: the counts of disjoint shards add up."""
     names = next((n for n, _ in parts if n is not None), None)
-    if names is None:
-        raise ValueError(f"no rows in {spec!r}")
+    if names is None:  # no rank read a chunk: the no-data error
+        kind, paths = parse_spec(spec)
+        check_report(ReadReport(), kind, paths, 0)
     totals = None
     for n, counts in parts:
         if n is None:
@@ -143,7 +202,7 @@ def _fit_from_parts(encoder: FeatureEncoder, parts, spec) -> FeatureEncoder:
 
 
 def _load_sharded(spec, encoder, rank: int, world: int, return_encoder: bool, enc_args: dict,
-                  read_args: dict):
+                  read_args: dict, max_bad_rows):
     import torch
 
     from .. import distributed as _dist
@@ -179,7 +238,7 @@ def _load_sharded(spec, encoder, rank: int, world: int, return_encoder: bool, en
         keys, blocks, labels = [], [], []
         for t in chunks():
             d = encoder.transform(t)
-            keys.append((t.chunk, len(d)))
+            keys.append((t.chunk, len(d), t.report))
             blocks.append(d.ids)
             labels.append(d.labels)
         F = len(encoder.field_names)
@@ -189,6 +248,13 @@ def _load_sharded(spec, encoder, rank: int, world: int, return_encoder: bool, en
 
     keys, ids, lab = _collective(encode, "encoding its shard")
     all_keys = _dist.all_gather_object(keys)
+    # The whole read's report, its chunks in source order: the same on every rank, so every rank
+    # raises the same error; rank 0 alone warns.
+    report = ReadReport()
+    for _, rep in sorted((key, rep) for ks in all_keys for key, _, rep in ks):
+        report = report.merge(rep)
+    check_report(report, *parse_spec(spec), max_bad_rows, warn=rank == 0, stacklevel=4)
+    all_keys = [[(key, n) for key, n, _ in ks] for ks in all_keys]
     all_ids = _dist.all_gather_uneven(torch.from_numpy(ids))
     all_lab = _dist.all_gather_uneven(torch.from_numpy(lab))
     # Put the chunks back in source order: (chunk position, rank, offset in that rank's block).
@@ -203,5 +269,5 @@ def _load_sharded(spec, encoder, rank: int, world: int, return_encoder: bool, en
         raise ValueError(f"no rows in {spec!r}")
     data = CTRData(np.concatenate([all_ids[r][a:a + n].numpy() for _, r, a, n in order]),
                    np.concatenate([all_lab[r][a:a + n].numpy() for _, r, a, n in order]),
-                   encoder.field_names, encoder.field_sizes)
+                   encoder.field_names, encoder.field_sizes, read_report=report)
     return (data, encoder) if return_encoder else data

@@ -55,7 +55,6 @@ class _Structure:
             raise ValueError(f"structure must be one of {STRUCTURES}, got {kind!r}")
 
     def __call__(self, ids: np.ndarray) -> np.ndarray:
-        n = ids.shape[0]
         if self.kind == "pairwise":
             vecs = [self.v[f][ids[:, f]] for f in self.active]
             total = np.sum(vecs, axis=0)

@@ -1,10 +1,12 @@
 """Model-ready, fully encoded CTR data (:class:`CTRData`)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Sequence, Tuple, Union
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+from .readers.report import ReadReport
 
 IndexLike = Union[slice, np.ndarray, Sequence[int], Sequence[bool]]
 
@@ -22,6 +24,11 @@ class CTRData:
         labels: float32 array ``[N]`` with values in {0, 1}.
         field_names: ``F`` names.
         field_sizes: ``F`` vocabulary sizes (embedding table rows per field).
+        read_report: what reading the source saw (:class:`~fastkd.data.ReadReport`: rows read and
+            kept, malformed rows with the first line numbers and reasons). Set by
+            :func:`~fastkd.data.load` on the data it returns; None for data built otherwise and for
+            the results of :meth:`subset`, :meth:`split` and :meth:`concat` (the report describes
+            the whole read, not a part of it). Not compared and not shown by ``repr``.
 
     Shape:
         ``ids``: ``[N, F]``, ``labels``: ``[N]``.
@@ -38,6 +45,7 @@ class CTRData:
     labels: np.ndarray
     field_names: List[str]
     field_sizes: List[int]
+    read_report: Optional[ReadReport] = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         ids = np.asarray(self.ids)

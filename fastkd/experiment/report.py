@@ -5,16 +5,23 @@ import json
 import platform
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 
 from .. import distributed as _dist
+from ..atomic import atomic_write_text
 from .runner import ExperimentResult
 from .spec import ExperimentSpec
 
-__all__ = ["summarize", "table", "segment_table", "write_report", "command_line"]
+__all__ = ["summarize", "table", "segment_table", "read_summary", "write_report", "command_line", "RESULT_FILES",
+           "PARTIAL_MARK"]
+
+# what a run writes into its folder (besides checkpoints/): a fresh run removes an earlier run's first
+RESULT_FILES = ("report.md", "results.json", "results.partial.json", "auc.png", "gate_weights.png")
+# the first line of a report written before the run finished
+PARTIAL_MARK = "PARTIAL"
 
 
 def _fmt(values: List[float]) -> str:
@@ -83,6 +90,21 @@ def segment_table(records: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def read_summary(read_reports: Dict[str, dict]) -> str:
+    """One line on what reading the data saw, from ``{split: ReadReport.to_dict()}``: rows read and
+    kept, malformed rows skipped and the first of them (file:line: reason)."""
+    parts = []
+    for split, r in read_reports.items():
+        name = "+".join(Path(f).name for f in r["files"]) or "<no files>"
+        text = (f"{split} `{name}`: {r['rows_read']:,} rows read, {r['rows_ok']:,} kept, "
+                f"{r['malformed']:,} malformed skipped")
+        if r["first_bad"]:
+            text += " (first: " + "; ".join(f"{Path(b['file']).name}:{b['line']}: {b['reason']}"
+                                           for b in r["first_bad"]) + ")"
+        parts.append(text)
+    return "; ".join(parts)
+
+
 def _versions() -> str:
     import numpy
     return (f"fastkd {__import__('fastkd').__version__}, torch {torch.__version__}, numpy {numpy.__version__}, "
@@ -114,8 +136,16 @@ def _settings(spec: ExperimentSpec) -> str:
 
 
 def write_report(out: Path, result: ExperimentResult, *, command: str, data_desc: str, spec: ExperimentSpec,
-                 wall_seconds: float, notes: str = "") -> Path:
+                 wall_seconds: float, notes: str = "", read_reports: Optional[Dict[str, dict]] = None,
+                 partial: bool = False) -> Path:
     """Write ``report.md``, ``results.json`` and the PNG plots into ``out``; returns the report path.
+
+    ``read_reports``: ``{split: ReadReport.to_dict()}`` of the data files read (``fastkd distill``);
+    ``report.md`` gets a "Rows read" line (:func:`read_summary`) and every record of
+    ``results.json`` (a list of records) a ``"read_report"`` key holding them.
+
+    ``partial=True`` (a run not finished yet): ``report.md`` alone, of the records so far, its
+    first line marked :data:`PARTIAL_MARK`; no ``results.json`` and no plots.
 
     Under torch.distributed only rank 0 writes; the other ranks just get the path back.
     """
@@ -124,14 +154,23 @@ def write_report(out: Path, result: ExperimentResult, *, command: str, data_desc
         return out / "report.md"
     out.mkdir(parents=True, exist_ok=True)
     records = result.records
-    _write_text(out / "results.json", json.dumps(records, indent=1))
-    plots = _plots(out, records, result.gate_alphas)
+    if read_reports:
+        records = [{**r, "read_report": read_reports} for r in records]
+    if partial:
+        title = (f"# fastkd distillation report ({PARTIAL_MARK}: {len(records)} rows so far; the run is still "
+                 "running or was interrupted, `--resume` finishes it; records in results.partial.json)")
+        plots = []
+    else:
+        title = "# fastkd distillation report"
+        _write_text(out / "results.json", json.dumps(records, indent=1))
+        plots = _plots(out, records, result.gate_alphas)
     lines = [
-        "# fastkd distillation report", "",
+        title, "",
         f"Command: `{command}`", "",
         f"Data: {data_desc}", "",
+        *([f"Rows read: {read_summary(read_reports)}", ""] if read_reports else []),
         f"Versions: {_versions()}", "",
-        f"Wall time: {wall_seconds:.0f} s", "",
+        f"Wall time{' so far' if partial else ''}: {wall_seconds:.0f} s", "",
         _settings(spec), "",
         "Mean ± sample std over seeds of test metrics; `epoch s` is the median wall time of one training "
         "epoch, `teacher s` the teachers' training time the row depends on:", "",
@@ -150,9 +189,7 @@ def write_report(out: Path, result: ExperimentResult, *, command: str, data_desc
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write_text(path, text)
 
 
 def _plots(out: Path, records: List[dict], alphas: Dict[str, List[np.ndarray]]) -> List[Path]:

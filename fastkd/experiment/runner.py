@@ -5,29 +5,53 @@ same early-stopping rule on the same validation data), except rows that are abla
 ablation of a setting the plain DNN also has (the stopping rule, merged validation, ...) adds a
 plain-DNN row under the same setting. Teachers are trained once per seed and teacher setting
 (cross-fitted or not) and shared by every row that uses them.
+
+Resuming (``checkpoint_dir=``): the run is cut into *units*, each one training (a teacher set, the
+plain DNN, one student or ablation row of one seed). Layout of ``checkpoint_dir``:
+
+* ``run.json``: the run's settings and data fingerprints (:func:`run_manifest`), written when a
+  fresh run starts; ``resume=True`` refuses a run whose settings or data differ
+  (:func:`check_resume`, the error names the first field that differs);
+* ``seed{S}/{unit}/``: the per-epoch checkpoints of the unit's models (``train_model`` /
+  ``train_teachers`` / ``Distiller.fit`` checkpoints), continued on resume;
+* ``seed{S}/{unit}.finished.json``: written (temporary name, then rename) when the unit is done:
+  its records and what later units need (the teachers' monitor AUCs), and beside it
+  ``{unit}.alphas{i}.npy`` for gate weights. A resumed run loads a finished unit instead of
+  training it; a finished teacher set's weights come back from its checkpoints (zero epochs run).
+
+A finished unit's checkpoints are deleted at once, a teacher set's when its seed is done, so the
+disk holds one seed's teachers and the model in training, plus the small finished records.
+
+Over 400 lines on purpose: one class, ``_Run``, whose training steps (teachers, plain DNN,
+students, ablation rows) and their finish/resume bookkeeping share its state; the run folder's
+format and checks live in :mod:`fastkd.experiment.resume`.
 """
 from __future__ import annotations
 
-import json
+import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Union
 
 import numpy as np
 import torch
 
 from .. import distributed as _dist
+from ..atomic import atomic_write
 from ..data import CTRData
-from ..distiller import Distiller
+from ..train.distiller import Distiller
 from ..metrics import roc_auc
 from ..models import build_model
-from ..teachers import TeacherSet, teacher_seed, train_teachers
+from ..train.manifest import CorruptArtifactError, check_fields, state_digest
+from ..train.teachers import TeacherSet, teacher_seed, train_teachers
 from ..train import predict, scores, train_model
+from .resume import (_FINISHED_FORMAT, _FORMAT_VERSION, RUN_FILE, _read_json, _start,  # noqa: F401
+                     _write_json, check_resume, run_manifest)
 from .spec import Ablation, ExperimentSpec, expand_ablations, split_overrides
 
-__all__ = ["ExperimentResult", "run_experiment"]
-
+__all__ = ["ExperimentResult", "run_experiment", "run_manifest", "check_resume", "RUN_FILE"]
 
 @dataclass
 class ExperimentResult:
@@ -35,6 +59,8 @@ class ExperimentResult:
 
     records: List[dict]
     gate_alphas: Dict[str, List[np.ndarray]] = field(default_factory=dict)
+    # records loaded from an earlier run's finished units (resume), not trained by this one
+    loaded: int = 0
 
 
 def _params(model: torch.nn.Module) -> int:
@@ -49,17 +75,45 @@ def _infer_rate(model: torch.nn.Module, data: CTRData, batch_size: int) -> float
     return len(data) / (time.perf_counter() - t0)
 
 
-class _Run:
-    """State of one experiment: data, spec, teacher sets, output records and logging."""
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")[:48] or "row"
 
-    def __init__(self, train, valid, test, spec: ExperimentSpec, log, partial: Optional[Path]) -> None:
+
+class _Teachers:
+    """A teacher set's entry: the set (trained now, or loaded from its checkpoints on first use
+    when the unit finished in an earlier run), the monitor AUCs and the training seconds."""
+
+    def __init__(self, monitor_auc: List[float], seconds: float, ts: Optional[TeacherSet] = None,
+                 load: Optional[Callable[[], TeacherSet]] = None) -> None:
+        self.monitor_auc, self.seconds = monitor_auc, seconds
+        self._set, self._load = ts, load
+
+    @property
+    def set(self) -> TeacherSet:
+        if self._set is None:
+            self._set = self._load()
+        return self._set
+
+
+class _Run:
+    """State of one experiment: data, spec, teacher sets, output records, logging and checkpoints."""
+
+    def __init__(self, train, valid, test, spec: ExperimentSpec, log, partial: Optional[Path],
+                 checkpoint_dir: Optional[Path] = None, resume: bool = False, run_id: str = "",
+                 on_finished: Optional[Callable[["ExperimentResult"], None]] = None) -> None:
         self.train, self.valid, self.test = train, valid, test
         self.spec = spec
         self.log = log
-        self.partial = partial if _dist.is_main_process() else None  # rank 0 alone writes
+        self.main = _dist.is_main_process()
+        self.partial = partial if self.main else None  # rank 0 alone writes
+        self.ckpt = checkpoint_dir
+        self.resume = resume
+        self.run_id = run_id
+        self.on_finished = on_finished if self.main else None
+        self.loaded = 0
         self.records: List[dict] = []
         self.gate_alphas: Dict[str, List[np.ndarray]] = {}
-        self.teacher_sets: Dict[tuple, dict] = {}
+        self.teacher_sets: Dict[tuple, _Teachers] = {}
         self.segments = None
         if spec.segment_field is not None:
             if spec.segment_field not in test.field_names:
@@ -101,30 +155,121 @@ class _Run:
         rec["seconds"] = round(seconds, 2)
         rec.update(extra)
         self.records.append(rec)
-        if self.partial is not None:  # a long run keeps what it has finished if it is stopped
-            self.partial.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.partial.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.records, indent=1))
-            tmp.replace(self.partial)
-        label = f"{model_name}" + (f" [{variant}]" if variant else "")
-        self.log(f"  seed {seed}  {label:44s} AUC {rec['auc']:.4f}  logloss {rec['logloss']:.4f}  ({seconds:.0f}s)")
+        self._write_partial()
+        self._log_record(rec, f"({seconds:.0f}s)")
         return rec
 
+    def _log_record(self, rec: dict, note: str) -> None:
+        label = rec["model"] + (f" [{rec['variant']}]" if rec.get("variant") else "")
+        self.log(f"  seed {rec['seed']}  {label:44s} AUC {rec['auc']:.4f}  logloss {rec['logloss']:.4f}  {note}")
+
+    def _write_partial(self) -> None:
+        if self.partial is not None:  # a long run keeps what it has finished if it is stopped
+            _write_json(self.partial, self.records)
+
+    # -- units: resumable pieces of the run ---------------------------------------------------
+    def unit_dir(self, seed: int, name: str) -> Optional[Path]:
+        """The checkpoint folder of unit ``name`` of ``seed`` (None without checkpoints)."""
+        return None if self.ckpt is None else self.ckpt / f"seed{seed}" / name
+
+    def _finished_path(self, seed: int, name: str) -> Path:
+        return self.ckpt / f"seed{seed}" / f"{name}.finished.json"
+
+    def finished(self, seed: int, name: str) -> Optional[dict]:
+        """On resume, the finished record of unit ``name`` of ``seed``, its records and gate weights
+        added to this run's (None: the unit is to be trained)."""
+        if self.ckpt is None or not self.resume:
+            return None
+        path = self._finished_path(seed, name)
+        if not path.is_file():
+            return None
+        done = _read_json(path)
+        check_fields(path, {"format": _FINISHED_FORMAT, "format_version": _FORMAT_VERSION, "run": self.run_id},
+                     done, keys=("format", "format_version", "run"), hint="written by another run")
+        records, alphas = done.get("records"), done.get("alphas")
+        if not (isinstance(records, list) and all(isinstance(r, dict) for r in records)
+                and isinstance(alphas, list) and all(isinstance(a, list) and len(a) == 3 for a in alphas)):
+            raise CorruptArtifactError(path, "corrupt", "its 'records' or 'alphas' field is missing or malformed")
+        for label, fname, shape in alphas:
+            f = path.parent / fname
+            try:
+                a = np.load(f)
+            except (OSError, ValueError, EOFError) as e:
+                raise CorruptArtifactError(f, "truncated" if isinstance(e, EOFError) else "corrupt",
+                                           f"gate weights of {path.name} unreadable: {e}") from None
+            if list(a.shape) != list(shape):
+                raise CorruptArtifactError(f, "corrupt", f"shape {list(a.shape)}, {path.name} says {shape}")
+            self.gate_alphas.setdefault(label, []).append(a)
+        self.records += records
+        self.loaded += len(records)
+        self._write_partial()
+        for rec in records:
+            self._log_record(rec, "(finished earlier: loaded)")
+        if self.on_finished is not None:
+            self.on_finished(self.result())
+        return done
+
+    def finish(self, seed: int, name: str, first: int, alphas=(), keep: bool = False, **extra) -> None:
+        """Unit ``name`` of ``seed`` is done: its records (``records[first:]``), gate weights
+        ``alphas`` (``(label, array)`` pairs) and ``extra`` go to its finished record (rank 0); its
+        checkpoints are deleted unless ``keep`` (a teacher set: until its seed is done)."""
+        self._write_partial()  # records may have gained keys since record()
+        if self.main and self.ckpt is not None:
+            path = self._finished_path(seed, name)
+            entries = []
+            for i, (label, a) in enumerate(alphas):
+                fname = f"{name}.alphas{i}.npy"
+                atomic_write(path.parent / fname, lambda fh, a=a: np.save(fh, np.asarray(a)))
+                entries.append([label, fname, list(np.shape(a))])
+            _write_json(path, {"format": _FINISHED_FORMAT, "format_version": _FORMAT_VERSION, "run": self.run_id,
+                               "unit": f"seed{seed}/{name}", "records": self.records[first:], "alphas": entries,
+                               **extra})
+            if not keep:
+                shutil.rmtree(self.unit_dir(seed, name), ignore_errors=True)
+        if self.on_finished is not None:
+            self.on_finished(self.result())
+
+    def seed_done(self, seed: int) -> None:
+        """Delete the seed's remaining checkpoints (its teacher sets'); the finished records stay."""
+        if self.main and self.ckpt is not None and (self.ckpt / f"seed{seed}").is_dir():
+            for p in (self.ckpt / f"seed{seed}").iterdir():
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+
+    def result(self) -> "ExperimentResult":
+        return ExperimentResult(list(self.records), {k: list(v) for k, v in self.gate_alphas.items()}, self.loaded)
+
     # ------------------------------------------------------------------------------------------
-    def teacher_set(self, seed: int, spec: ExperimentSpec, variant: str = "") -> dict:
+    def teacher_set(self, seed: int, spec: ExperimentSpec, variant: str = "") -> _Teachers:
         """The teachers for ``spec``'s teacher settings (trained on first use, then shared)."""
         cfg = spec.config
         folds = spec.teacher_folds
         key = (seed, folds) if folds == 1 else (seed, folds, cfg.merge_validation, cfg.monitor_fraction)
         if key in self.teacher_sets:
             return self.teacher_sets[key]
-        models = [self.build(n, teacher_seed(seed, i)) for i, n in enumerate(spec.teachers)]
+        unit = "teachers" if folds == 1 else \
+            f"teachers-folds{folds}-merge{int(cfg.merge_validation)}-monitor{cfg.monitor_fraction:g}"
         student_rows, monitor = cfg.split_validation(self.train, self.valid)
         # folds == 1: trained on the training split, stopped on the validation split; folds > 1:
         # cross-fitted on the student's training rows, so the monitor rows stay unseen
         rows, stop = (self.train, self.valid) if folds == 1 else (student_rows, monitor)
-        ts = train_teachers(models, rows, stop, cfg.for_teachers(), folds=folds, seed=seed, names=spec.teachers,
-                            log=self.log)
+
+        def train(log=self.log) -> TeacherSet:
+            models = [self.build(n, teacher_seed(seed, i)) for i, n in enumerate(spec.teachers)]
+            return train_teachers(models, rows, stop, cfg.for_teachers(), folds=folds, seed=seed,
+                                  names=spec.teachers, log=log, checkpoint_dir=self.unit_dir(seed, unit),
+                                  resume=self.resume)
+
+        done = self.finished(seed, unit)
+        if done is not None:  # trained by an earlier run: the weights come from its checkpoints if needed
+            if not isinstance(done.get("monitor_auc"), list) or not isinstance(done.get("seconds"), (int, float)):
+                raise CorruptArtifactError(self._finished_path(seed, unit), "corrupt",
+                                           "no 'monitor_auc' list or 'seconds' number")
+            entry = _Teachers(done["monitor_auc"], done["seconds"], load=lambda: train(log=None))
+            self.teacher_sets[key] = entry
+            return entry
+        first = len(self.records)
+        ts = train()
         tvariant = variant or ""
         test_logits = []
         for i, (name, model) in enumerate(zip(spec.teachers, ts.models)):
@@ -138,12 +283,18 @@ class _Run:
         self.record("ensemble (mean)", "ensemble", "mean", seed, ens, variant=tvariant,
                     teacher_seconds=round(ts.seconds, 2), teacher_folds=folds)
         monitor_auc = [scores(monitor.labels, predict(m, monitor))["auc"] for m in ts.models]
-        entry = {"set": ts, "monitor_auc": monitor_auc, "seconds": ts.seconds}
+        entry = _Teachers(monitor_auc, ts.seconds, ts)
         self.teacher_sets[key] = entry
+        self.finish(seed, unit, first, keep=True, monitor_auc=monitor_auc, seconds=ts.seconds)
         return entry
 
-    def student(self, seed: int, spec: ExperimentSpec, distill: str, *, variant: str = "",
-                extra: Optional[dict] = None, teachers: Optional[TeacherSet] = None, teacher_seconds=None):
+    def student(self, seed: int, spec: ExperimentSpec, distill: str, *, unit: str, variant: str = "",
+                extra: Optional[dict] = None, teachers: Optional[TeacherSet] = None, teacher_seconds=None,
+                finish: bool = True):
+        """One distilled student, the unit ``unit`` (``finish=False``: part of a larger unit)."""
+        if finish and self.finished(seed, unit) is not None:
+            return None
+        first = len(self.records)
         extra = dict(extra or {})
         cfg = spec.config
         if distill in ("single", "mean"):
@@ -159,9 +310,9 @@ class _Run:
             tset, tsecs = teachers, teacher_seconds or 0.0
         else:
             entry = self.teacher_set(seed, spec)
-            tset, tsecs = entry["set"], entry["seconds"]
+            tset, tsecs = entry.set, entry.seconds
             if distill == "single":
-                best = int(np.argmax(entry["monitor_auc"]))
+                best = int(np.argmax(entry.monitor_auc))
                 extra_rec = {"teacher": spec.teachers[best]}
                 tset = TeacherSet([tset.models[best]], tset.folds, tset.fold_of, tset.fitted)
         student = self.build(spec.student, seed * 100)
@@ -170,7 +321,7 @@ class _Run:
                        teachers_trained=mode == "pretrain", augment=spec.augment, augment_swap=spec.augment_swap,
                        config=_with_seed(cfg, seed), **extra)
         t0 = time.perf_counter()
-        summ = kd.fit(self.train, self.valid)
+        summ = kd.fit(self.train, self.valid, checkpoint_dir=self.unit_dir(seed, unit), resume=self.resume)
         secs = time.perf_counter() - t0
         # the Distiller resolves the default gate fit; the label names the one it used
         gname = "single" if distill == "single" else "mean" if gate == "mean" else f"{kd.gate}/{kd.gate_fit}"
@@ -181,38 +332,56 @@ class _Run:
         rec.update(extra_rec)
         if "gate" in summ:
             rec["gate_fit_summary"] = {k: v for k, v in summ["gate"].items() if k != "history"}
+        alphas = []
         if distill == "gate" and gate != "mean" and mode == "pretrain":
             self.record("ensemble (gate)", "ensemble", "gate", seed, kd.ensemble_logits(self.test),
                         variant=variant, gate=gname)
             label = gname + (f" [{variant}]" if variant else "")
-            self.gate_alphas.setdefault(label, []).append(kd.gate_weights(self.test).numpy())
+            alphas.append((label, kd.gate_weights(self.test).numpy()))
+            self.gate_alphas.setdefault(label, []).append(alphas[-1][1])
+        if finish:
+            self.finish(seed, unit, first, alphas)
         return rec
 
-    def plain(self, seed: int, spec: ExperimentSpec, variant: str = ""):
+    def plain(self, seed: int, spec: ExperimentSpec, *, unit: str, variant: str = ""):
+        if self.finished(seed, unit) is not None:
+            return
+        first = len(self.records)
         model = self.build(spec.student, seed * 100)
         t0 = time.perf_counter()
-        summ = train_model(model, self.train, self.valid, _with_seed(spec.config, seed), desc="plain student")
-        return self.record(spec.student, "student", "none", seed, predict(model, self.test), model,
-                           variant=variant, summary=summ, seconds=time.perf_counter() - t0)
+        ckpt = self.unit_dir(seed, unit)
+        summ = train_model(model, self.train, self.valid, _with_seed(spec.config, seed), desc="plain student",
+                           checkpoint=None if ckpt is None else ckpt / "model.pt", resume=self.resume)
+        self.record(spec.student, "student", "none", seed, predict(model, self.test), model,
+                    variant=variant, summary=summ, seconds=time.perf_counter() - t0)
+        self.finish(seed, unit, first)
 
-    def partition(self, seed: int, spec: ExperimentSpec, ab: Ablation):
+    def partition(self, seed: int, spec: ExperimentSpec, ab: Ablation, *, unit: str):
         """D teachers: copies of the first architecture on disjoint parts of the training split."""
+        if self.finished(seed, unit) is not None:
+            return
+        first = len(self.records)
         m = len(spec.teachers)
         arch = spec.teachers[0]
         rng = np.random.default_rng(seed)
         parts = np.array_split(rng.permutation(len(self.train)), m)
         t0 = time.perf_counter()
+        ckpt = self.unit_dir(seed, unit)
         models, valid_auc = [], []
         for i, p in enumerate(parts):
             model = self.build(arch, teacher_seed(seed, i))
             ts = train_teachers([model], self.train.subset(np.sort(p)), self.valid, spec.config.for_teachers(),
-                                seed=seed)
+                                seed=seed, checkpoint_dir=None if ckpt is None else ckpt / f"part{i}",
+                                resume=self.resume)
             models += ts.models
             valid_auc.append(scores(self.valid.labels, predict(model, self.valid))["auc"])
         d_spec = spec.with_overrides({"teacher_folds": 1})
-        rec = self.student(seed, d_spec, "gate", variant=f"D: {m}x {arch} on data partitions",
-                           teachers=TeacherSet(models), teacher_seconds=time.perf_counter() - t0)
+        n_alphas = {k: len(v) for k, v in self.gate_alphas.items()}
+        rec = self.student(seed, d_spec, "gate", unit=f"{unit}/student", variant=f"D: {m}x {arch} on data partitions",
+                           teachers=TeacherSet(models), teacher_seconds=time.perf_counter() - t0, finish=False)
         rec["teacher_valid_auc"] = valid_auc
+        alphas = [(k, a) for k, v in self.gate_alphas.items() for a in v[n_alphas.get(k, 0):]]
+        self.finish(seed, unit, first, alphas)
 
 
 def _with_seed(cfg, seed):
@@ -221,7 +390,9 @@ def _with_seed(cfg, seed):
 
 
 def run_experiment(train: CTRData, valid: CTRData, test: CTRData, spec: ExperimentSpec,
-                   log=print, partial: Optional[Path] = None) -> ExperimentResult:
+                   log=print, partial: Optional[Path] = None, *,
+                   checkpoint_dir: Optional[Union[str, Path]] = None, resume: bool = False,
+                   on_finished: Optional[Callable[[ExperimentResult], None]] = None) -> ExperimentResult:
     """Train every row of the table for every seed.
 
     Rows per seed: each teacher and their mean ensemble, the plain DNN, students distilled from the
@@ -229,31 +400,48 @@ def run_experiment(train: CTRData, valid: CTRData, test: CTRData, spec: Experime
     (:func:`~fastkd.experiment.spec.parse_ablation`; "single": the best single teacher on the
     monitor rows).
     With ``partial``, the records finished so far are rewritten to that JSON file after each one.
+
+    ``checkpoint_dir``: every model checkpointed there and every finished unit recorded (see the
+    module docstring). A fresh run (``resume=False``) first deletes an earlier run's checkpoints and
+    records there. ``resume=True`` continues the run recorded there: finished units are loaded, not
+    trained, the rest resume from their checkpoints, and the result equals an uninterrupted run's
+    (timings aside); it raises when there is nothing to resume or the settings or data differ
+    (:func:`check_resume`). ``on_finished(result so far)`` is called (rank 0) after every unit.
     """
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs the checkpoint_dir of the run to continue")
     ablations = expand_ablations(spec.ablations, spec)
-    run = _Run(train, valid, test, spec, log, partial)
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    run_id = ""
+    if ckpt is not None:
+        manifest = check_resume(ckpt, spec, train, valid, test) if resume else run_manifest(spec, train, valid, test)
+        _start(ckpt, manifest, resume)
+        run_id = state_digest(manifest)
+    run = _Run(train, valid, test, spec, log, partial, ckpt, resume, run_id, on_finished)
     for seed in spec.seeds:
         log(f"seed {seed}: teachers {', '.join(spec.teachers)}"
             + (f", cross-fitted in {spec.teacher_folds} folds" if spec.teacher_folds > 1 else ""))
         run.teacher_set(seed, spec)
-        run.plain(seed, spec)
+        run.plain(seed, spec, unit="plain")
         if len(spec.teachers) > 1:
-            run.student(seed, spec, "mean")
+            run.student(seed, spec, "mean", unit="student-mean")
             if spec.gate != "mean":
-                run.student(seed, spec, "gate")
-        for ab in ablations:
+                run.student(seed, spec, "gate", unit="student-gate")
+        for j, ab in enumerate(ablations):
+            unit = f"ablation{j}-{_slug(ab.name)}"
             if ab.name == "single":  # the best single teacher on the monitor rows
-                run.student(seed, spec, "single")
+                run.student(seed, spec, "single", unit=unit)
                 continue
             if ab.name == "partition":
-                run.partition(seed, spec, ab)
+                run.partition(seed, spec, ab, unit=unit)
                 continue
             known, extra = split_overrides(ab.overrides)
             sub = spec.with_overrides(known)
             if sub.teacher_folds != spec.teacher_folds and sub.mode == "pretrain":
                 run.teacher_set(seed, sub, variant=f"teacher_folds={sub.teacher_folds}")
             if ab.plain:
-                run.plain(seed, sub, variant=ab.label)
+                run.plain(seed, sub, unit=f"{unit}-plain", variant=ab.label)
             distill = "mean" if sub.gate == "mean" else "gate"
-            run.student(seed, sub, distill, variant=ab.label, extra=extra)
-    return ExperimentResult(run.records, run.gate_alphas)
+            run.student(seed, sub, distill, unit=unit, variant=ab.label, extra=extra)
+        run.seed_done(seed)
+    return run.result()

@@ -48,7 +48,7 @@ class ExperimentSpec:
     segment_field: Optional[str] = None
 
     def __post_init__(self) -> None:
-        from ..distiller import GATE_FITS, GATES
+        from ..train.distiller import GATE_FITS, GATES
 
         if self.mode not in ("pretrain", "cotrain"):
             raise ValueError(f"mode must be 'pretrain' or 'cotrain', got {self.mode!r}")

@@ -20,14 +20,13 @@ from .base import MLP, CTRModel, FastDropout, FirstOrder, ReLUDropout
 from .dcn import DCN, DCNv2
 from .dnn import DNN, DeepFM, WideDeep
 from .layers import CIN, CrossNet, CrossNetV2, InteractingLayer, fm_interaction
-from .perf import tune_cpu_allocator
 from .xdeepfm import xDeepFM
 
 __all__ = [
     "CTRModel", "MLP", "FirstOrder", "FastDropout", "ReLUDropout",
     "DNN", "WideDeep", "DeepFM", "DCN", "DCNv2", "xDeepFM", "AutoInt",
     "CIN", "CrossNet", "CrossNetV2", "InteractingLayer", "fm_interaction",
-    "MODELS", "build_model", "tune_cpu_allocator",
+    "MODELS", "build_model",
 ]
 
 MODELS: Dict[str, Type[CTRModel]] = {

@@ -1,7 +1,7 @@
 """AutoInt: stacked multi-head self-attention over fields (optionally + a DNN: AutoInt+)."""
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Tuple
 
 import torch
 from torch import nn
@@ -40,15 +40,13 @@ class AutoInt(CTRModel):
         torch.Size([2, 12])
     """
 
-    def __init__(self, field_sizes: Sequence[int], embed_dim: int = 16,
-                 hidden_units: Sequence[int] = (400, 400, 400), dropout: float = 0.1,
-                 batch_norm: bool = True, *, attention_layers: int = 3,
-                 num_heads: int = 2, attention_dim: int = 32, residual: bool = True, **kwargs) -> None:
-        super().__init__(field_sizes, embed_dim, hidden_units, dropout, batch_norm, **kwargs)
+    def __init__(self, *args, attention_layers: int = 3, num_heads: int = 2, attention_dim: int = 32,
+                 residual: bool = True, **kwargs) -> None:  # CTRModel's arguments first
+        super().__init__(*args, **kwargs)
         if attention_layers <= 0:
             raise ValueError(f"attention_layers must be positive, got {attention_layers}")
         layers = []
-        in_dim = embed_dim
+        in_dim = self.embed_dim
         for _ in range(attention_layers):
             layers.append(InteractingLayer(in_dim, attention_dim, num_heads, residual))
             in_dim = layers[-1].output_dim

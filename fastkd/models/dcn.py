@@ -1,7 +1,7 @@
 """Deep & Cross networks: DCN (v1) and DCN-V2."""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -34,10 +34,8 @@ class DCN(CTRModel):
         torch.Size([2, 16])
     """
 
-    def __init__(self, field_sizes: Sequence[int], embed_dim: int = 16,
-                 hidden_units: Sequence[int] = (400, 400, 400), dropout: float = 0.1,
-                 batch_norm: bool = True, *, num_cross_layers: int = 3, **kwargs) -> None:
-        super().__init__(field_sizes, embed_dim, hidden_units, dropout, batch_norm, **kwargs)
+    def __init__(self, *args, num_cross_layers: int = 3, **kwargs) -> None:  # CTRModel's arguments first
+        super().__init__(*args, **kwargs)
         self.cross = CrossNet(self.flat_embed_dim, num_cross_layers)
         self.mlp = self._mlp(self.flat_embed_dim)
         self.hidden_dim = self.flat_embed_dim + self.mlp.output_dim
@@ -73,11 +71,9 @@ class DCNv2(CTRModel):
         torch.Size([2, 8])
     """
 
-    def __init__(self, field_sizes: Sequence[int], embed_dim: int = 16,
-                 hidden_units: Sequence[int] = (400, 400, 400), dropout: float = 0.1,
-                 batch_norm: bool = True, *, num_cross_layers: int = 3,
-                 structure: str = "parallel", low_rank: Optional[int] = None, **kwargs) -> None:
-        super().__init__(field_sizes, embed_dim, hidden_units, dropout, batch_norm, **kwargs)
+    def __init__(self, *args, num_cross_layers: int = 3, structure: str = "parallel", low_rank: Optional[int] = None,
+                 **kwargs) -> None:  # CTRModel's arguments first
+        super().__init__(*args, **kwargs)
         if structure not in ("parallel", "stacked"):
             raise ValueError(f"structure must be 'parallel' or 'stacked', got {structure!r}")
         self.structure = structure

@@ -1,7 +1,7 @@
 """Embedding + MLP models: the DNN student, Wide&Deep and DeepFM."""
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Tuple
 
 import torch
 from torch import nn
@@ -35,16 +35,8 @@ class DNN(CTRModel):
         (torch.Size([2]), torch.Size([2, 16]))
     """
 
-    def __init__(
-        self,
-        field_sizes: Sequence[int],
-        embed_dim: int = 16,
-        hidden_units: Sequence[int] = (400, 400, 400),
-        dropout: float = 0.1,
-        batch_norm: bool = True,
-        **kwargs,
-    ) -> None:
-        super().__init__(field_sizes, embed_dim, hidden_units, dropout, batch_norm, **kwargs)
+    def __init__(self, *args, **kwargs) -> None:  # CTRModel's arguments and defaults
+        super().__init__(*args, **kwargs)
         self.mlp = self._mlp(self.flat_embed_dim)
         self.hidden_dim = self.mlp.output_dim
         self.head = nn.Linear(self.hidden_dim, 1)
@@ -74,43 +66,33 @@ class WideDeep(DNN):
         torch.Size([2])
     """
 
-    def __init__(self, field_sizes: Sequence[int], embed_dim: int = 16,
-                 hidden_units: Sequence[int] = (400, 400, 400), dropout: float = 0.1,
-                 batch_norm: bool = True, **kwargs) -> None:
-        super().__init__(field_sizes, embed_dim, hidden_units, dropout, batch_norm, **kwargs)
-        self.wide = FirstOrder(self.embedding)
+    # attribute (and state-dict prefix) of the first-order term: "wide" here, "first_order" in
+    # DeepFM, as the two models have always named it in checkpoints
+    _FIRST_ORDER = "wide"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        setattr(self, self._FIRST_ORDER, FirstOrder(self.embedding))
 
     def _forward(self, flat_ids: torch.Tensor, emb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.mlp(emb.flatten(1))
-        return self.head(hidden).squeeze(-1) + self.wide(flat_ids), hidden
+        logits, hidden = super()._forward(flat_ids, emb)
+        return logits + getattr(self, self._FIRST_ORDER)(flat_ids), hidden
 
 
-class DeepFM(DNN):
-    """DeepFM: FM (first + second order) and a DNN sharing one embedding.
+class DeepFM(WideDeep):
+    """DeepFM: Wide & Deep plus the FM's pairwise term, all on one shared embedding.
 
-    ``logit = sum_f w[x_f] + sum_{i<j} <e_i, e_j> + DNN logit``.
-
-    Args:
-        see :class:`DNN`.
-
-    Shape:
-        - Output: logits ``[B]``; ``hidden`` is the DNN's last hidden layer ``[B, hidden_units[-1]]``
-          (the FM terms are added to the logit and are not part of it).
+    ``logit = sum_f w[x_f] + sum_{i<j} <e_i, e_j> + DNN logit``; arguments as :class:`DNN`, and
+    ``hidden`` is the DNN's last hidden layer (the FM terms add to the logit only).
 
     Example:
         >>> import torch
-        >>> model = DeepFM([10, 20], embed_dim=4, hidden_units=(8,))
-        >>> model(torch.tensor([[1, 2], [3, 4]])).shape
+        >>> DeepFM([10, 20], embed_dim=4, hidden_units=(8,))(torch.tensor([[1, 2], [3, 4]])).shape
         torch.Size([2])
     """
 
-    def __init__(self, field_sizes: Sequence[int], embed_dim: int = 16,
-                 hidden_units: Sequence[int] = (400, 400, 400), dropout: float = 0.1,
-                 batch_norm: bool = True, **kwargs) -> None:
-        super().__init__(field_sizes, embed_dim, hidden_units, dropout, batch_norm, **kwargs)
-        self.first_order = FirstOrder(self.embedding)
+    _FIRST_ORDER = "first_order"
 
     def _forward(self, flat_ids: torch.Tensor, emb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.mlp(emb.flatten(1))
-        logits = self.head(hidden).squeeze(-1) + self.first_order(flat_ids) + fm_interaction(emb)
-        return logits, hidden
+        logits, hidden = super()._forward(flat_ids, emb)
+        return logits + fm_interaction(emb), hidden

@@ -41,11 +41,9 @@ class xDeepFM(CTRModel):  # noqa: N801 (the paper's spelling)
         torch.Size([3, 20])
     """
 
-    def __init__(self, field_sizes: Sequence[int], embed_dim: int = 16,
-                 hidden_units: Sequence[int] = (400, 400, 400), dropout: float = 0.1,
-                 batch_norm: bool = True, *, cin_layer_units: Sequence[int] = (32, 32, 32),
-                 cin_activation: str = "identity", **kwargs) -> None:
-        super().__init__(field_sizes, embed_dim, hidden_units, dropout, batch_norm, **kwargs)
+    def __init__(self, *args, cin_layer_units: Sequence[int] = (32, 32, 32), cin_activation: str = "identity",
+                 **kwargs) -> None:  # CTRModel's arguments first
+        super().__init__(*args, **kwargs)
         self.first_order = FirstOrder(self.embedding)
         self.cin = CIN(self.num_fields, cin_layer_units, cin_activation)
         self.mlp = self._mlp(self.flat_embed_dim)

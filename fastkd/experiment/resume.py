@@ -1,0 +1,84 @@
+"""The run folder of a resumable experiment: ``run.json`` (what a resumed run must share with the
+run it continues), the JSON records beside it, and the checks ``--resume`` makes."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Union
+
+from .. import distributed as _dist
+from ..atomic import atomic_write_json
+from ..data import CTRData
+from ..train.manifest import CorruptArtifactError, check_fields, data_fingerprint
+from .spec import ExperimentSpec
+
+__all__ = ["RUN_FILE", "run_manifest", "check_resume"]
+
+RUN_FILE = "run.json"
+_RUN_FORMAT, _FINISHED_FORMAT, _FORMAT_VERSION = "fastkd.run", "fastkd.finished", 1
+# TrainConfig fields that never change a row's numbers (as for a checkpoint's manifest)
+_FREE_CONFIG = ("progress", "eval_batch_size")
+_RESUME_HINT = "--resume / resume=True continues only the same run; start afresh without it"
+
+
+def run_manifest(spec: ExperimentSpec, train: CTRData, valid: CTRData, test: CTRData) -> dict:
+    """What a resumed run must share with the run it continues (``run.json``): every setting of
+    ``spec`` and its :class:`~fastkd.train.TrainConfig` (except ``progress`` and
+    ``eval_batch_size``), and the fingerprints of the three splits' ids and labels. JSON values."""
+    settings = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name != "config"}
+    cfg = {k: v for k, v in dataclasses.asdict(spec.config).items() if k not in _FREE_CONFIG}
+    data = {name: data_fingerprint(d.ids, d.labels) for name, d in (("train", train), ("valid", valid),
+                                                                     ("test", test))}
+    out = {"format": _RUN_FORMAT, "format_version": _FORMAT_VERSION, **settings, "config": cfg, "data": data}
+    return json.loads(json.dumps(out, default=repr))  # as it reads back from the file
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as e:
+        raise CorruptArtifactError(path, "corrupt", f"not text: {e}") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        problem = "truncated" if e.pos >= len(text.rstrip()) else "corrupt"
+        raise CorruptArtifactError(path, problem, f"not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise CorruptArtifactError(path, "corrupt", "not a JSON object")
+    return obj
+
+
+def _write_json(path: Path, obj) -> None:
+    atomic_write_json(path, obj, indent=1)
+
+
+def check_resume(checkpoint_dir: Union[str, Path], spec: ExperimentSpec, train: CTRData, valid: CTRData,
+                 test: CTRData) -> dict:
+    """The run manifest of ``checkpoint_dir`` when it matches this run's (:func:`run_manifest`).
+
+    Raises ``FileNotFoundError`` when there is nothing to resume (no ``run.json``),
+    :class:`~fastkd.train.manifest.ArtifactMismatchError` naming the first setting (``config.lr``,
+    ``seeds``, ``model_kwargs.hidden_units``, ``data.train.ids``, ...) that differs, with both
+    values, and :class:`~fastkd.train.manifest.CorruptArtifactError` for an unreadable file.
+    """
+    path = Path(checkpoint_dir) / RUN_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"nothing to resume: {path} does not exist (no run with checkpoints there "
+                                "started); run without --resume / resume=True")
+    expected = run_manifest(spec, train, valid, test)
+    check_fields(path, expected, _read_json(path), hint=_RESUME_HINT)
+    return expected
+
+
+def _start(checkpoint_dir: Path, manifest: dict, resume: bool) -> None:
+    """A fresh run (rank 0): an earlier run's checkpoints and finished records go, then ``run.json``."""
+    if resume or not _dist.is_main_process():
+        return
+    if checkpoint_dir.is_dir():
+        for p in checkpoint_dir.iterdir():
+            if p.name == RUN_FILE or (p.is_dir() and re.fullmatch(r"seed\d+", p.name)):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    _write_json(checkpoint_dir / RUN_FILE, manifest)

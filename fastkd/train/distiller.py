@@ -1,0 +1,538 @@
+"""The :class:`Distiller`: an ensemble of CTR teachers distilled into one student.
+
+Pre-train mode, in order (each step optional where its setting says so):
+
+1. teachers: trained by :func:`fastkd.train.teachers.train_teachers`, cross-fitted with
+   ``teacher_folds=K`` (every student training row then gets its soft label from a fold model
+   that never saw it), or passed in trained;
+2. transfer rows: the student's training rows, plus ``augment × N`` teacher-labelled rows
+   (:func:`fastkd.augment.swap_augment`) that carry no hard label;
+3. teacher signal: the teachers' logits for every transfer row in a :class:`TeacherCache`, and the
+   ensemble's soft label from the gate: plain averaging, a gate fitted on honest rows and frozen
+   (``gate_fit="stacked"``, :mod:`fastkd.gates`), or the paper's gate trained with the student
+   (``gate_fit="joint"``);
+4. the student's epochs, which read the cache by row index and never run a teacher.
+
+Over 400 lines on purpose: one class, whose pre-train and co-train paths share the loss terms,
+the checkpointed modules and the prediction methods; half the length is argument docs and checks.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import distributed as _dist
+from .. import functional as FK
+from ..augment import swap_augment
+from ..data import CTRData
+from ..gates import GateRows, ensemble_logits, fit_gate, gate_alpha, make_gate
+from ..losses import GatedDistillLoss, HintLoss
+from .config import TrainConfig, seed_everything
+from .evaluation import _as_tensors, _label_monitor, evaluate, predict
+from .loop import _freeze, _Loop, _plus_regularization
+from .manifest import data_fingerprint, models_manifest
+from .teacher_cache import TeacherCache
+from .teachers import TeacherSet, train_teachers
+
+__all__ = ["Distiller", "GATES", "GATE_FITS"]
+
+GATES = ("logit", "hidden", "mean", "features")
+GATE_FITS = ("joint", "stacked")
+# seed offset of the augmentation draws, so they do not repeat the run's other streams
+_AUGMENT_SEED = 7919
+# what fills augmented rows' label slots; never read (tests set it to 1 and expect the same run)
+_AUG_LABEL_SLOT = 0.0
+
+
+class Distiller:
+    """Distil an ensemble of CTR teachers into a student, by pre-training or co-training.
+
+    ``mode="pretrain"``: the teachers are trained first (unless ``teachers_trained=True``), frozen,
+    and their outputs cached once in a :class:`TeacherCache`; student epochs read the cache by
+    sample index and never run a teacher. ``mode="cotrain"``: teachers, gate and student train
+    together; each teacher learns from its own label loss, and the distillation gradient flows
+    from teachers to student only (teacher logits enter the loss detached).
+
+    Args:
+        teachers: the M teacher models, or a trained :class:`~fastkd.train.teachers.TeacherSet`.
+        student: the student model (one logit per sample; ``return_hidden`` for hints).
+        mode: "pretrain" | "cotrain".
+        gate: "logit" | "hidden" | "mean" | "features" (see :mod:`fastkd.gates`). Default
+            (None): "features" in pre-train mode (a gate on the sample's fields, fitted on rows
+            the teachers never saw and frozen; uniform unless those rows say otherwise), "logit"
+            in co-train mode.
+        gate_fit: "joint" (the paper's: the gate trains with the student on the student's rows) |
+            "stacked" (fitted first on rows with honest teacher logits, stopped on the monitor
+            rows, then frozen). Default: "stacked" for ``gate="features"`` (which has no joint
+            form), "joint" otherwise; ``gate="mean"`` ignores it.
+        ensemble: "logit" | "prob".
+        temperature, hard_weight, kd_weight, gate_loss_weight: loss settings.
+        hint_weight: weight of the hint loss ``‖W_i v_Ti − v_S‖²`` averaged over teachers (0: off).
+        hint_normalize: compare L2-normalised hints (default). With the plain formula and W_i
+            trained alongside, ``W_i = 0, v_S = 0`` is a minimum, and on Frappe the student
+            collapsed to AUC 0.50 (see :func:`fastkd.functional.hint_loss`).
+        config: optimisation and early stopping (:class:`TrainConfig`).
+        teacher_config: settings for training the teachers (default: ``config.for_teachers()``).
+        teachers_trained: the teachers are already trained (pre-train mode skips their training).
+        cache_dir: keep the teacher cache in memory-mapped files there.
+        teacher_folds: K >= 2 cross-fits the teachers on the student's training rows (see
+            :func:`~fastkd.train.teachers.train_teachers`): K fold models per teacher, each training
+            row's soft label from the one that did not see it, other rows' from their average.
+            Costs about ``K·(K-1)/K`` teacher trainings per teacher. Not with hints or the hidden gate.
+        augment: teacher-labelled rows per student training row (0: none); each epoch costs
+            about ``(1 + augment)×``. Their hard-label term is off. Default (None): 1 in
+            pre-train mode, 0 in co-train mode.
+        augment_swap: per-field swap probability of :func:`~fastkd.augment.swap_augment`.
+
+    Example::
+
+        >>> from fastkd import Distiller, TrainConfig
+        >>> from fastkd.data import make_synthetic
+        >>> from fastkd.models import build_model
+        >>> train, valid, test = make_synthetic(6000, seed=0).split((0.8, 0.1, 0.1))
+        >>> fs = train.field_sizes
+        >>> cfg = TrainConfig(max_epochs=2, batch_size=512)
+        >>> teachers = [build_model(n, fs, hidden_units=(32,)) for n in ("deepfm", "dcn")]
+        >>> kd = Distiller(teachers, build_model("dnn", fs, hidden_units=(16,)), config=cfg)
+        >>> summary = kd.fit(train, valid)
+        >>> round(kd.evaluate(test)["auc"], 1) > 0.5
+        True
+    """
+
+    def __init__(
+        self,
+        teachers: Union[Sequence[nn.Module], TeacherSet],
+        student: nn.Module,
+        *,
+        mode: str = "pretrain",
+        gate: Optional[str] = None,
+        gate_fit: Optional[str] = None,
+        ensemble: str = "logit",
+        temperature: float = 1.0,
+        hard_weight: float = 1.0,
+        kd_weight: float = 1.0,
+        gate_loss_weight: float = 1.0,
+        hint_weight: float = 0.0,
+        hint_normalize: bool = True,
+        config: Optional[TrainConfig] = None,
+        teacher_config: Optional[TrainConfig] = None,
+        teachers_trained: bool = False,
+        cache_dir: Optional[Union[str, Path]] = None,
+        teacher_folds: int = 1,
+        augment: Optional[float] = None,
+        augment_swap: float = 0.2,
+    ) -> None:
+        if mode not in ("pretrain", "cotrain"):
+            raise ValueError(f"mode must be 'pretrain' or 'cotrain', got {mode!r}")
+        # defaults chosen on validation data of four datasets (docs/accuracy.md); co-training's
+        # teachers move, so it keeps the paper's joint logit gate and no augmentation
+        if gate is None:
+            gate = "features" if mode == "pretrain" else "logit"
+        if augment is None:
+            augment = 1.0 if mode == "pretrain" else 0.0
+        if gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+        if gate_fit is None:
+            gate_fit = "stacked" if gate == "features" else "joint"
+        if gate_fit not in GATE_FITS:
+            raise ValueError(f"gate_fit must be one of {GATE_FITS}, got {gate_fit!r}")
+        if gate == "features" and gate_fit != "stacked":
+            raise ValueError("gate='features' is fitted on honest rows and frozen: pass gate_fit='stacked'")
+        if isinstance(teacher_folds, bool) or not isinstance(teacher_folds, int) or teacher_folds < 1:
+            raise ValueError(f"teacher_folds must be an int >= 1, got {teacher_folds!r}")
+        if not np.isfinite(augment) or augment < 0:
+            raise ValueError(f"augment must be a finite number >= 0, got {augment}")
+        if not 0.0 < augment_swap <= 1.0:
+            raise ValueError(f"augment_swap must be in (0, 1], got {augment_swap}")
+        self.teacher_set: Optional[TeacherSet] = None
+        if isinstance(teachers, TeacherSet):
+            if teacher_folds not in (1, teachers.folds):
+                raise ValueError(f"teacher_folds={teacher_folds} but the TeacherSet has {teachers.folds} folds")
+            self.teacher_set, teacher_folds, teachers_trained = teachers, teachers.folds, True
+            teachers = teachers.models
+        if len(teachers) == 0:
+            raise ValueError("at least one teacher is needed")
+        self.teachers = nn.ModuleList(teachers)
+        self.student = student
+        self.mode = mode
+        self.config = config or TrainConfig()
+        self.teacher_config = teacher_config or self.config.for_teachers()
+        if mode == "cotrain":
+            if self.config.early_stop == "kd":
+                raise ValueError("co-training stops on the student's validation AUC/logloss: the teachers "
+                                 "(and so the distillation targets) move during training")
+            if teacher_folds > 1 or augment > 0 or gate_fit == "stacked":
+                raise ValueError("teacher_folds, augment and gate_fit='stacked' need frozen teachers: mode='pretrain'")
+        self.teachers_trained = teachers_trained
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.hint_weight = float(hint_weight)
+        self.needs_hidden = gate == "hidden" or self.hint_weight > 0
+        if teacher_folds > 1 and self.needs_hidden:
+            raise ValueError("cross-fitted teachers have one hidden basis per fold model: hints and "
+                             "gate='hidden' need teacher_folds=1")
+        self.gate = gate
+        self.gate_fit = "stacked" if gate == "features" else gate_fit
+        self.teacher_folds = teacher_folds
+        self.augment = float(augment)
+        self.augment_swap = float(augment_swap)
+        self.temperature = float(temperature)
+        self.hard_weight = float(hard_weight)
+        self.kd_weight = float(kd_weight)
+        self.ensemble = ensemble
+        # teachers' hidden vectors are zero-padded to the widest one (see TeacherCache.build)
+        self.hidden_dim = max(int(getattr(t, "hidden_dim", 0)) for t in self.teachers)
+        # the loss module: the joint gate's parameters live here; other gates reduce to one
+        # precomputed target per row (self.targets) and use the same loss with one "teacher"
+        joint = mode == "cotrain" or (self.gate_fit == "joint" and gate in ("logit", "hidden"))
+        self.joint_gate = joint
+        self.loss = GatedDistillLoss(
+            len(self.teachers) if joint else 1, temperature=temperature, hard_weight=hard_weight,
+            kd_weight=kd_weight, gate=gate if joint else "mean",
+            hidden_dim=self.hidden_dim if (joint and gate == "hidden") else None, ensemble=ensemble,
+            gate_loss_weight=gate_loss_weight,
+        )
+        self.hints = None
+        if self.hint_weight > 0:
+            sd = int(getattr(student, "hidden_dim", 0))
+            self.hints = nn.ModuleList(HintLoss(self.hidden_dim, sd, normalize=hint_normalize)
+                                       for _ in self.teachers)
+        self.stacked_gate: Optional[nn.Module] = None
+        self.cache: Optional[TeacherCache] = None
+        self.targets: Optional[torch.Tensor] = None
+        self.summary: Dict[str, object] = {}
+
+    # -- pieces -------------------------------------------------------------------------------
+    def _student_out(self, ids):
+        if self.hints is not None:
+            return self.student(ids, return_hidden=True)
+        return self.student(ids), None
+
+    def _hint_term(self, h_s, t_hidden) -> torch.Tensor:
+        return sum(h(h_s, t_hidden[:, i]) for i, h in enumerate(self.hints)) / len(self.hints)
+
+    def _student_loss(self, ids, y, t_logits, t_hidden, real: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One batch's loss. ``t_logits``: [B, M] (joint gate) or [B, 1] (precomputed target).
+        ``real``: bool [B], False on augmented rows, whose hard-label and gate terms are off."""
+        z_s, h_s = self._student_out(ids)
+        if real is None or bool(real.all()):
+            loss = self.loss(z_s, t_logits, y, t_hidden)
+        else:
+            loss = self._mixed_loss(z_s, t_logits, y, t_hidden, real)
+        if self.hints is not None:
+            loss = loss + self.hint_weight * self._hint_term(h_s, t_hidden)
+        return _plus_regularization(self.student, loss)
+
+    def _mixed_loss(self, z_s, t_logits, y, t_hidden, real) -> torch.Tensor:
+        """Mean over the batch of: full loss on real rows, KD term alone on augmented rows."""
+        crit = self.loss
+        n = z_s.shape[0]
+        fake = ~real
+        total = z_s.new_zeros(())
+        if bool(real.any()):
+            h = None if t_hidden is None else t_hidden[real]
+            total = total + crit(z_s[real], t_logits[real], y[real], h) * real.sum()
+        if self.joint_gate:
+            # the gate term needs labels: augmented rows use the gate's α as a constant
+            h = None if t_hidden is None else t_hidden[fake]
+            alpha = FK.gate_weights(t_logits[fake], crit.gate_arg, crit.weight.detach(), crit.bias.detach(), h)
+            target = ensemble_logits(t_logits[fake], alpha, crit.ensemble, crit.temperature)
+        else:
+            target = t_logits[fake, 0]
+        kd = FK.distill_loss(z_s[fake], target, None, crit.temperature, 0.0, crit.kd_weight, reduction="sum")
+        return (total + kd) / n
+
+    @torch.no_grad()
+    def _kd_term(self, z_s: torch.Tensor, t_logits: torch.Tensor, t_hidden) -> torch.Tensor:
+        """Summed distillation term ``CE(target, z_S/T)`` alone: what ``early_stop="kd"`` monitors."""
+        crit = self.loss
+        alpha = FK.gate_weights(t_logits, crit.gate_arg, crit.weight, crit.bias, t_hidden)
+        target = ensemble_logits(t_logits, alpha, crit.ensemble, crit.temperature)
+        return FK.distill_loss(z_s, target, None, crit.temperature, 0.0, 1.0, reduction="sum")
+
+    def _student_params(self) -> List[nn.Parameter]:
+        params = list(self.student.parameters()) + list(self.loss.parameters())
+        if self.hints is not None:
+            params += list(self.hints.parameters())
+        return params
+
+    def _student_modules(self) -> Dict[str, nn.Module]:
+        mods = {"student": self.student, "loss": self.loss}
+        if self.hints is not None:
+            mods["hints"] = self.hints
+        return mods
+
+    # -- teachers and their signal ------------------------------------------------------------
+    def _teachers(self, train: CTRData, valid: CTRData, student_train: CTRData, ckpt, resume) -> TeacherSet:
+        if self.teacher_set is not None:
+            ts = self.teacher_set
+            if ts.folds > 1 and not ts.covers(student_train):
+                raise ValueError("the TeacherSet was cross-fitted on other rows than this run's student training "
+                                 "rows (same train/valid split and merge_validation setting needed)")
+            return ts
+        if self.teachers_trained:
+            _freeze(self.teachers)
+            return TeacherSet(list(self.teachers))
+        tc = self.teacher_config
+        if self.teacher_folds > 1:
+            # cross-fitted on exactly the rows the student trains on; the monitor rows stay unseen
+            ts = train_teachers(list(self.teachers), student_train, valid, tc, folds=self.teacher_folds,
+                                seed=tc.seed, checkpoint_dir=ckpt, resume=resume)
+        else:
+            ts = train_teachers(list(self.teachers), train, valid, tc, seed=tc.seed, checkpoint_dir=ckpt,
+                                resume=resume)
+        self.teacher_set = ts
+        return ts
+
+    def _build_cache(self, ts: TeacherSet, rows: CTRData, aug_ids: np.ndarray) -> TeacherCache:
+        cfg = self.config
+        if ts.folds == 1 and len(aug_ids) == 0:
+            # the plain case keeps TeacherCache.build: sharded under torch.distributed
+            return TeacherCache.build(list(self.teachers), rows, hidden=self.needs_hidden,
+                                      batch_size=cfg.eval_batch_size, path=self.cache_dir,
+                                      progress=cfg.show_progress)
+        if ts.folds > 1:
+            logits, hidden = ts.out_of_fold(rows, cfg.eval_batch_size), None
+        else:
+            logits, hidden = ts.outputs(rows, self.needs_hidden, cfg.eval_batch_size)
+        if len(aug_ids):
+            a_logits, a_hidden = ts.outputs(torch.from_numpy(aug_ids), self.needs_hidden, cfg.eval_batch_size)
+            logits = np.concatenate([logits, a_logits])
+            hidden = None if hidden is None else np.concatenate([hidden, a_hidden])
+        return TeacherCache.from_arrays(logits, hidden, path=self.cache_dir,
+                                        data=[rows.ids, aug_ids] if len(aug_ids) else rows.ids,
+                                        teachers=list(self.teachers))
+
+    def _honest_rows(self, ts: TeacherSet, train: CTRData, valid: CTRData, student_train: CTRData,
+                     monitor: CTRData, cache: TeacherCache):
+        """``(fit rows, monitor rows)`` for a stacked gate: rows whose teacher logits are honest."""
+        cfg = self.config
+        hidden = self.gate == "hidden"
+
+        def rows_of(data: CTRData) -> GateRows:
+            z, h = ts.outputs(data, hidden, cfg.eval_batch_size)
+            return GateRows(data.ids, z, data.labels, h)
+
+        if ts.folds > 1:  # every student training row has an out-of-fold logit
+            n = len(student_train)
+            idx = torch.arange(n)
+            z, h = cache.gather(idx)
+            fit = GateRows(student_train.ids, z.numpy(), student_train.labels, None if h is None else h.numpy())
+            return fit, rows_of(monitor)
+        if cfg.merge_validation:  # the merged validation rows: in the student's rows, unseen by teachers
+            a, b = len(train), len(student_train)
+            z, h = cache.gather(torch.arange(a, b))
+            fit = GateRows(student_train.ids[a:b], z.numpy(), student_train.labels[a:b],
+                           None if h is None else h.numpy())
+            return fit, rows_of(monitor)
+        half = len(valid) // 2  # no merged rows: the validation split's halves
+        if half < 1:
+            raise ValueError("a stacked gate without folds or merged validation needs >= 2 validation rows")
+        return rows_of(valid.subset(np.arange(half))), rows_of(valid.subset(np.arange(half, len(valid))))
+
+    def _targets(self, ts, train, valid, student_train, monitor, cache, aug_ids) -> Optional[torch.Tensor]:
+        """Per-row ensemble logit for the cached rows (None with a joint gate)."""
+        if self.joint_gate:
+            return None
+        z_all, h_all = cache.gather(torch.arange(len(cache)))
+        m = z_all.shape[1]
+        if self.gate == "mean":
+            alpha = torch.full_like(z_all, 1.0 / m)
+        else:
+            t0 = time.perf_counter()
+            fit, mon = self._honest_rows(ts, train, valid, student_train, monitor, cache)
+            torch.manual_seed(self.config.seed)
+            gate = make_gate(self.gate, m, hidden_dim=self.hidden_dim, field_sizes=student_train.field_sizes)
+            self.summary["gate"] = fit_gate(gate, fit, mon, batch_size=self.config.batch_size, seed=self.config.seed)
+            self.summary["gate"].update(fit_rows=len(fit), monitor_rows=len(mon),
+                                        seconds=time.perf_counter() - t0)
+            self.stacked_gate = gate
+            ids = np.concatenate([student_train.ids, aug_ids]) if len(aug_ids) else student_train.ids
+            alpha = gate_alpha(gate, GateRows(ids, z_all.numpy(), None, None if h_all is None else h_all.numpy()))
+        return ensemble_logits(z_all.float(), alpha.float(), self.ensemble, self.temperature).unsqueeze(1)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _settings(self) -> dict:
+        """The distillation settings a resumed student checkpoint must share (its manifest's
+        ``distiller`` field); the TrainConfig and model shapes are checked by the loop itself."""
+        crit = self.loss
+        return {"mode": self.mode, "gate": self.gate, "gate_fit": self.gate_fit, "ensemble": self.ensemble,
+                "temperature": self.temperature, "hard_weight": self.hard_weight, "kd_weight": self.kd_weight,
+                "gate_loss_weight": float(crit.gate_loss_weight), "hint_weight": self.hint_weight,
+                "hint_normalize": None if self.hints is None else bool(self.hints[0].normalize),
+                "teacher_folds": self.teacher_folds, "augment": self.augment, "augment_swap": self.augment_swap}
+
+    def _manifest(self, monitor_data: CTRData, frozen_teachers: bool):
+        """The fields beyond rows, config and shapes that ``student.pt`` / ``cotrain.pt`` must
+        match on resume: the monitor rows, the settings above and, for frozen teachers (whose
+        outputs are the targets but not in the checkpoint), a digest of their weights."""
+        def manifest() -> dict:
+            out = {"monitor_data": data_fingerprint(monitor_data.ids, monitor_data.labels),
+                   "distiller": self._settings()}
+            if frozen_teachers:
+                out["teachers"] = models_manifest(self.teachers)
+            return out
+        return manifest
+
+    # -- fit ----------------------------------------------------------------------------------
+    def fit(self, train: CTRData, valid: CTRData, *, checkpoint_dir: Optional[Union[str, Path]] = None,
+            resume: bool = False, stop_after_epoch: Optional[int] = None) -> dict:
+        """Train (teachers, then) the student. Returns a summary with per-phase histories.
+
+        ``checkpoint_dir``: per-model checkpoints, rewritten after every epoch: ``teacher{i}[.fold{k}].pt``,
+        then ``student.pt`` (``cotrain.pt`` in co-train mode). ``resume=True`` continues from them
+        (a finished model is not retrained) and gives the uninterrupted run's result; a checkpoint
+        written by another run (other rows, settings, shapes or teachers) raises
+        :class:`~fastkd.train.manifest.ArtifactMismatchError` naming the file and the field, an
+        unreadable one :class:`~fastkd.train.manifest.CorruptArtifactError`. The teacher cache is
+        rebuilt on every fit (into ``cache_dir`` when set), never reused from an earlier run.
+        """
+        ckpt = Path(checkpoint_dir) if checkpoint_dir else None
+        if self.mode == "cotrain":
+            return self._fit_cotrain(train, valid, ckpt, resume, stop_after_epoch)
+        cfg = self.config
+        student_train, monitor_data = cfg.split_validation(train, valid)
+        t0 = time.perf_counter()
+        ts = self._teachers(train, valid, student_train, ckpt, resume)
+        self.teachers = nn.ModuleList(ts.models)
+        if not self.teachers_trained:
+            self.summary["teachers"] = [s for per in ts.summaries for s in per]
+        self.summary["teacher_seconds"] = time.perf_counter() - t0
+        self.summary["teacher_folds"] = ts.folds
+
+        t1 = time.perf_counter()
+        aug_ids = swap_augment(student_train.ids, self.augment, self.augment_swap, seed=cfg.seed + _AUGMENT_SEED)
+        n_real = len(student_train)
+        self.cache = cache = self._build_cache(ts, student_train, aug_ids)
+        self.targets = targets = self._targets(ts, train, valid, student_train, monitor_data, cache, aug_ids)
+        self.summary["cache_seconds"] = time.perf_counter() - t1
+        self.summary["augmented_rows"] = int(len(aug_ids))
+
+        def step(ids, y, index):
+            real = index < n_real if len(aug_ids) else None
+            if targets is not None:
+                _, t_hidden = cache.gather(index) if self.hints is not None else (None, None)
+                return self._student_loss(ids, y, targets[index], t_hidden, real)
+            t_logits, t_hidden = cache.gather(index)
+            return self._student_loss(ids, y, t_logits, t_hidden, real)
+
+        if cfg.early_stop == "kd":
+            monitor = self._kd_monitor(monitor_data)
+        else:
+            monitor = _label_monitor(self.student, monitor_data, cfg.early_stop, cfg.eval_batch_size)
+
+        seed_everything(cfg.seed)
+        ids, labels = _as_tensors(student_train)
+        if len(aug_ids):
+            # augmented rows' label slots are never read (their hard-label and gate terms are off)
+            ids = torch.cat([ids, torch.from_numpy(aug_ids)])
+            labels = torch.cat([labels, torch.full((len(aug_ids),), _AUG_LABEL_SLOT, dtype=labels.dtype)])
+        loop = _Loop(self._student_modules(), self._student_params(), cfg, cfg.early_stop,
+                     ckpt / "student.pt" if ckpt else None, resume, "student", stop_after_epoch,
+                     manifest=self._manifest(monitor_data, frozen_teachers=True))
+        self.summary["student"] = loop.run(ids, labels, step, monitor)
+        return self.summary
+
+    def _kd_monitor(self, monitor_data: CTRData):
+        cfg = self.config
+        # under torch.distributed each rank sums the term over its block of the monitor rows
+        mon_rows = monitor_data
+        if _dist.get_world_size() > 1:
+            mon_rows = monitor_data.subset(slice(*_dist.shard_bounds(len(monitor_data))))
+        mon_cache = TeacherCache.build(list(self.teachers), mon_rows, hidden=self.needs_hidden,
+                                       batch_size=cfg.eval_batch_size, shard=False)
+        if self.joint_gate:
+            def term(z):
+                return self._kd_term(z, mon_cache.logits, mon_cache.hidden)
+        else:
+            z_t = self._signal(mon_cache.logits, mon_rows, mon_cache.hidden)
+
+            def term(z):
+                return FK.distill_loss(z, z_t, None, self.temperature, 0.0, 1.0, reduction="sum")
+
+        def monitor() -> float:
+            z = predict(self.student, mon_rows, cfg.eval_batch_size)
+            return float(_dist.all_reduce_sum(term(z).double())) / len(monitor_data)
+        return monitor
+
+    @torch.no_grad()
+    def _alpha(self, data: CTRData, logits: torch.Tensor, hidden: Optional[torch.Tensor]) -> torch.Tensor:
+        """Teacher weights α [N, M] on ``data``'s rows, given the teachers' ``logits`` [N, M] there:
+        the frozen stacked gate's, plain averaging's, or the joint gate's."""
+        if self.stacked_gate is not None:
+            return gate_alpha(self.stacked_gate, GateRows(data.ids, logits.numpy(), None,
+                                                          None if hidden is None else hidden.numpy()))
+        if not self.joint_gate:
+            return torch.full_like(logits, 1.0 / logits.shape[1])
+        crit = self.loss
+        return FK.gate_weights(logits, crit.gate_arg, crit.weight, crit.bias, hidden)
+
+    @torch.no_grad()
+    def _signal(self, logits: torch.Tensor, data: CTRData, hidden=None) -> torch.Tensor:
+        """Ensemble logit [N] on rows with teacher ``logits`` (and ``hidden``)."""
+        logits = torch.as_tensor(logits).float()
+        hidden = None if hidden is None else torch.as_tensor(hidden)
+        return ensemble_logits(logits, self._alpha(data, logits, hidden), self.ensemble, self.temperature)
+
+    def _teacher_outputs(self, data: CTRData) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The teachers' logits [N, M] (and hidden vectors when the run uses them) on ``data``."""
+        cache = TeacherCache.build(list(self.teachers), data, hidden=self.needs_hidden,
+                                   batch_size=self.config.eval_batch_size, shard=False)
+        return cache.gather(torch.arange(len(cache)))
+
+    def _fit_cotrain(self, train, valid, ckpt, resume, stop_after_epoch) -> dict:
+        cfg = self.config
+        bce = nn.BCEWithLogitsLoss()
+        teachers = self.teachers
+
+        def step(ids, y, _index):
+            outs = [t(ids, return_hidden=self.needs_hidden) for t in teachers]
+            if self.needs_hidden:
+                t_logits = torch.stack([o[0] for o in outs], 1)
+                d = self.hidden_dim
+                t_hidden = torch.stack([nn.functional.pad(o[1], (0, d - o[1].shape[1])) for o in outs], 1)
+            else:
+                t_logits, t_hidden = torch.stack(outs, 1), None
+            teacher_loss = sum(_plus_regularization(t, bce(t_logits[:, i], y)) for i, t in enumerate(teachers))
+            # detached: the distillation gradient flows teacher -> student only
+            student_loss = self._student_loss(ids, y, t_logits.detach(),
+                                              None if t_hidden is None else t_hidden.detach())
+            return teacher_loss + student_loss
+
+        seed_everything(cfg.seed)
+        train, monitor_data = cfg.split_validation(train, valid)
+        ids, labels = _as_tensors(train)
+        mods = {**self._student_modules(), "teachers": teachers}
+        params = self._student_params() + list(teachers.parameters())
+        loop = _Loop(mods, params, cfg, cfg.early_stop, ckpt / "cotrain.pt" if ckpt else None, resume,
+                     "co-train", stop_after_epoch, manifest=self._manifest(monitor_data, frozen_teachers=False))
+        self.summary["student"] = loop.run(ids, labels, step,
+                                           _label_monitor(self.student, monitor_data, cfg.early_stop,
+                                                          cfg.eval_batch_size))
+        _freeze(teachers)
+        return self.summary
+
+    # -- use ----------------------------------------------------------------------------------
+    def predict(self, data: CTRData) -> torch.Tensor:
+        """Student logits [N]."""
+        return predict(self.student, data, self.config.eval_batch_size)
+
+    def evaluate(self, data: CTRData) -> Dict[str, float]:
+        """Student test metrics {"auc", "logloss"}."""
+        return evaluate(self.student, data, self.config.eval_batch_size)
+
+    @torch.no_grad()
+    def gate_weights(self, data: CTRData) -> torch.Tensor:
+        """Per-sample teacher weights α [N, M] of the trained gate on ``data``."""
+        return self._alpha(data, *self._teacher_outputs(data))
+
+    @torch.no_grad()
+    def ensemble_logits(self, data: CTRData) -> torch.Tensor:
+        """The teacher ensemble's logit [N] on ``data`` as the student's target defines it (gate and
+        ``ensemble`` mixing; rows no teacher trained on)."""
+        logits, hidden = self._teacher_outputs(data)
+        return self._signal(logits, data, hidden)

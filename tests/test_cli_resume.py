@@ -1,0 +1,162 @@
+"""`fastkd distill --resume` after a real `kill -9`, and what a run does with an `--out` holding an earlier one.
+
+One module-scoped scenario (about 15 s on 2 cores): an uninterrupted reference run; a second run of
+the same command into a copy of the reference's folder (an earlier complete run), killed with
+SIGKILL once the teachers and the plain DNN have finished and the first student is between
+epochs; then the same command with ``--resume``, in process, with the training loop spied on.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from helpers import REPO
+from fastkd.cli import main
+
+ARGS = ["distill", "--data", "synthetic:3000", "--teachers", "dnn,dnn", "--max-epochs", "3", "--seeds", "1",
+        "--embed-dim", "4", "--hidden-units", "16", "--batch-size", "256", "--threads", "1"]
+# what a record's numbers are; timings (seconds, samples/s) differ between any two runs
+KEYS = ("model", "role", "distill", "variant", "seed", "auc", "logloss", "epochs", "best_epoch", "params", "gate",
+        "augmented_rows", "teacher")
+SEED0 = ("checkpoints", "seed0")
+
+
+def _metrics(out):
+    return [{k: r.get(k) for k in KEYS} for r in json.loads((out / "results.json").read_text())]
+
+
+def _first_line(path):
+    return path.read_text().splitlines()[0]
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory):
+    threads = torch.get_num_threads()
+    base = tmp_path_factory.mktemp("resume")
+    ref, run = base / "ref", base / "run"
+    try:
+        assert main([*ARGS, "--out", str(ref)]) == 0
+        shutil.copytree(ref, run)  # an earlier complete run in --out
+        # the same command in a subprocess, killed once student-mean has a checkpoint (after its first
+        # epoch of three): teachers and plain DNN finished, a student in training
+        ckpt = run.joinpath(*SEED0)
+        wait = ckpt / "student-mean" / "student.pt"
+        proc = subprocess.Popen([sys.executable, "-m", "fastkd", *ARGS, "--out", str(run)], cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        t0 = time.monotonic()
+        while not wait.exists() and proc.poll() is None and time.monotonic() - t0 < 120:
+            time.sleep(0.002)
+        os.kill(proc.pid, signal.SIGKILL)
+        killed_out = proc.communicate()[0]
+        assert proc.returncode == -signal.SIGKILL, killed_out
+        at_kill = {
+            "files": sorted(p.name for p in run.iterdir()),
+            "ckpt": sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*")),
+            "report_first_line": _first_line(run / "report.md"),
+            "partial_rows": len(json.loads((run / "results.partial.json").read_text())),
+            "mtimes": {n: (ckpt / n).stat().st_mtime_ns for n in ("teachers.finished.json", "plain.finished.json")},
+            "stdout": killed_out,
+        }
+        # --resume, in process: count the batches every training loop runs
+        from fastkd.train.loop import _Loop
+
+        loops = []
+        orig = _Loop.run
+
+        def spy(self, ids, labels, step, monitor):
+            n = [0]
+
+            def counted(*a):
+                n[0] += 1
+                return step(*a)
+            summary = orig(self, ids, labels, counted, monitor)
+            loops.append((self.desc, n[0]))
+            return summary
+
+        mp = pytest.MonkeyPatch()
+        mp.setattr(_Loop, "run", spy)
+        try:
+            import io
+            from contextlib import redirect_stdout
+
+            buf = io.StringIO()
+            with redirect_stdout(buf):
+                code = main([*ARGS, "--out", str(run), "--resume"])
+        finally:
+            mp.undo()
+        assert code == 0, buf.getvalue()
+        yield {"ref": ref, "run": run, "ckpt": ckpt, "at_kill": at_kill, "loops": loops, "stdout": buf.getvalue()}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_kill_9_then_resume_gives_the_uninterrupted_results(scenario):
+    at_kill = scenario["at_kill"]
+    # killed where intended: teachers and plain DNN finished, student-mean between epochs
+    assert {"teachers.finished.json", "plain.finished.json", "student-mean/student.pt"} <= set(at_kill["ckpt"])
+    assert "student-mean.finished.json" not in at_kill["ckpt"]
+    assert _metrics(scenario["run"]) == _metrics(scenario["ref"])
+    assert len(_metrics(scenario["ref"])) == 7  # 2 teachers, ensemble, plain, mean and gate students, gate ensemble
+
+
+def test_resume_retrains_no_finished_model(scenario):
+    loops = scenario["loops"]
+    # teachers: loaded from their finished checkpoints (zero batches); the plain DNN: not even loaded
+    assert [n for d, n in loops if d.startswith("teacher")] == [0, 0]
+    assert not [d for d, _ in loops if d == "plain student"]
+    # student-mean resumed after its checkpointed epoch(s); student-gate trained from scratch
+    (mean, gate) = [n for d, n in loops if d == "student"]
+    assert 0 < mean < gate
+    out = scenario["stdout"]
+    assert out.count("(finished earlier: loaded)") == 4  # two teachers, their ensemble, the plain DNN
+    ckpt = scenario["ckpt"]
+    for name, mtime in scenario["at_kill"]["mtimes"].items():
+        assert (ckpt / name).stat().st_mtime_ns == mtime, f"{name} rewritten"
+    assert "4 of these rows were loaded" in (scenario["run"] / "report.md").read_text()
+
+
+def test_fresh_run_clears_an_earlier_run_and_marks_its_report_partial(scenario):
+    at_kill = scenario["at_kill"]
+    # the earlier complete run's results went first, and said so; the new run's report is marked partial
+    assert "removing an earlier run's report.md, results.json, auc.png, gate_weights.png, checkpoints/" \
+        in at_kill["stdout"]
+    assert "results.json" not in at_kill["files"] and "auc.png" not in at_kill["files"]
+    assert "student-gate.finished.json" not in at_kill["ckpt"]  # the earlier run's finished records too
+    assert "PARTIAL" in at_kill["report_first_line"] and at_kill["partial_rows"] == 4
+    # finished: the report is whole, the partial records are gone
+    run = scenario["run"]
+    assert _first_line(run / "report.md") == "# fastkd distillation report"
+    assert not (run / "results.partial.json").exists()
+
+
+def test_resume_refuses_other_settings_naming_the_setting(scenario, capsys):
+    run = scenario["run"]
+    before = (run / "results.json").stat().st_mtime_ns
+    assert main([*ARGS, "--out", str(run), "--resume", "--lr", "0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume: --lr (config.lr) differs" in err and "0.01" in err and "0.001" in err
+    assert main([*ARGS, "--out", str(run), "--resume", "--split-seed", "1"]) == 2
+    assert "the data (data.train.ids" in capsys.readouterr().err
+    assert (run / "results.json").stat().st_mtime_ns == before  # refused before anything was removed
+
+
+def test_resume_with_nothing_to_resume(tmp_path, capsys):
+    out = tmp_path / "never-ran"
+    assert main([*ARGS, "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "nothing to resume" in err and str(out / "checkpoints" / "run.json") in err
+    assert not out.exists()
+    # a run.json that is not JSON: named, and said to be corrupt
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "run.json").write_text("{garbage")
+    assert main([*ARGS, "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "run.json" in err and ("corrupt" in err or "truncated" in err)
