@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from .cli_args import (DIST_TIMEOUT_S, MIN_STEPS_PER_EPOCH, MODEL_NAMES, _bad_rows, _csv,  # noqa: F401
-                       _positive_int, add_training_args)
+from .cli_args import (DIST_TIMEOUT_S, MIN_STEPS_PER_EPOCH, MODEL_NAMES, _bad_rows, _bucket_count,  # noqa: F401
+                       _csv, _positive_int, add_training_args)
 
 
 def auto_batch_size(n_train: int, cap: int = 2048) -> int:
@@ -228,8 +228,15 @@ def cmd_distill(args) -> int:
     # malformed rows: skipped with a warning up to --max-bad-rows (load()'s default: 1 %), an error above
     checks = dict(strict=args.strict) if args.max_bad_rows is None else \
         dict(strict=args.strict, max_bad_rows=args.max_bad_rows)
-    common = dict(kind=args.encoder, min_count=args.min_count, label=args.label, numeric=numeric, sharded=sharded,
-                  **checks)
+    if args.encoder == "hash" and args.num_buckets is None:
+        raise ValueError("--encoder hash needs --num-buckets (one count for every field, or one per field: "
+                         "e.g. --num-buckets 1000000 or --num-buckets 1000,50000,...)")
+    if args.encoder != "hash" and args.num_buckets is not None:
+        raise ValueError("--num-buckets is for --encoder hash (the vocab encoder sizes fields from the data)")
+    buckets = None if args.num_buckets is None else (
+        args.num_buckets[0] if len(args.num_buckets) == 1 else args.num_buckets)
+    common = dict(kind=args.encoder, min_count=args.min_count, num_buckets=buckets, label=args.label,
+                  numeric=numeric, sharded=sharded, **checks)
     if args.data:
         if args.train or args.valid or args.test:
             raise ValueError("give either --data or --train/--valid/--test, not both")
@@ -277,7 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--split-seed", type=int, default=0)
     d.add_argument("--label", default=None, help="label column (csv/parquet)")
     d.add_argument("--numeric", type=_csv(str), default=None, help="numeric columns (bucketised)")
-    d.add_argument("--encoder", choices=("vocab", "hash"), default="vocab")
+    d.add_argument("--encoder", choices=("vocab", "hash"), default="vocab",
+                   help="vocab: a vocabulary per field (--min-count); hash: feature hashing, no vocabulary "
+                        "(needs --num-buckets)")
+    d.add_argument("--num-buckets", type=_csv(_bucket_count), default=None,
+                   help="--encoder hash: ids per field, id 0 the missing value (>= 2); one count for every "
+                        "field or one per field, comma-separated")
     d.add_argument("--min-count", type=_positive_int, default=1)
     d.add_argument("--strict", action="store_true", help="raise on the first malformed line")
     d.add_argument("--max-bad-rows", type=_bad_rows, default=None,

@@ -42,6 +42,8 @@ def _number(kind, ok, what: str):
 
 
 _positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+# a hashed field's ids: id 0 is the missing value, so at least one more
+_bucket_count = _number(int, lambda v: v >= 2, "a bucket count >= 2")
 _positive_seconds = _number(float, lambda v: 0 < v < float("inf"), "a positive number of seconds")
 # `v >= 0` is False for NaN, so NaN is refused too
 _non_negative_float = _number(float, lambda v: v >= 0 and v != float("inf"), "a finite number >= 0")

@@ -153,6 +153,9 @@ def test_max_bad_rows_argument_refused(text, capsys):
     (["demo", "--teachers", "deepfm,resnet"], "resnet"),
     (["demo", "--seeds", "0"], "positive"),
     (["demo", "--ablations", "magic"], "magic"),
+    (["distill", "--data", "libfm:/tmp/x", "--encoder", "hash", "--out", "x"], "--num-buckets"),
+    (["distill", "--data", "libfm:/tmp/x", "--num-buckets", "100", "--out", "x"], "--encoder hash"),
+    (["distill", "--data", "libfm:/tmp/x", "--encoder", "hash", "--num-buckets", "1", "--out", "x"], "2"),
     (["demo", "--ablations", "teacher_folds=x+nosuchkey=1"], "nosuchkey"),
     (["demo", "--ablations", "early_stop=median"], "early_stop"),
     (["demo", "--ablations", "teacher_folds=x"], "teacher_folds"),
@@ -166,6 +169,20 @@ def test_bad_arguments_give_one_line_error(argv, needle):
     assert "Traceback" not in proc.stderr
     err = [ln for ln in proc.stderr.strip().splitlines() if "error" in ln]
     assert err and needle in err[-1]
+
+
+def test_distill_hash_encoder(tmp_path):
+    # --encoder hash from the CLI: every field hashed into --num-buckets ids (one count, or one per field)
+    data = tmp_path / "toy.libfm.gz"
+    _write_libfm(data, n=1500)
+    for buckets, sizes in (("64", [64] * 4), ("40,60,8,5", [40, 60, 8, 5])):
+        out = tmp_path / f"run{len(sizes)}{buckets[:2]}"
+        assert main(["distill", "--data", f"libfm:{data}", "--encoder", "hash", "--num-buckets", buckets,
+                     "--out", str(out), *FAST, "--max-epochs", "1", "--teachers", "dnn", "--threads", "1"]) == 0
+        assert "hash encoding" in (out / "report.md").read_text()
+        assert json.loads((out / "results.json").read_text())  # a complete run
+    assert main(["distill", "--data", f"libfm:{data}", "--encoder", "hash", "--num-buckets", "8,8",
+                 "--out", str(tmp_path / "bad"), *FAST]) == 2  # two counts for four fields
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "criteo").exists(), reason="../shared/data not present")
