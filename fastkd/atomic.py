@@ -12,6 +12,12 @@ from typing import BinaryIO, Callable, Union
 __all__ = ["atomic_write", "atomic_write_text", "atomic_write_json"]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Union[str, Path], write: Callable[[BinaryIO], object]) -> None:
     """``write(binary file object)``, then rename onto ``path``: the old file or the new one
     survives a crash, never part of one. The folder is created if needed."""
@@ -23,6 +29,7 @@ def atomic_write(path: Union[str, Path], write: Callable[[BinaryIO], object]) ->
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make results unreadable to others
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
