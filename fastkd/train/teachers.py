@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import time
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -30,6 +29,7 @@ from torch import nn
 from ..data import CTRData
 from .config import TrainConfig
 from .evaluation import predict
+from .manifest import data_fingerprint
 from .loop import _freeze, train_model
 
 __all__ = ["TeacherSet", "FoldAverage", "train_teachers", "teacher_seed", "fold_assignment", "fingerprint"]
@@ -41,12 +41,10 @@ def teacher_seed(seed: int, index: int, fold: int = 0) -> int:
 
 
 def fingerprint(data: CTRData) -> str:
-    """A digest of ``data``'s ids and labels: ties out-of-fold outputs to the rows they were fitted on."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(np.asarray(data.ids.shape, dtype=np.int64).tobytes())
-    h.update(data.ids.tobytes())
-    h.update(data.labels.tobytes())
-    return h.hexdigest()
+    """A digest of ``data``'s ids and labels (the manifests' :func:`~fastkd.train.manifest.data_fingerprint`):
+    ties out-of-fold outputs to the rows they were fitted on."""
+    fp = data_fingerprint(data.ids, data.labels)
+    return f"{fp['rows']}x{fp['fields']}:{fp['ids']}:{fp['labels']}"
 
 
 def fold_assignment(n: int, folds: int, seed: int) -> np.ndarray:
