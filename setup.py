@@ -145,6 +145,8 @@ setup(
         "triton": ["triton>=3.0; platform_system == 'Linux'"],
         "data": ["pandas>=1.5", "pyarrow>=12"],
         "report": ["matplotlib>=3.5"],
+        # fastkd export's ONNX file and onnxruntime (docs/serving.md); TorchScript needs nothing extra
+        "serving": ["onnx>=1.18", "onnxruntime>=1.20", "onnxscript>=0.5"],
         # side-by-side throughput comparison (bench/student_throughput.py)
         "bench": ["pytest-benchmark>=4", "deepctr-torch>=0.3", "requests", "polars>=1.0", "scikit-learn>=1.2"],
         "test": [
@@ -155,6 +157,8 @@ setup(
             "matplotlib>=3.5",
             "scikit-learn>=1.2",
             "mmh3>=4",
+            # ONNX export and onnxruntime (tests/test_serving.py skips without them)
+            "onnx>=1.18", "onnxruntime>=1.20", "onnxscript>=0.5",
             # the Triton kernels are tested on the CPU under TRITON_INTERPRET=1
             "triton>=3.0; platform_system == 'Linux'",
         ],

@@ -1,4 +1,5 @@
-"""Command line: ``fastkd demo`` (the main job) and ``fastkd distill`` (the same on a real file)."""
+"""Command line: ``fastkd demo`` (the main job), ``fastkd distill`` (the same on a real file) and
+``fastkd export`` (a distill run's student, for serving)."""
 from __future__ import annotations
 
 import argparse
@@ -10,8 +11,8 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from .cli_args import (DIST_TIMEOUT_S, MIN_STEPS_PER_EPOCH, MODEL_NAMES, _bad_rows, _bucket_count,  # noqa: F401
-                       _csv, _positive_int, add_training_args)
+from .cli_args import (DIST_TIMEOUT_S, EXPORT_FORMATS, MIN_STEPS_PER_EPOCH, MODEL_NAMES, _bad_rows,  # noqa: F401
+                       _bucket_count, _csv, _export_formats, _positive_int, add_training_args)
 
 
 def auto_batch_size(n_train: int, cap: int = 2048) -> int:
@@ -96,13 +97,18 @@ def _mismatch(args, e) -> ValueError:
 
 def _clear_out(out: Path, resume: bool, log) -> None:
     """Remove an earlier run's results from ``out`` (rank 0), saying so; a fresh run also
-    removes its checkpoints (run_experiment does, after this message)."""
+    removes its checkpoints (run_experiment does, after this message) and its saved student
+    (a resumed run keeps it: the unit that saved it is not trained again)."""
     from .experiment.report import RESULT_FILES
+    from .serving import STUDENT_DIR
 
     stale = [out / n for n in RESULT_FILES if (out / n).exists()]
     ckpt = out / "checkpoints"
     names = [p.name for p in stale] + (["checkpoints/"] if not resume and ckpt.is_dir() and any(ckpt.iterdir())
                                        else [])
+    if not resume and (out / STUDENT_DIR).exists():
+        stale.append(out / STUDENT_DIR)
+        names.append(f"{STUDENT_DIR}/")
     if names:
         log(f"out: removing {'the interrupted' if resume else 'an earlier'} run's {', '.join(names)} from {out} "
             + ("(rewritten as the run goes on)" if resume else
@@ -111,7 +117,7 @@ def _clear_out(out: Path, resume: bool, log) -> None:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
-def _run(args, train, valid, test, data_desc: str, read_reports=None) -> int:
+def _run(args, train, valid, test, data_desc: str, read_reports=None, encoder=None) -> int:
     import torch
 
     from . import distributed
@@ -152,8 +158,13 @@ def _run(args, train, valid, test, data_desc: str, read_reports=None) -> int:
     log(f"data: {data_desc}")
     if read_reports:
         log(f"rows read: {read_summary(read_reports)}")
+    from .serving import STUDENT_DIR
+    from .serving.raw_rows import ENCODER_FILE
+
     if main_rank:
         _clear_out(out, args.resume, log)
+        if encoder is not None:  # beside the student the run will save: raw values -> the ids it was trained on
+            encoder.save(out / STUDENT_DIR / ENCODER_FILE)
     if args.resume:
         log(f"resume: continuing the run saved in {ckpt} (finished models are loaded, not retrained)")
     command = command_line()
@@ -168,7 +179,8 @@ def _run(args, train, valid, test, data_desc: str, read_reports=None) -> int:
 
     result = run_experiment(train, valid, test, spec, log=log,
                             partial=out / "results.partial.json" if main_rank else None,
-                            checkpoint_dir=ckpt, resume=args.resume, on_finished=partial_report)
+                            checkpoint_dir=ckpt, resume=args.resume, on_finished=partial_report,
+                            student_dir=out / STUDENT_DIR, serving=args.serving)
     wall = time.perf_counter() - t0
     if not main_rank:
         return 0
@@ -240,13 +252,14 @@ def cmd_distill(args) -> int:
     if args.data:
         if args.train or args.valid or args.test:
             raise ValueError("give either --data or --train/--valid/--test, not both")
-        data = load(args.data, **common)
+        data, enc = load(args.data, return_encoder=True, **common)
         train, valid, test = data.split((0.8, 0.1, 0.1), seed=args.split_seed)
         desc = (f"`{args.data}`: {len(data):,} rows, {len(data.field_sizes)} fields, positive rate "
                 f"{data.labels.mean():.3f}; rows permuted by numpy.random.default_rng({args.split_seed}), "
                 f"80/10/10 -> {len(train):,} / {len(valid):,} / {len(test):,}; {args.encoder} encoding fitted on "
                 f"the whole file (no labels used)")
         reports = {"data": data.read_report}
+        kind = args.data
     else:
         if not (args.train and args.valid and args.test):
             raise ValueError("give --data KIND:PATH, or all three of --train, --valid and --test")
@@ -257,8 +270,44 @@ def cmd_distill(args) -> int:
         desc = (f"train `{args.train}` ({len(train):,}), valid `{args.valid}` ({len(valid):,}), test "
                 f"`{args.test}` ({len(test):,}); {args.encoder} encoding fitted on train")
         reports = {"train": train.read_report, "valid": valid.read_report, "test": test.read_report}
+        kind = args.train
+    encoder = None
+    if enc is not None:  # files (not generated data): the encoder and the readers' per-field rules, for serving
+        from .serving import RawRowEncoder, field_rules
+
+        encoder = RawRowEncoder(enc, field_rules(kind.split(":", 1)[0], enc.field_names, numeric))
     # generated data (synthetic:N) read no file: no report
-    return _run(args, train, valid, test, desc, {k: r.to_dict() for k, r in reports.items() if r is not None})
+    return _run(args, train, valid, test, desc, {k: r.to_dict() for k, r in reports.items() if r is not None},
+                encoder=encoder)
+
+
+def cmd_export(args) -> int:
+    import torch
+
+    from .serving import export_student
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        doc = export_student(args.run, args.to, formats=args.format)
+    except ImportError as e:  # ONNX asked for, fastkd[serving] not installed
+        raise ValueError(f"{e}; or export TorchScript alone with --format torchscript") from None
+    run = doc.get("run", {})
+    about = f" ({run.get('row')}, seed {run.get('seed')}, test AUC {run['test_auc']:.4f})" if "test_auc" in run else ""
+    print(f"student: {doc['model']} from {doc.get('from', args.run)}{about}")
+    files = doc["files"]
+    written = [files["torchscript"]] if "torchscript" in files else []
+    written += files.get("onnx", []) + ([files["encoder"]] if "encoder" in files else []) + ["serving.json"]
+    print(f"wrote to {args.to}: {', '.join(written)}")
+    checks = doc["checks"]
+    print(f"checked on {checks['rows']} (tolerance {doc['tolerance']:g}):")
+    for name, c in checks.items():
+        if not isinstance(c, dict):
+            continue
+        what = {"pytorch_vs_saved": "PyTorch, reloaded, vs its logits when saved"}.get(name, f"{name} vs PyTorch")
+        auc = (f"; test AUC {c['auc_exported']:.4f} vs {c['auc_pytorch']:.4f} (PyTorch)" if "auc_exported" in c else "")
+        print(f"  {what}: max |logit diff| {c['max_abs_diff']:.2e}{auc}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -301,6 +350,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "for a per-segment AUC table")
     add_training_args(d, max_epochs=50, batch_size=2048)
     d.set_defaults(func=cmd_distill)
+
+    e = sub.add_parser("export", help="write a distill run's student as TorchScript and ONNX, with its encoder, "
+                                      "checked against PyTorch")
+    e.add_argument("--run", required=True, help="the --out of a `fastkd distill` or `fastkd demo` run (or its "
+                                                "student/ folder)")
+    e.add_argument("--to", required=True, help="output folder: student.torchscript.pt, student.onnx, encoder.json, "
+                                               "serving.json")
+    e.add_argument("--format", type=_export_formats, default=list(EXPORT_FORMATS),
+                   help="comma list of torchscript, onnx (default both; onnx needs fastkd[serving])")
+    e.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
+    e.set_defaults(func=cmd_export, dist_timeout=DIST_TIMEOUT_S)
     return p
 
 

@@ -62,6 +62,20 @@ def _bad_rows(text: str):
     return v
 
 
+# fastkd.serving.FORMATS, spelled out so that parsing arguments does not import torch (tests/test_serving.py
+# keeps the two equal)
+EXPORT_FORMATS = ("torchscript", "onnx")
+
+
+def _export_formats(text: str):
+    names = [t.strip().lower() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in EXPORT_FORMATS]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"unknown format {', '.join(bad) or text!r}; choose from "
+                                         f"{', '.join(EXPORT_FORMATS)}")
+    return names
+
+
 # --dist-timeout's default: torch.distributed's default_pg_timeout (30 minutes), stated here so that
 # the documented value does not move with torch
 DIST_TIMEOUT_S = 1800.0
@@ -130,6 +144,10 @@ def add_training_args(p: argparse.ArgumentParser, *, max_epochs: int, batch_size
                         "loaded, not retrained, the one in training resumes from its last epoch, and the results "
                         "equal an uninterrupted run's; refused when a setting or the data differ. Without it, a "
                         "run into an --out holding an earlier run removes that run's results and checkpoints first")
+    p.add_argument("--serving", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure the default student's serving cost against the teacher ensemble (p50/p99 latency "
+                        "at batch 1 and 256, samples/s; PyTorch, and onnxruntime with its check on the test split "
+                        "when fastkd[serving] is installed; a few seconds) for report.md's serving table")
     p.add_argument("--dist-timeout", type=_positive_seconds, default=DIST_TIMEOUT_S, metavar="SECONDS",
                    help=f"under torchrun: how long a rank waits for its peers, at the rendezvous and in every "
                         f"collective, before failing (default {DIST_TIMEOUT_S:g}, torch's own default)")

@@ -15,7 +15,7 @@ from ..atomic import atomic_write_text
 from .runner import ExperimentResult
 from .spec import ExperimentSpec
 
-__all__ = ["summarize", "table", "segment_table", "read_summary", "write_report", "command_line", "RESULT_FILES",
+__all__ = ["summarize", "table", "segment_table", "serving_table", "read_summary", "write_report", "command_line", "RESULT_FILES",
            "PARTIAL_MARK"]
 
 # what a run writes into its folder (besides checkpoints/): a fresh run removes an earlier run's first
@@ -87,6 +87,47 @@ def segment_table(records: List[dict]) -> str:
             vals = [d[s] for d in r["segments"] if s in d]
             cells.append(f"{np.mean(vals):.4f}" if vals else "–")
         lines.append(f"| {r['model']} | {r['distill']} | {r['variant'] or '–'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def serving_table(records: List[dict]) -> str:
+    """The serving section of ``report.md`` from the record that carries ``"serving"``
+    (:func:`fastkd.serving.serving_benchmark`: the default student of the first seed against the
+    teacher ensemble); empty when no record does (``--no-serving``, one teacher)."""
+    rec = next((r for r in records if r.get("serving")), None)
+    if rec is None:
+        return ""
+    sv = rec["serving"]
+    rows = sv["rows"]
+    ens = next((r["model"] for r in rows if r["role"] == "ensemble"), "the teacher ensemble")
+    lines = [f"Serving cost: seed {rec['seed']}'s default student `{rec['model']}` against the {ens}, "
+             f"whose output is the mean of the teachers' logits (one forward pass each); on CPU with {sv['threads']} thread{'s' if sv['threads'] != 1 else ''}, eval mode, no "
+             f"gradients; each call is one batch of test rows, each cell timed for about {sv['budget_s']:g} s "
+             f"(`calls`: how many; p99 of few calls is close to their maximum). PyTorch: eager; onnxruntime: the "
+             "student exported as `fastkd export` writes it. samples/s = batch × calls / their time:", "",
+             "| model | runtime | params | batch | p50 ms | p99 ms | samples/s | calls |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        runtime = {"pytorch": "PyTorch", "onnxruntime": "onnxruntime"}.get(r["runtime"], r["runtime"])
+        lines.append(f"| {r['model']} | {runtime} | {r['params']:,} | {r['batch']} | {r['p50_ms']:.3f} | "
+                     f"{r['p99_ms']:.3f} | {r['samples_per_s']:,.0f} | {r['calls']} |")
+    lines.append("")
+    torch_rows = {(r["role"], r["batch"]): r for r in rows if r["runtime"] == "pytorch"}
+    big = max((b for _, b in torch_rows), default=None)
+    if ("student", big) in torch_rows and ("ensemble", big) in torch_rows:
+        st, en = torch_rows[("student", big)], torch_rows[("ensemble", big)]
+        lines += [f"In PyTorch at batch {big} the student serves {st['samples_per_s'] / en['samples_per_s']:.1f}× "
+                  f"the ensemble's samples/s with {st['params'] / en['params']:.0%} of its parameters.", ""]
+    chk = sv.get("onnx_check")
+    if chk:
+        auc = (f"; test AUC {chk['auc_exported']:.4f} (ONNX) vs {chk['auc_pytorch']:.4f} (PyTorch)"
+               if "auc_exported" in chk else "")
+        lines += [f"ONNX check (exported with {chk['exporter']}, opset {chk['opset']}; onnxruntime "
+                  f"{chk['onnxruntime']}) on all {chk['rows']:,} test rows: max |ONNX logit − PyTorch logit| = "
+                  f"{chk['max_abs_diff']:.2e} ({'within' if chk['within_tolerance'] else 'ABOVE'} the 1e-5 "
+                  f"tolerance){auc}.", ""]
+    elif sv.get("onnx_skipped"):
+        lines += [f"onnxruntime rows and the ONNX check skipped: {sv['onnx_skipped']}.", ""]
     return "\n".join(lines)
 
 
@@ -179,6 +220,9 @@ def write_report(out: Path, result: ExperimentResult, *, command: str, data_desc
     seg = segment_table(records)
     if seg:
         lines += [f"Test AUC per segment (field `{spec.segment_field}`), mean over seeds:", "", seg, ""]
+    serving = serving_table(records)
+    if serving:
+        lines += ["## Serving", "", serving]
     if notes:
         lines += [notes, ""]
     for p in plots:

@@ -19,6 +19,12 @@ plain DNN, one student or ablation row of one seed). Layout of ``checkpoint_dir`
   ``{unit}.alphas{i}.npy`` for gate weights. A resumed run loads a finished unit instead of
   training it; a finished teacher set's weights come back from its checkpoints (zero epochs run).
 
+Serving (``student_dir=``, ``serving=True``): the first seed's default student (the gated one,
+or the mean one with ``gate="mean"``) is saved to ``student_dir`` when trained
+(:func:`fastkd.serving.save_student`), and its serving cost against the teacher ensemble goes to
+its record as ``"serving"`` (:func:`fastkd.serving.serving_benchmark`); both happen before the
+unit's finished record, so a resumed run keeps them.
+
 A finished unit's checkpoints are deleted at once, a teacher set's when its seed is done, so the
 disk holds one seed's teachers and the model in training, plus the small finished records.
 
@@ -45,6 +51,7 @@ from ..train.distiller import Distiller
 from ..metrics import roc_auc
 from ..models import build_model
 from ..train.manifest import CorruptArtifactError, check_fields, state_digest
+from ..serving import save_student, serving_benchmark
 from ..train.teachers import TeacherSet, teacher_seed, train_teachers
 from ..train import predict, scores, train_model
 from .resume import (_FINISHED_FORMAT, _FORMAT_VERSION, RUN_FILE, _read_json, _start,  # noqa: F401
@@ -100,8 +107,10 @@ class _Run:
 
     def __init__(self, train, valid, test, spec: ExperimentSpec, log, partial: Optional[Path],
                  checkpoint_dir: Optional[Path] = None, resume: bool = False, run_id: str = "",
-                 on_finished: Optional[Callable[["ExperimentResult"], None]] = None) -> None:
+                 on_finished: Optional[Callable[["ExperimentResult"], None]] = None,
+                 student_dir: Optional[Path] = None, serving: bool = False) -> None:
         self.train, self.valid, self.test = train, valid, test
+        self.student_dir, self.serving = student_dir, serving
         self.spec = spec
         self.log = log
         self.main = _dist.is_main_process()
@@ -288,10 +297,33 @@ class _Run:
         self.finish(seed, unit, first, keep=True, monitor_auc=monitor_auc, seconds=ts.seconds)
         return entry
 
+    def serve(self, seed: int, spec: ExperimentSpec, student, teachers, rec: dict) -> None:
+        """The default student of the run (rank 0): saved to ``student_dir``, and its serving cost
+        against ``teachers`` added to its record ``rec`` (``serving=True``)."""
+        if not self.main:
+            return
+        if self.student_dir is not None:
+            info = {"seed": seed, "row": rec["model"], "distill": rec["distill"], "gate": rec.get("gate"),
+                    "test_auc": rec["auc"], "test_logloss": rec["logloss"]}
+            path = save_student(self.student_dir, student, name=spec.student, model_kwargs=spec.model_kwargs,
+                                check=self.test, info=info)
+            self.log(f"  student saved to {path} (`fastkd export` writes it as TorchScript and ONNX)")
+        if self.serving:
+            with torch.random.fork_rng(devices=[]):  # the later rows' random draws stay as without it
+                rec["serving"] = serving_benchmark(
+                    student, list(teachers), self.test, student_label=rec["model"],
+                    ensemble_label=f"teacher ensemble ({', '.join(spec.teachers)})")
+            sv = rec["serving"]
+            self._write_partial()
+            self.log(f"  serving cost measured ({sv['seconds']:.1f} s"
+                     + (f"; ONNX: max |logit - PyTorch logit| {sv['onnx_check']['max_abs_diff']:.2g} on the test split"
+                        if sv["onnx_check"] else f"; ONNX skipped: {sv['onnx_skipped']}") + ")")
+
     def student(self, seed: int, spec: ExperimentSpec, distill: str, *, unit: str, variant: str = "",
                 extra: Optional[dict] = None, teachers: Optional[TeacherSet] = None, teacher_seconds=None,
-                finish: bool = True):
-        """One distilled student, the unit ``unit`` (``finish=False``: part of a larger unit)."""
+                finish: bool = True, serve: bool = False):
+        """One distilled student, the unit ``unit`` (``finish=False``: part of a larger unit);
+        ``serve``: the run's default student (:meth:`serve`)."""
         if finish and self.finished(seed, unit) is not None:
             return None
         first = len(self.records)
@@ -332,6 +364,8 @@ class _Run:
         rec.update(extra_rec)
         if "gate" in summ:
             rec["gate_fit_summary"] = {k: v for k, v in summ["gate"].items() if k != "history"}
+        if serve:
+            self.serve(seed, spec, student, kd.teachers, rec)
         alphas = []
         if distill == "gate" and gate != "mean" and mode == "pretrain":
             self.record("ensemble (gate)", "ensemble", "gate", seed, kd.ensemble_logits(self.test),
@@ -392,7 +426,8 @@ def _with_seed(cfg, seed):
 def run_experiment(train: CTRData, valid: CTRData, test: CTRData, spec: ExperimentSpec,
                    log=print, partial: Optional[Path] = None, *,
                    checkpoint_dir: Optional[Union[str, Path]] = None, resume: bool = False,
-                   on_finished: Optional[Callable[[ExperimentResult], None]] = None) -> ExperimentResult:
+                   on_finished: Optional[Callable[[ExperimentResult], None]] = None,
+                   student_dir: Optional[Union[str, Path]] = None, serving: bool = False) -> ExperimentResult:
     """Train every row of the table for every seed.
 
     Rows per seed: each teacher and their mean ensemble, the plain DNN, students distilled from the
@@ -407,6 +442,10 @@ def run_experiment(train: CTRData, valid: CTRData, test: CTRData, spec: Experime
     trained, the rest resume from their checkpoints, and the result equals an uninterrupted run's
     (timings aside); it raises when there is nothing to resume or the settings or data differ
     (:func:`check_resume`). ``on_finished(result so far)`` is called (rank 0) after every unit.
+
+    ``student_dir``: the first seed's default student is saved there (``fastkd distill`` passes
+    ``<out>/student``); ``serving=True`` adds its serving cost against the teacher ensemble to
+    its record (``"serving"``; see the module docstring). Neither is part of the run's settings.
     """
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs the checkpoint_dir of the run to continue")
@@ -417,16 +456,18 @@ def run_experiment(train: CTRData, valid: CTRData, test: CTRData, spec: Experime
         manifest = check_resume(ckpt, spec, train, valid, test) if resume else run_manifest(spec, train, valid, test)
         _start(ckpt, manifest, resume)
         run_id = state_digest(manifest)
-    run = _Run(train, valid, test, spec, log, partial, ckpt, resume, run_id, on_finished)
+    run = _Run(train, valid, test, spec, log, partial, ckpt, resume, run_id, on_finished,
+               Path(student_dir) if student_dir is not None else None, serving)
     for seed in spec.seeds:
         log(f"seed {seed}: teachers {', '.join(spec.teachers)}"
             + (f", cross-fitted in {spec.teacher_folds} folds" if spec.teacher_folds > 1 else ""))
         run.teacher_set(seed, spec)
         run.plain(seed, spec, unit="plain")
         if len(spec.teachers) > 1:
-            run.student(seed, spec, "mean", unit="student-mean")
+            first = seed == spec.seeds[0]
+            run.student(seed, spec, "mean", unit="student-mean", serve=first and spec.gate == "mean")
             if spec.gate != "mean":
-                run.student(seed, spec, "gate", unit="student-gate")
+                run.student(seed, spec, "gate", unit="student-gate", serve=first)
         for j, ab in enumerate(ablations):
             unit = f"ablation{j}-{_slug(ab.name)}"
             if ab.name == "single":  # the best single teacher on the monitor rows
