@@ -12,6 +12,7 @@ in float32. No gradient ever reaches the teacher tensors.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Tuple, Union
 
 import torch
@@ -28,6 +29,15 @@ __all__ = ["distill_loss", "gated_distill_loss", "gate_weights", "hint_loss"]
 
 ENSEMBLES = ("logit", "prob")
 GATES = ("logit", "hidden", "mean")
+OUTPUTS = ("logit", "prob")
+# ``*_outputs="prob"``: probabilities are clamped to [PROB_EPS, 1 - PROB_EPS] (in float32 at least)
+# and then converted exactly, ``torch.logit``; the clamp bounds the logits to about ±16.
+PROB_EPS = 1e-7
+# ``*_outputs="logit"`` and every value of a batch of at least PROB_CHECK_MIN_BATCH rows in [0, 1],
+# spread over at least PROB_CHECK_MIN_SPAN: a warning. Near-constant batches are left alone: an
+# untrained or tiny model's logits often all sit in [0, 1] (fastkd's own test runs: spans < 0.08).
+PROB_CHECK_MIN_BATCH = 64
+PROB_CHECK_MIN_SPAN = 0.2
 
 
 def _class_axis(student: torch.Tensor) -> Tuple[torch.Tensor, int]:
@@ -43,6 +53,70 @@ def _class_axis(student: torch.Tensor) -> Tuple[torch.Tensor, int]:
     )
 
 
+def _check_outputs(arg: str, outputs: str) -> None:
+    if outputs not in OUTPUTS:
+        raise ValueError(f"{arg} must be one of {OUTPUTS}, got {outputs!r}")
+
+
+def _to_logits(name: str, arg: str, t: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``t`` as logits: itself for ``"logit"`` outputs; for ``"prob"``, the exact logit of the
+    probabilities clamped to [PROB_EPS, 1 - PROB_EPS] (float16/bfloat16 in float32, where the
+    clamp is representable). Differentiable: a student's gradient flows back to its sigmoid."""
+    if num_classes != 1:
+        raise ValueError(
+            f"{arg}='prob' is for binary outputs (sigmoid probabilities); {name} {list(t.shape)} has "
+            f"{num_classes} classes: pass logits (log-probabilities are valid softmax logits)"
+        )
+    if V.values_checkable(t):
+        bad = (t < 0) | (t > 1)  # NaN passes and gives a NaN loss, as a NaN logit does
+        if bool(bad.any()):
+            i = tuple(int(k) for k in bad.nonzero()[0])
+            raise ValueError(
+                f"{name} must be probabilities in [0, 1] with {arg}='prob'; "
+                f"{name}[{', '.join(map(str, i))}] = {t[i].item()}"
+            )
+    if t.dtype in (torch.float16, torch.bfloat16):
+        t = t.float()
+    return torch.logit(t, eps=PROB_EPS)
+
+
+def _looks_like_probabilities(t: torch.Tensor) -> bool:
+    """Whether every value of a batch of at least PROB_CHECK_MIN_BATCH rows lies in [0, 1], spread
+    over at least PROB_CHECK_MIN_SPAN (a near-constant batch, e.g. an untrained model's, says
+    nothing: its logits may well all lie in [0, 1]).
+
+    Reads the values: one host sync on an accelerator, so the losses call it on CPU tensors
+    only, and the modules on a few of their calls elsewhere."""
+    if t.dim() == 0 or t.shape[0] < PROB_CHECK_MIN_BATCH or t.numel() == 0:
+        return False
+    lo, hi = torch.aminmax(t.detach())
+    lo, hi = float(lo), float(hi)
+    return 0.0 <= lo and hi <= 1.0 and hi - lo >= PROB_CHECK_MIN_SPAN
+
+
+def _warn_if_probabilities(name: str, arg: str, t: torch.Tensor, outputs: str) -> None:
+    if outputs == "logit" and _looks_like_probabilities(t):
+        # a constant message: Python's default warning filter then shows it once per process
+        warnings.warn(
+            f"every value of {name} lies in [0, 1] in a batch of >= {PROB_CHECK_MIN_BATCH} rows: "
+            f"if they are probabilities (a sigmoid output), pass {arg}='prob' (or drop the sigmoid); "
+            f"they are read as logits",
+            UserWarning,
+            stacklevel=4,  # the caller of distill_loss / gated_distill_loss
+        )
+
+
+def _check_output_kinds(student_logits: torch.Tensor, teacher_logits: torch.Tensor, student_outputs: str,
+                       teacher_outputs: str, force: bool = False) -> None:
+    """Warn when ``*_outputs="logit"`` inputs look like probabilities; CPU tensors only, unless
+    ``force`` (a module's spot checks, one host sync each)."""
+    if force or V.values_checkable(student_logits):
+        if torch.compiler.is_compiling():
+            return
+        _warn_if_probabilities("student_logits", "student_outputs", student_logits, student_outputs)
+        _warn_if_probabilities("teacher_logits", "teacher_outputs", teacher_logits, teacher_outputs)
+
+
 def distill_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -52,6 +126,9 @@ def distill_loss(
     kd_weight: float = 1.0,
     reduction: str = "mean",
     t2_scale: bool = False,
+    *,
+    student_outputs: str = "logit",
+    teacher_outputs: str = "logit",
 ) -> torch.Tensor:
     r"""Soft-label knowledge-distillation loss from one teacher, with an optional hard-label term.
 
@@ -70,6 +147,14 @@ def distill_loss(
         kd_weight: weight β of the KD term (≥ 0).
         reduction: "mean" | "sum" | "none".
         t2_scale: multiply the KD term by T².
+        student_outputs, teacher_outputs: "logit" (default) | "prob": the tensor holds sigmoid
+            probabilities (binary only), e.g. from a trainer whose model ends in a sigmoid. They
+            are clamped to [1e-7, 1 − 1e-7] (``PROB_EPS``) and converted exactly with
+            ``torch.logit`` (float16/bfloat16 in float32); the student's gradient flows back
+            through the conversion (zero where clamped). Values outside [0, 1] raise a
+            ``ValueError`` (CPU tensors). With "logit", a batch of ≥ 64 rows whose values all lie
+            in [0, 1], spread over ≥ 0.2, gives a ``UserWarning`` naming the argument (CPU
+            tensors; the modules also spot-check calls 1, 10, 100 and 1000 on other devices).
 
     Shape:
         - student_logits, teacher_logits: [B] or [B, 1] (binary), or [B, C]
@@ -87,6 +172,8 @@ def distill_loss(
     """
     V.check_logits("student_logits", student_logits)
     V.check_logits("teacher_logits", teacher_logits)
+    _check_outputs("student_outputs", student_outputs)
+    _check_outputs("teacher_outputs", teacher_outputs)
     if teacher_logits.shape != student_logits.shape:
         raise ValueError(
             f"teacher_logits must have the shape of student_logits {list(student_logits.shape)}, "
@@ -100,6 +187,11 @@ def distill_loss(
     student, num_classes = _class_axis(student_logits)
     teacher = teacher_logits.reshape(student.shape).detach()
     V.check_nonempty("student_logits", student.shape[0])
+    _check_output_kinds(student, teacher, student_outputs, teacher_outputs)
+    if student_outputs == "prob":
+        student = _to_logits("student_logits", "student_outputs", student, num_classes)
+    if teacher_outputs == "prob":
+        teacher = _to_logits("teacher_logits", "teacher_outputs", teacher, num_classes)
     if labels is not None:
         labels = V.prepare_labels(labels, student.shape[0], num_classes)
     if t2_scale:
@@ -125,6 +217,8 @@ def gated_distill_loss(
     reduction: str = "mean",
     t2_scale: bool = False,
     return_weights: bool = False,
+    student_outputs: str = "logit",
+    teacher_outputs: str = "logit",
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     r"""Distillation from an ensemble of M teachers mixed by a per-sample gate.
 
@@ -160,6 +254,9 @@ def gated_distill_loss(
         reduction: "mean" | "sum" | "none".
         t2_scale: multiply the KD term by T².
         return_weights: also return α (detached).
+        student_outputs, teacher_outputs: "logit" (default) | "prob" (sigmoid probabilities,
+            binary only), as in :func:`distill_loss`: clamped to [1e-7, 1 − 1e-7] and converted
+            exactly with ``torch.logit`` before the op (the gate then sees the teachers' logits).
 
     Shape:
         - student_logits: [B] / [B, 1] (binary) or [B, C]
@@ -184,6 +281,8 @@ def gated_distill_loss(
     """
     V.check_logits("student_logits", student_logits)
     V.check_logits("teacher_logits", teacher_logits)
+    _check_outputs("student_outputs", student_outputs)
+    _check_outputs("teacher_outputs", teacher_outputs)
     student, num_classes = _class_axis(student_logits)
     B = student.shape[0]
     teacher = teacher_logits
@@ -223,6 +322,11 @@ def gated_distill_loss(
         labels = V.prepare_labels(labels, B, num_classes)
     if t2_scale:
         kw *= T * T
+    _check_output_kinds(student, teacher, student_outputs, teacher_outputs)
+    if student_outputs == "prob":
+        student = _to_logits("student_logits", "student_outputs", student, num_classes)
+    if teacher_outputs == "prob":
+        teacher = _to_logits("teacher_logits", "teacher_outputs", teacher, num_classes)
 
     args = GatedDistillLossArgs(student, teacher.detach(), labels, hidden, gate_kind, gate_weight, gate_bias, fixed,
                                 float(T), float(hw), float(kw), ensemble, float(gw))

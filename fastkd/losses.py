@@ -24,6 +24,11 @@ class DistillLoss(nn.Module):
         kd_weight: weight β of the KD term.
         reduction: "mean" | "sum" | "none".
         t2_scale: multiply the KD term by T² (Hinton's scaling; off in the paper's form).
+        student_outputs, teacher_outputs: "logit" (default) | "prob": sigmoid probabilities,
+            clamped to [1e-7, 1 − 1e-7] and converted exactly with ``torch.logit``
+            (:func:`fastkd.functional.distill_loss`). With "logit", a warning when every value of
+            a batch of ≥ 64 rows lies in [0, 1], spread over ≥ 0.2 (checked on every call on CPU,
+            on calls 1, 10, 100 and 1000 elsewhere: one host sync each).
 
     Shape:
         - student_logits, teacher_logits: [B] / [B, 1] (binary) or [B, C]
@@ -47,6 +52,8 @@ class DistillLoss(nn.Module):
         reduction: str = "mean",
         *,
         t2_scale: bool = False,
+        student_outputs: str = "logit",
+        teacher_outputs: str = "logit",
     ) -> None:
         super().__init__()
         self.temperature = V.check_temperature(temperature)
@@ -55,6 +62,8 @@ class DistillLoss(nn.Module):
         V.check_reduction(reduction)
         self.reduction = reduction
         self.t2_scale = bool(t2_scale)
+        self.student_outputs, self.teacher_outputs = _outputs(student_outputs, teacher_outputs)
+        self._calls = 0  # for the probability spot checks off the CPU
 
     def forward(
         self,
@@ -62,15 +71,17 @@ class DistillLoss(nn.Module):
         teacher_logits: torch.Tensor,
         labels: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
+        _spot_check(self, student_logits, teacher_logits)
         return FK.distill_loss(
             student_logits, teacher_logits, labels, self.temperature, self.hard_weight,
             self.kd_weight, self.reduction, self.t2_scale,
+            student_outputs=self.student_outputs, teacher_outputs=self.teacher_outputs,
         )
 
     def extra_repr(self) -> str:
         return (
             f"temperature={self.temperature}, hard_weight={self.hard_weight}, kd_weight={self.kd_weight}, "
-            f"reduction={self.reduction!r}, t2_scale={self.t2_scale}"
+            f"reduction={self.reduction!r}, t2_scale={self.t2_scale}" + _outputs_repr(self)
         )
 
 
@@ -101,6 +112,11 @@ class GatedDistillLoss(nn.Module):
         reduction: "mean" | "sum" | "none".
         num_classes: 1 for binary CTR logits (default), C ≥ 2 for softmax logits.
         t2_scale: multiply the KD term by T².
+        student_outputs, teacher_outputs: "logit" (default) | "prob": sigmoid probabilities
+            (binary only; e.g. a FuxiCTR or DeepCTR-Torch model's output), clamped to
+            [1e-7, 1 − 1e-7] and converted exactly with ``torch.logit`` before the op. With
+            "logit", a warning when every value of a batch of ≥ 64 rows lies in [0, 1], spread
+            over ≥ 0.2 (checked on every call on CPU, on calls 1, 10, 100 and 1000 elsewhere).
 
     Shape:
         - student_logits: [B] / [B, 1] (binary) or [B, C]
@@ -135,6 +151,8 @@ class GatedDistillLoss(nn.Module):
         *,
         num_classes: int = 1,
         t2_scale: bool = False,
+        student_outputs: str = "logit",
+        teacher_outputs: str = "logit",
     ) -> None:
         super().__init__()
         if isinstance(num_teachers, bool) or not isinstance(num_teachers, int) or num_teachers < 1:
@@ -154,6 +172,8 @@ class GatedDistillLoss(nn.Module):
         self.ensemble = ensemble
         self.t2_scale = bool(t2_scale)
         self.hidden_dim = hidden_dim
+        self.student_outputs, self.teacher_outputs = _outputs(student_outputs, teacher_outputs)
+        self._calls = 0  # for the probability spot checks off the CPU
 
         self.weight: Optional[nn.Parameter] = None
         self.bias: Optional[nn.Parameter] = None
@@ -200,12 +220,14 @@ class GatedDistillLoss(nn.Module):
             raise ValueError(
                 f"teacher_hidden's last dimension must be hidden_dim = {self.hidden_dim}, got {list(teacher_hidden.shape)}"
             )
+        _spot_check(self, student_logits, teacher_logits)
         loss, alpha = FK.gated_distill_loss(
             student_logits, teacher_logits, labels, teacher_hidden,
             gate=self.gate_arg, gate_weight=self.weight, gate_bias=self.bias,
             temperature=self.temperature, hard_weight=self.hard_weight, kd_weight=self.kd_weight,
             ensemble=self.ensemble, gate_loss_weight=self.gate_loss_weight,
             reduction=self.reduction, t2_scale=self.t2_scale, return_weights=True,
+            student_outputs=self.student_outputs, teacher_outputs=self.teacher_outputs,
         )
         self.last_alpha = alpha
         return loss
@@ -219,8 +241,36 @@ class GatedDistillLoss(nn.Module):
         return (
             f"num_teachers={self.num_teachers}, gate={self.gate!r}, ensemble={self.ensemble!r}, "
             f"temperature={self.temperature}, hard_weight={self.hard_weight}, kd_weight={self.kd_weight}, "
-            f"gate_loss_weight={self.gate_loss_weight}, reduction={self.reduction!r}"
+            f"gate_loss_weight={self.gate_loss_weight}, reduction={self.reduction!r}" + _outputs_repr(self)
         )
+
+
+def _outputs(student_outputs: str, teacher_outputs: str):
+    FK._check_outputs("student_outputs", student_outputs)
+    FK._check_outputs("teacher_outputs", teacher_outputs)
+    return student_outputs, teacher_outputs
+
+
+# The calls of a module on which its inputs are checked for probabilities where the functional
+# skips the check (tensors off the CPU): one host sync each. Not the first call alone: an
+# untrained model's outputs are near-constant and the check passes them by.
+SPOT_CHECK_CALLS = (1, 10, 100, 1000)
+
+
+def _spot_check(module: nn.Module, student_logits, teacher_logits) -> None:
+    calls = getattr(module, "_calls", 0) + 1  # (a module pickled before this attribute existed)
+    if torch.compiler.is_compiling() or calls > SPOT_CHECK_CALLS[-1]:
+        return
+    module._calls = calls
+    if calls in SPOT_CHECK_CALLS and isinstance(student_logits, torch.Tensor) and \
+            isinstance(teacher_logits, torch.Tensor) and not V.values_checkable(student_logits):
+        FK._check_output_kinds(student_logits, teacher_logits, module.student_outputs, module.teacher_outputs,
+                               force=True)
+
+
+def _outputs_repr(module: nn.Module) -> str:
+    kinds = (("student_outputs", module.student_outputs), ("teacher_outputs", module.teacher_outputs))
+    return "".join(f", {k}={v!r}" for k, v in kinds if v != "logit")
 
 
 class HintLoss(nn.Module):

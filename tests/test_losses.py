@@ -133,3 +133,123 @@ BAD_CASES = [
 def test_bad_input_raises(name, exc, match, call):
     with pytest.raises(exc, match=match):
         call()
+
+
+# --------------------------------------------------------------------------------------------
+# student_outputs / teacher_outputs: probabilities from a trainer whose model ends in a sigmoid
+# --------------------------------------------------------------------------------------------
+# Mutations that fail these tests: drop the torch.logit conversion of either side (values
+# differ); drop the clamp (PROB_EPS = 0: infinite logits, non-finite loss); drop the float32
+# upcast (float16 1 − 1e-7 rounds to 1: an infinite logit); drop the [0, 1] range check; drop
+# the warning or its batch-size / spread conditions; skip the modules' spot checks.
+import warnings  # noqa: E402
+
+from fastkd import functional as FK  # noqa: E402
+
+
+def _prob_warnings(call):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    return [str(w.message) for w in caught if issubclass(w.category, UserWarning) and "lies in [0, 1]" in str(w.message)]
+
+
+@pytest.mark.parametrize("side", ["student", "teacher", "both"])
+def test_prob_outputs_equal_the_logit_path(side):
+    zs, zt, y, _ = make_inputs(96, 3, 1, dtype=torch.float64)
+    w, b = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    kw = {f"{s}_outputs": "prob" for s in (("student", "teacher") if side == "both" else (side,))}
+    ps = zs.sigmoid() if "student_outputs" in kw else zs
+    pt = zt.sigmoid() if "teacher_outputs" in kw else zt
+
+    def run(inp_s, inp_t, **extra):
+        x = inp_s.detach().clone().requires_grad_()
+        gw, gb = w.clone().requires_grad_(), b.clone().requires_grad_()
+        loss = gated_distill_loss(x, inp_t, y, gate="logit", gate_weight=gw, gate_bias=gb, temperature=2.0, **extra)
+        loss.backward()
+        return loss, x, gw, gb
+
+    base, xs, bw, bb = run(zs, zt)
+    # the student's gradient through its sigmoid equals the logit path's
+    zs_leaf = zs.detach().clone().requires_grad_()
+    gw, gb = w.clone().requires_grad_(), b.clone().requires_grad_()
+    loss = gated_distill_loss(zs_leaf.sigmoid() if "student_outputs" in kw else zs_leaf, pt, y, gate="logit",
+                              gate_weight=gw, gate_bias=gb, temperature=2.0, **kw)
+    loss.backward()
+    torch.testing.assert_close(loss, base)
+    torch.testing.assert_close(zs_leaf.grad, xs.grad)
+    torch.testing.assert_close(gw.grad, bw.grad)
+    torch.testing.assert_close(gb.grad, bb.grad)
+    # distill_loss and both modules take the same arguments
+    torch.testing.assert_close(distill_loss(ps, pt[:, 0], y, temperature=2.0, **kw),
+                               distill_loss(zs, zt[:, 0], y, temperature=2.0))
+    torch.testing.assert_close(DistillLoss(temperature=2.0, **kw)(ps, pt[:, 0], y),
+                               DistillLoss(temperature=2.0)(zs, zt[:, 0], y))
+    torch.testing.assert_close(GatedDistillLoss(3, **kw)(ps, pt, y), GatedDistillLoss(3)(zs, zt, y))
+    assert "prob" in repr(GatedDistillLoss(3, **kw)) and "outputs" not in repr(GatedDistillLoss(3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_prob_outputs_are_clamped_to_eps(dtype):
+    pt = torch.tensor([[0.0, 1.0], [0.5, 1.0]], dtype=dtype)
+    zs = torch.zeros(2, dtype=dtype)
+    y = torch.tensor([0.0, 1.0])
+    edge = torch.logit(torch.tensor([FK.PROB_EPS, 1 - FK.PROB_EPS]))  # about -16.1 and +15.9
+    want = gated_distill_loss(zs.float(), torch.stack([edge, torch.tensor([0.0, float(edge[1])])]), y)
+    got = gated_distill_loss(zs, pt, y, teacher_outputs="prob")
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got, want)
+    assert torch.isfinite(distill_loss(torch.tensor([0.0, 1.0], dtype=dtype), pt[:, 0], y, student_outputs="prob"))
+
+
+PROB_BAD_CASES = [
+    ("teacher prob > 1", "teacher_outputs='prob'",
+     lambda: gated_distill_loss(torch.randn(4), torch.tensor([[0.5, 2.5]] * 4), torch.ones(4), teacher_outputs="prob")),
+    ("student prob < 0", "student_outputs='prob'",
+     lambda: distill_loss(torch.tensor([0.2, -0.3]), torch.randn(2), student_outputs="prob")),
+    ("unknown kind", "student_outputs must be one of", lambda: DistillLoss(student_outputs="probability")),
+    ("unknown kind functional", "teacher_outputs must be one of",
+     lambda: gated_distill_loss(torch.randn(2), torch.randn(2, 2), torch.ones(2), teacher_outputs="sigmoid")),
+    ("multi-class prob", "binary", lambda: distill_loss(torch.rand(2, 3), torch.rand(2, 3), student_outputs="prob")),
+]
+
+
+@pytest.mark.parametrize("name,match,call", PROB_BAD_CASES, ids=[c[0] for c in PROB_BAD_CASES])
+def test_prob_outputs_bad_input(name, match, call):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_probabilities_passed_as_logits_warn():
+    zs, zt, y, _ = make_inputs(64, 3, 1)
+    ps, pt = zs.sigmoid(), zt.sigmoid()
+    # the student's probabilities as logits: a warning naming student_outputs (functional and module)
+    msgs = _prob_warnings(lambda: gated_distill_loss(ps, zt, y))
+    assert len(msgs) == 1 and "student_outputs='prob'" in msgs[0]
+    msgs = _prob_warnings(lambda: GatedDistillLoss(3)(ps, zt, y))
+    assert len(msgs) == 1 and "student_outputs" in msgs[0]
+    msgs = _prob_warnings(lambda: distill_loss(zs, pt[:, 0], y))
+    assert len(msgs) == 1 and "teacher_outputs='prob'" in msgs[0]
+    # no warning: logits, probabilities declared as such, small batches, and near-constant
+    # batches (an untrained model's logits may all lie in [0, 1]: fastkd's own tiny test runs)
+    assert not _prob_warnings(lambda: gated_distill_loss(zs, zt, y))
+    assert not _prob_warnings(lambda: gated_distill_loss(ps, pt, y, student_outputs="prob", teacher_outputs="prob"))
+    assert not _prob_warnings(lambda: gated_distill_loss(ps[:63], zt[:63], y[:63]))
+    assert not _prob_warnings(lambda: gated_distill_loss(torch.zeros(64), zt, y))
+    narrow = 0.1 + 0.15 * torch.rand(64)  # spread 0.15 < PROB_CHECK_MIN_SPAN
+    assert not _prob_warnings(lambda: gated_distill_loss(narrow, narrow[:, None].expand(64, 3) + 0.01, y))
+    assert len(_prob_warnings(lambda: gated_distill_loss(narrow * 4 - 0.3, zt, y))) == 1  # spread 0.6
+
+
+def test_module_spot_checks_off_the_cpu(monkeypatch):
+    # Off the CPU (here: values_checkable() forced False) the functional reads no values; a
+    # module checks calls 1, 10, 100 and 1000 only (one host sync each).
+    zs, zt, y, _ = make_inputs(64, 3, 1)
+    monkeypatch.setattr("fastkd._validate.values_checkable", lambda t: False)
+    assert not _prob_warnings(lambda: gated_distill_loss(zs.sigmoid(), zt, y))
+    crit = GatedDistillLoss(3)
+    warned = [len(_prob_warnings(lambda: crit(zs.sigmoid(), zt, y))) for _ in range(12)]
+    assert warned == [1] + [0] * 8 + [1, 0, 0]
+    assert len(_prob_warnings(lambda: [crit(zs.sigmoid(), zt, y) for _ in range(88)])) == 1  # call 100
+    assert crit._calls == 100
+    assert len(_prob_warnings(lambda: DistillLoss()(zs, zt[:, 0].sigmoid(), y))) == 1
