@@ -145,6 +145,9 @@ setup(
         "triton": ["triton>=3.0; platform_system == 'Linux'"],
         "data": ["pandas>=1.5", "pyarrow>=12"],
         "report": ["matplotlib>=3.5"],
+        # distillation inside other trainers' fit (fastkd.integration, docs/integration.md)
+        "deepctr": ["deepctr-torch==0.3.0"],
+        "fuxictr": ["fuxictr==2.3.10", "polars==1.44.2"],  # pulls ray[data]
         # fastkd export's ONNX file and onnxruntime (docs/serving.md); TorchScript needs nothing extra
         "serving": ["onnx>=1.18", "onnxruntime>=1.20", "onnxscript>=0.5"],
         # side-by-side throughput comparison (bench/student_throughput.py)
