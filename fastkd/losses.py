@@ -51,10 +51,8 @@ class DistillLoss(nn.Module):
         kd_weight: float = 1.0,
         reduction: str = "mean",
         *,
-        t2_scale: bool = False,
-        student_outputs: str = "logit",
-        teacher_outputs: str = "logit",
-    ) -> None:
+        t2_scale: bool = False, student_outputs: str = "logit", teacher_outputs: str = "logit",
+    ) -> None:  # the functional twin's settings, as torch's modules mirror torch.nn.functional
         super().__init__()
         self.temperature = V.check_temperature(temperature)
         self.hard_weight = V.check_weight("hard_weight", hard_weight)
