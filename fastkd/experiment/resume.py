@@ -12,7 +12,7 @@ from typing import Union
 from .. import distributed as _dist
 from ..atomic import atomic_write_json
 from ..data import CTRData
-from ..train.manifest import CorruptArtifactError, check_fields, data_fingerprint
+from ..train.manifest import check_fields, data_fingerprint, read_json_object
 from .spec import ExperimentSpec
 
 __all__ = ["RUN_FILE", "run_manifest", "check_resume"]
@@ -36,19 +36,7 @@ def run_manifest(spec: ExperimentSpec, train: CTRData, valid: CTRData, test: CTR
     return json.loads(json.dumps(out, default=repr))  # as it reads back from the file
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        text = path.read_text()
-    except UnicodeDecodeError as e:
-        raise CorruptArtifactError(path, "corrupt", f"not text: {e}") from None
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        problem = "truncated" if e.pos >= len(text.rstrip()) else "corrupt"
-        raise CorruptArtifactError(path, problem, f"not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise CorruptArtifactError(path, "corrupt", "not a JSON object")
-    return obj
+_read_json = read_json_object  # run.json and the finished records, checked like every manifest
 
 
 def _write_json(path: Path, obj) -> None:

@@ -18,6 +18,7 @@ that cannot be read whole raises :class:`CorruptArtifactError`; both name the fi
 from __future__ import annotations
 
 import dataclasses
+import json
 import pickle
 from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Union
@@ -178,6 +179,25 @@ def file_checksum(path: Union[str, Path], chunk: int = 1 << 24) -> str:
             if not block:
                 return h.hexdigest()
             h.update(block)
+
+
+def read_json_object(path: Union[str, Path]) -> Dict[str, Any]:
+    """A JSON object from ``path``, or :class:`CorruptArtifactError` naming it: "truncated" when
+    the document ends early (it stops mid-value, or opens an object it never closes), "corrupt"
+    otherwise (not text, not JSON, not an object)."""
+    path = Path(path)
+    text = path.read_bytes()
+    try:
+        obj = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        doc = exc.doc.strip() if isinstance(exc, json.JSONDecodeError) else ""
+        ended = isinstance(exc, json.JSONDecodeError) and (exc.pos >= len(doc) or (
+            doc.startswith("{") and not doc.endswith("}")))
+        raise CorruptArtifactError(path, "truncated" if ended else "corrupt",
+                                   f"not valid JSON ({len(text)} bytes: {exc})") from None
+    if not isinstance(obj, dict):
+        raise CorruptArtifactError(path, "corrupt", f"not a JSON object but a {type(obj).__name__}")
+    return obj
 
 
 def resume_config(cfg) -> Dict[str, Any]:

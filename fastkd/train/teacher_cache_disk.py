@@ -2,7 +2,6 @@
 files, and the row views the :class:`~fastkd.train.teacher_cache.TeacherCache` reads through."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Optional
 
@@ -12,7 +11,7 @@ import torch
 from ..atomic import atomic_write_json
 from ..data import CTRData
 from .manifest import (FORMAT_VERSION, ArtifactMismatchError, CorruptArtifactError, check_fields,
-                       data_fingerprint, file_checksum)
+                       data_fingerprint, file_checksum, read_json_object)
 
 CACHE_FORMAT = "fastkd.teacher_cache"
 META = "cache.json"  # the manifest, written last: a folder without it holds no complete cache
@@ -52,18 +51,7 @@ def _read_manifest(path: Path) -> dict:
     meta_path = path / META
     if not meta_path.exists():
         raise FileNotFoundError(f"{path} holds no complete teacher cache (no {META})")
-    text = meta_path.read_bytes()
-    try:
-        meta = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        # a document that opens an object and stops before closing it was cut short
-        doc = exc.doc.strip() if isinstance(exc, json.JSONDecodeError) else ""
-        ended = isinstance(exc, json.JSONDecodeError) and (exc.pos >= len(doc) or (
-            doc.startswith("{") and not doc.endswith("}")))
-        raise CorruptArtifactError(meta_path, "truncated" if ended else "corrupt",
-                                   f"not valid JSON ({len(text)} bytes: {exc})") from None
-    if not isinstance(meta, dict):
-        raise CorruptArtifactError(meta_path, "corrupt", f"not a JSON object but a {type(meta).__name__}")
+    meta = read_json_object(meta_path)
     if "format_version" not in meta and all(k in meta for k in ("rows", "teachers", "hidden_dim")):
         raise ArtifactMismatchError(meta_path, "format_version", FORMAT_VERSION, None,
                                     "written by an older fastkd, without checksums: rebuild it with TeacherCache.build")
