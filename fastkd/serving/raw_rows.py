@@ -13,7 +13,7 @@ import numpy as np
 from ..atomic import atomic_write_json
 from ..data.encoder import FeatureEncoder
 from ..data.readers import RawTable, bucketize_numeric
-from ..data.readers.formats import CRITEO_NUMERIC
+from ..data.readers.formats import CRITEO_NUMERIC, _avazu_hour
 
 __all__ = ["RawRowEncoder", "ENCODER_FILE", "field_rules"]
 
@@ -103,15 +103,12 @@ class RawRowEncoder:
             return bucketize_numeric(x)
         out = np.empty(len(values), dtype=object)
         for i, v in enumerate(values):
-            if _missing(v):
-                out[i] = None
-                continue
-            s = v if isinstance(v, str) else str(v)
-            if rule == "avazu_hour":
-                if not (len(s) == 8 and s.isdigit()):
-                    raise ValueError(f"row {i}, field {name!r}: hour {s[:40]!r} is not YYMMDDHH")
-                s = s[6:]
-            out[i] = s
+            out[i] = None if _missing(v) else v if isinstance(v, str) else str(v)
+        if rule == "avazu_hour":  # the reader's own rule, so served rows encode as the file's did
+            out, bad = _avazu_hour(out)
+            if bad:
+                i = min(bad)
+                raise ValueError(f"row {i}, field {name!r}: {bad[i]}")
         return out
 
     def encode(self, rows: Union[Sequence[Mapping[str, Any]], Mapping[str, Sequence[Any]]]) -> np.ndarray:
