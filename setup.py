@@ -88,9 +88,9 @@ def _extensions():
     strict = bool(_env_flag("FASTKD_STRICT_BUILD")) or os.environ.get("CI", "").lower() == "true"
     cxx_flags = ["-O3"] if not _env_flag("FASTKD_DEBUG") else ["-O0", "-g"]
     # depends: rebuild when a header changes, and ship the headers/.cu in the sdist
-    headers = ["csrc/fastkd_hash.h", "csrc/hash_cpu.h", "csrc/hash_cuda.h"]
+    headers = ["csrc/fastkd_hash.h", "csrc/hash_cpu.h", "csrc/hash_cuda.h", "csrc/encode_text.h"]
     exts = [Pybind11Extension(
-        "fastkd._hashing", ["csrc/bindings.cpp", "csrc/hash_cpu.cpp"], include_dirs=["csrc"], depends=headers,
+        "fastkd._hashing", ["csrc/bindings.cpp", "csrc/hash_cpu.cpp", "csrc/encode_text.cpp"], include_dirs=["csrc"], depends=headers,
         cxx_std=17, extra_compile_args=[*cxx_flags, "-pthread"], extra_link_args=["-pthread"],
         optional=not strict),
         # -ffp-contract=off: Adagrad's g*g rounds before it is added, as in torch.optim, so the

@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "encode_text.h"
 #include "hash_cpu.h"
 
 namespace py = pybind11;
@@ -182,10 +183,50 @@ static void hash_columns(const py::list& columns, int64_t n_rows, int algorithm,
   }
 }
 
+// Tab-separated lines -> hashed ids (encode_text.h). Buffers are raw addresses kept alive by the
+// caller (fastkd.data.readers.native): buf [length] bytes, ids [capacity, F] int64, labels [capacity] float32.
+py::dict encode_tsv_py(uint64_t buf, int64_t length, int n_cols, int label_col, const std::vector<int>& cols,
+                       const std::vector<int>& numeric, const std::vector<uint64_t>& seeds,
+                       const std::vector<uint64_t>& num_buckets, uint64_t ids, uint64_t labels, int64_t capacity,
+                       int num_threads) {
+  const size_t F = cols.size();
+  if (numeric.size() != F || seeds.size() != F || num_buckets.size() != F)
+    throw py::value_error("encode_tsv: cols, numeric, seeds and num_buckets must have one entry per field");
+  TextFields sp;
+  sp.n_cols = n_cols;
+  sp.label_col = label_col;
+  if (label_col < 0 || label_col >= n_cols) throw py::value_error("encode_tsv: label_col out of range");
+  for (size_t f = 0; f < F; ++f) {
+    if (cols[f] < 0 || cols[f] >= n_cols) throw py::value_error("encode_tsv: cols[" + std::to_string(f) + "] out of range");
+    if (num_buckets[f] < 2) throw py::value_error("encode_tsv: num_buckets must be >= 2");
+    sp.col.push_back(cols[f]);
+    sp.numeric.push_back(numeric[f] != 0);
+    sp.seed.push_back(seeds[f]);
+    sp.fm.push_back(make_fastmod(num_buckets[f] - 1));
+  }
+  TextResult r;
+  {
+    py::gil_scoped_release nogil;
+    r = encode_tsv(reinterpret_cast<const uint8_t*>(buf), length, sp, reinterpret_cast<int64_t*>(ids),
+                   reinterpret_cast<float*>(labels), capacity, std::max(1, num_threads));
+  }
+  py::dict d;
+  d["lines"] = r.lines;
+  d["rows"] = r.rows;
+  d["fallback"] = r.fallback;
+  d["fb_line"] = r.fb_line;
+  d["fb_start"] = r.fb_start;
+  d["fb_end"] = r.fb_end;
+  return d;
+}
+
 PYBIND11_MODULE(_hashing, m) {
   m.doc() = "fastkd native CPU hashing (private; use fastkd.hashing)";
   m.def("hash_columns", &hash_columns, py::arg("columns"), py::arg("n_rows"), py::arg("algorithm"),
         py::arg("mode"), py::arg("num_threads"), py::arg("missing_objects"));
+  m.def("encode_tsv", &encode_tsv_py, py::arg("buf"), py::arg("length"), py::arg("n_cols"), py::arg("label_col"),
+        py::arg("cols"), py::arg("numeric"), py::arg("seeds"), py::arg("num_buckets"), py::arg("ids"),
+        py::arg("labels"), py::arg("capacity"), py::arg("num_threads"));
   // One value at a time: the exactness tests compare these with xxhash/mmh3 and Python's %.
   m.def("xxh3_64", [](const py::bytes& b, uint64_t seed) {
     std::string_view s = b;

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .data.rows import Rows
+
 __all__ = ["swap_augment"]
 
 
@@ -37,7 +39,8 @@ def swap_augment(ids: np.ndarray, ratio: float, swap_prob: float = 0.2, seed: in
         >>> swap_augment(ids, ratio=2.0, swap_prob=0.5, seed=0).shape
         (6, 2)
     """
-    ids = np.asarray(ids)
+    if not isinstance(ids, Rows):  # Rows (memory-mapped blocks) are gathered from in place
+        ids = np.asarray(ids)
     if ids.ndim != 2 or ids.dtype.kind not in "iu":
         raise ValueError(f"ids must be an integer array [N, F], got {ids.dtype} {ids.shape}")
     if not np.isfinite(ratio) or ratio < 0:

@@ -36,7 +36,8 @@ def _spec(args):
     cfg = TrainConfig(max_epochs=args.max_epochs, batch_size=batch_size, lr=args.lr,
                       early_stop=args.early_stop, patience=args.patience, progress=args.progress or None,
                       precision=args.precision, merge_validation=args.merge_validation,
-                      monitor_fraction=args.monitor_fraction, monitor_window=args.monitor_window)
+                      monitor_fraction=args.monitor_fraction, monitor_window=args.monitor_window,
+                      steps_per_epoch=args.steps_per_epoch)
     spec = ExperimentSpec(
         teachers=args.teachers, student=args.student, mode=args.mode, gate=args.gate, gate_fit=args.gate_fit,
         ensemble=args.ensemble, temperature=args.temperature, hard_weight=args.hard_weight,
@@ -230,55 +231,11 @@ def cmd_demo(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    from . import distributed
-    from .data import load
+    from .cli_data import read_splits
 
     _check_out(args)
-    numeric = args.numeric or ()
-    # under torchrun every rank reads and encodes its share of the files, then all hold the data
-    sharded = distributed.get_world_size() > 1
-    # malformed rows: skipped with a warning up to --max-bad-rows (load()'s default: 1 %), an error above
-    checks = dict(strict=args.strict) if args.max_bad_rows is None else \
-        dict(strict=args.strict, max_bad_rows=args.max_bad_rows)
-    if args.encoder == "hash" and args.num_buckets is None:
-        raise ValueError("--encoder hash needs --num-buckets (one count for every field, or one per field: "
-                         "e.g. --num-buckets 1000000 or --num-buckets 1000,50000,...)")
-    if args.encoder != "hash" and args.num_buckets is not None:
-        raise ValueError("--num-buckets is for --encoder hash (the vocab encoder sizes fields from the data)")
-    buckets = None if args.num_buckets is None else (
-        args.num_buckets[0] if len(args.num_buckets) == 1 else args.num_buckets)
-    common = dict(kind=args.encoder, min_count=args.min_count, num_buckets=buckets, label=args.label,
-                  numeric=numeric, sharded=sharded, **checks)
-    if args.data:
-        if args.train or args.valid or args.test:
-            raise ValueError("give either --data or --train/--valid/--test, not both")
-        data, enc = load(args.data, return_encoder=True, **common)
-        train, valid, test = data.split((0.8, 0.1, 0.1), seed=args.split_seed)
-        desc = (f"`{args.data}`: {len(data):,} rows, {len(data.field_sizes)} fields, positive rate "
-                f"{data.labels.mean():.3f}; rows permuted by numpy.random.default_rng({args.split_seed}), "
-                f"80/10/10 -> {len(train):,} / {len(valid):,} / {len(test):,}; {args.encoder} encoding fitted on "
-                f"the whole file (no labels used)")
-        reports = {"data": data.read_report}
-        kind = args.data
-    else:
-        if not (args.train and args.valid and args.test):
-            raise ValueError("give --data KIND:PATH, or all three of --train, --valid and --test")
-        train, enc = load(args.train, return_encoder=True, **common)
-        rest = dict(encoder=enc, label=args.label, numeric=numeric, sharded=sharded, **checks)
-        valid = load(args.valid, **rest)
-        test = load(args.test, **rest)
-        desc = (f"train `{args.train}` ({len(train):,}), valid `{args.valid}` ({len(valid):,}), test "
-                f"`{args.test}` ({len(test):,}); {args.encoder} encoding fitted on train")
-        reports = {"train": train.read_report, "valid": valid.read_report, "test": test.read_report}
-        kind = args.train
-    encoder = None
-    if enc is not None:  # files (not generated data): the encoder and the readers' per-field rules, for serving
-        from .serving import RawRowEncoder, field_rules
-
-        encoder = RawRowEncoder(enc, field_rules(kind.split(":", 1)[0], enc.field_names, numeric))
-    # generated data (synthetic:N) read no file: no report
-    return _run(args, train, valid, test, desc, {k: r.to_dict() for k, r in reports.items() if r is not None},
-                encoder=encoder)
+    train, valid, test, desc, reports, encoder = read_splits(args)
+    return _run(args, train, valid, test, desc, reports, encoder=encoder)
 
 
 def cmd_export(args) -> int:
@@ -345,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="malformed lines skipped (counted, warned about, in the report) up to this many: a count "
                         "(10), a fraction of the lines read (0.01) or a percentage (1%%); more stops the run "
                         "before any training (default: 1%%; 0 refuses any, after reading them all)")
+    d.add_argument("--cache-dir", default=None,
+                   help="with --data: encode the file once into a memory-mapped cache in this folder and reuse "
+                        "it on later runs with the same file and settings (large data: the rows stay on disk)")
     d.add_argument("--out", required=True)
     d.add_argument("--segment-field", default=None, help="field whose values split the test rows into segments "
                                                          "for a per-segment AUC table")

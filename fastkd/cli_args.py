@@ -119,6 +119,9 @@ def add_training_args(p: argparse.ArgumentParser, *, max_epochs: int, batch_size
     p.add_argument("--patience", type=_positive_int, default=None, help="default 2 (auc/logloss), 3 (kd)")
     p.add_argument("--seeds", type=_positive_int, default=1, help="number of seeds (0..N-1)")
     p.add_argument("--max-epochs", type=_positive_int, default=max_epochs)
+    p.add_argument("--steps-per-epoch", type=_positive_int, default=None,
+                   help="at most this many batches an epoch, each epoch still a shuffle of every row (scale runs "
+                        "and quick checks on data too large to pass over in full; default: all)")
     p.add_argument("--batch-size", type=_positive_int, default=None,
                    help=f"training batch size (default: {batch_size}, halved until an epoch has at least "
                         f"{MIN_STEPS_PER_EPOCH} steps, so small samples still train)")

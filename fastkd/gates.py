@@ -158,14 +158,17 @@ def gate_alpha(gate: nn.Module, rows: GateRows, batch_size: int = 16384) -> torc
     """α ``[N, M]`` of a gate on ``rows`` (eval mode)."""
     was = gate.training
     gate.eval()
+    # one output tensor, filled batch by batch (per-batch pieces between the batches' activations
+    # fragment the heap on large data; see fastkd.train.evaluation.predict)
+    out = torch.zeros(len(rows), rows.logits.shape[1])
     try:
-        out = []
         for a in range(0, len(rows), batch_size):
-            ids, z, h, _ = rows.batch(torch.arange(a, min(a + batch_size, len(rows))))
-            out.append(torch.softmax(gate(ids, z, h), dim=1))
+            b = min(a + batch_size, len(rows))
+            ids, z, h, _ = rows.batch(torch.arange(a, b))
+            out[a:b] = torch.softmax(gate(ids, z, h), dim=1)
     finally:
         gate.train(was)
-    return torch.cat(out) if out else torch.zeros(0, rows.logits.shape[1])
+    return out
 
 
 def _gate_loss(gate: nn.Module, ids, z, h, y) -> torch.Tensor:

@@ -79,6 +79,11 @@ def _load_worker(spec: dict, rank: int, out: Path) -> None:
             res[name] = (data.ids, data.labels, data.field_sizes, enc.state_dict())
         except Exception as exc:  # the strict case: every rank must raise, none may hang
             res[name] = f"{type(exc).__name__}: {exc}"
+    from fastkd.data import cached_split  # the on-disk cache: rank 0 builds it, every rank maps it
+    path, kwargs = spec["load_cases"]["criteo-hash"]
+    parts, _, folder = cached_split(path, out / "encoded_cache", kind="hash", num_buckets=kwargs["num_buckets"])
+    res["cached_split"] = ([(np.array(p.ids), np.array(p.labels)) for p in parts], folder.name,
+                           sorted(q.name for q in (out / "encoded_cache").iterdir()))
     torch.save(res, out / f"load{rank}.pt")
 
 
@@ -304,6 +309,22 @@ def test_two_ranks_load_what_one_process_loads(sharded_loads):
             assert np.array_equal(ids, data.ids), (name, r)
             assert np.array_equal(labels, data.labels), (name, r)
             assert sizes == data.field_sizes and state == enc.state_dict(), (name, r)
+
+
+def test_encoded_cache_is_built_once_and_mapped_by_every_rank(sharded_loads):
+    # mutation caught: every rank building its own cache (a second folder, or a rank reading a
+    # folder another rank is still writing), or parts that differ from one process's split
+    from fastkd.data import load
+
+    cases, ranks = sharded_loads
+    path, kwargs = cases["criteo-hash"]
+    want = load(path, kind="hash", num_buckets=kwargs["num_buckets"]).split((0.8, 0.1, 0.1), seed=0)
+    for res in ranks:
+        parts, folder, listing = res["cached_split"]
+        assert listing == [folder]
+        for (ids, labels), w in zip(parts, want):
+            np.testing.assert_array_equal(ids, w.ids)
+            np.testing.assert_array_equal(labels, w.labels)
 
 
 def test_an_error_on_one_rank_is_raised_on_every_rank(sharded_loads):

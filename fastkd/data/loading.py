@@ -8,6 +8,7 @@ import numpy as np
 
 from .encoder import FeatureEncoder
 from .readers import DEFAULT_MAX_BAD_ROWS, ReadReport, iter_table, parse_spec
+from .readers.native import iter_criteo_hashed, native_available
 from .readers.report import check_max_bad_rows, check_report
 from .segmented import make_segmented
 from .synthetic import make_synthetic
@@ -100,19 +101,55 @@ def load(spec: str, *, encoder: Optional[FeatureEncoder] = None, kind: str = "vo
                              dict(chunk_rows=chunk_rows, strict=strict, label=label, numeric=numeric,
                                   columns=columns), max_bad_rows)
 
-    def chunks():
-        return iter_table(spec, chunk_rows=chunk_rows, strict=strict, label=label, numeric=numeric,
+    def chunks(rows=chunk_rows):
+        return iter_table(spec, chunk_rows=rows, strict=strict, label=label, numeric=numeric,
                           columns=columns)
 
-    first_pass = _Checked(chunks(), spec, max_bad_rows)  # validates spec and files before anything is fitted
+    # validates spec and files before anything is fitted; a hash encoder needs only the field
+    # names, from a first chunk kept small (its raw tokens are Python strings: ~2 KiB a row)
+    first_pass = _Checked(chunks(_fit_chunk_rows(encoder, kind, chunk_rows)), spec, max_bad_rows)
     if encoder is None:
         encoder = FeatureEncoder(kind, min_count=min_count, num_buckets=num_buckets, seed=seed).fit(first_pass)
     first_pass.close()  # a hash encoder stops after the first chunk; release the open file now
+    if not strict and _native_path(spec, encoder):
+        blocks = list(encoded_blocks(spec, encoder, dict(chunk_rows=chunk_rows, label=label, numeric=numeric,
+                                                          columns=columns)))
+        report = ReadReport()
+        for _, _, rep in blocks:
+            report = report.merge(rep)
+        check_report(report, *parse_spec(spec), max_bad_rows, stacklevel=3)
+        F = len(encoder.field_names)
+        data = CTRData(np.concatenate([b[0] for b in blocks]) if blocks else np.empty((0, F), np.int64),
+                       np.concatenate([b[1] for b in blocks]) if blocks else np.empty(0, np.float32),
+                       encoder.field_names, encoder.field_sizes, read_report=report)
+        return (data, encoder) if return_encoder else data
     second_pass = _Checked(chunks(), spec, max_bad_rows)
     data = encoder.transform(second_pass)
     data.read_report = second_pass.report
     second_pass.warn()
     return (data, encoder) if return_encoder else data
+
+
+def _fit_chunk_rows(encoder: Optional[FeatureEncoder], kind: str, chunk_rows: int) -> int:
+    """Rows per chunk of the fitting pass: a hash encoder (or a given one) reads one small chunk."""
+    return chunk_rows if encoder is None and kind == "vocab" else min(chunk_rows, 1000)
+
+
+def _native_path(spec: str, encoder: FeatureEncoder) -> bool:
+    """Whether :func:`encoded_blocks` takes the native criteo hasher for this source and encoder."""
+    return parse_spec(spec)[0] == "criteo" and encoder.kind == "hash" and native_available()
+
+
+def encoded_blocks(spec: str, encoder: FeatureEncoder, read: dict):
+    """``(ids, labels, report)`` per block of ``spec`` encoded by the fitted ``encoder``: the native
+    criteo hasher (:func:`~fastkd.data.readers.native.iter_criteo_hashed`) where it applies, else
+    the reader's chunks through ``encoder.transform``. Same rows, ids and reports either way."""
+    if _native_path(spec, encoder):
+        yield from iter_criteo_hashed(parse_spec(spec)[1], encoder, read.get("columns"))
+        return
+    for t in iter_table(spec, **read):
+        d = encoder.transform(t)
+        yield d.ids, d.labels, t.report
 
 
 class _Checked:

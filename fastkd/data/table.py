@@ -7,6 +7,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .readers.report import ReadReport
+from .rows import Rows, is_file_backed
 
 IndexLike = Union[slice, np.ndarray, Sequence[int], Sequence[bool]]
 
@@ -48,6 +49,8 @@ class CTRData:
     read_report: Optional[ReadReport] = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.ids, Rows) or isinstance(self.labels, Rows):
+            return self._check_rows()
         ids = np.asarray(self.ids)
         if ids.ndim != 2:
             raise ValueError(f"ids must be a 2-d array [N, F], got shape {ids.shape}")
@@ -82,6 +85,22 @@ class CTRData:
         if self.labels.size and not np.all((self.labels == 0) | (self.labels == 1)):
             raise ValueError("labels must be 0 or 1")
 
+    def _check_rows(self) -> None:
+        """The checks of ``__post_init__`` for :class:`~fastkd.data.rows.Rows` (block by block, no copy)."""
+        if not (isinstance(self.ids, Rows) and isinstance(self.labels, Rows)):
+            raise ValueError("ids and labels must both be Rows, or both arrays")
+        if self.ids.ndim != 2 or self.ids.dtype != np.int64 or self.labels.dtype != np.float32:
+            raise ValueError(f"Rows ids must be int64 [N, F] and labels float32, got {self.ids.dtype} "
+                             f"{self.ids.shape} / {self.labels.dtype}")
+        if self.labels.shape != (self.ids.shape[0],):
+            raise ValueError(f"labels must have shape ({self.ids.shape[0]},) to match ids, got {self.labels.shape}")
+        self.field_names = [str(n) for n in self.field_names]
+        self.field_sizes = [int(s) for s in self.field_sizes]
+        if len(self.field_names) != self.ids.shape[1] or len(self.field_sizes) != self.ids.shape[1]:
+            raise ValueError(f"ids has {self.ids.shape[1]} fields but field_names has {len(self.field_names)} "
+                             f"and field_sizes has {len(self.field_sizes)} entries")
+        # the parts are CTRData arrays (concat's inputs): already range- and label-checked
+
     def __len__(self) -> int:
         return int(self.ids.shape[0])
 
@@ -93,7 +112,11 @@ class CTRData:
     @property
     def positive_rate(self) -> float:
         """Fraction of rows with label 1 (``nan`` for empty data)."""
-        return float(self.labels.mean()) if len(self) else float("nan")
+        if not len(self):
+            return float("nan")
+        if isinstance(self.labels, Rows):
+            return float(sum(float(p.sum(dtype=np.float64)) for p in self.labels.parts) / len(self))
+        return float(self.labels.mean())
 
     def __repr__(self) -> str:
         return (f"CTRData(n={len(self)}, fields={self.num_fields}, positive_rate={self.positive_rate:.4f}, "
@@ -174,6 +197,10 @@ class CTRData:
                 raise ValueError(f"part {i} has field_names {p.field_names}, expected {first.field_names}")
             if p.field_sizes != first.field_sizes:
                 raise ValueError(f"part {i} has field_sizes {p.field_sizes}, expected {first.field_sizes}")
-        return CTRData(np.concatenate([p.ids for p in parts], axis=0),
-                       np.concatenate([p.labels for p in parts]),
+        if any(is_file_backed(p.ids) for p in parts):
+            # memory-mapped parts (the on-disk cache) stay on disk: a Rows view, not a copy
+            return CTRData(Rows([p.ids for p in parts]), Rows([p.labels for p in parts]),
+                           list(first.field_names), list(first.field_sizes))
+        return CTRData(np.concatenate([np.asarray(p.ids) for p in parts], axis=0),
+                       np.concatenate([np.asarray(p.labels) for p in parts]),
                        list(first.field_names), list(first.field_sizes))

@@ -30,6 +30,8 @@ def run_manifest(spec: ExperimentSpec, train: CTRData, valid: CTRData, test: CTR
     ``eval_batch_size``), and the fingerprints of the three splits' ids and labels. JSON values."""
     settings = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name != "config"}
     cfg = {k: v for k, v in dataclasses.asdict(spec.config).items() if k not in _FREE_CONFIG}
+    if cfg.get("steps_per_epoch") is None:  # uncapped: as run folders written before the setting existed
+        cfg.pop("steps_per_epoch", None)
     data = {name: data_fingerprint(d.ids, d.labels) for name, d in (("train", train), ("valid", valid),
                                                                      ("test", test))}
     out = {"format": _RUN_FORMAT, "format_version": _FORMAT_VERSION, **settings, "config": cfg, "data": data}

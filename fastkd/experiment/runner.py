@@ -47,6 +47,7 @@ import torch
 from .. import distributed as _dist
 from ..atomic import atomic_write
 from ..data import CTRData
+from ..data.rows import as_tensor_rows
 from ..train.distiller import Distiller
 from ..metrics import roc_auc
 from ..models import build_model
@@ -75,7 +76,7 @@ def _params(model: torch.nn.Module) -> int:
 
 
 def _infer_rate(model: torch.nn.Module, data: CTRData, batch_size: int) -> float:
-    ids = torch.from_numpy(data.ids)
+    ids = as_tensor_rows(data.ids)
     predict(model, ids[:batch_size], batch_size)  # warm-up
     t0 = time.perf_counter()
     predict(model, ids, batch_size)

@@ -47,6 +47,9 @@ class TrainConfig:
             rate or stop training early. The best epoch is the one whose smoothed value was best.
             Default 3 (docs/accuracy.md).
         seed: seeds initialisation and data order.
+        steps_per_epoch: train at most this many batches an epoch (None: all). Each epoch's
+            permutation still spans every row, so a capped epoch is a uniform sample of them: for
+            scale runs and quick checks on data too large to pass over in full.
         progress: show tqdm progress bars (default: when stderr is a terminal).
         precision: "fp32", or "bf16" to run the training forward passes under
             ``torch.autocast(dtype=torch.bfloat16)`` (weights, optimizer and losses stay float32).
@@ -65,6 +68,7 @@ class TrainConfig:
     monitor_fraction: float = 0.5
     monitor_window: int = 3
     seed: int = 0
+    steps_per_epoch: Optional[int] = None
     progress: Optional[bool] = None
     precision: str = "fp32"
 
@@ -73,6 +77,10 @@ class TrainConfig:
             raise ValueError(f"early_stop must be one of {tuple(MONITORS)}, got {self.early_stop!r}")
         if self.patience is None:
             self.patience = 3 if self.early_stop == "kd" else 2
+        if self.steps_per_epoch is not None and (isinstance(self.steps_per_epoch, bool) or
+                                                 int(self.steps_per_epoch) != self.steps_per_epoch or
+                                                 self.steps_per_epoch < 1):
+            raise ValueError(f"steps_per_epoch must be None or an int >= 1, got {self.steps_per_epoch!r}")
         if self.patience < 1 or self.max_epochs < 1 or self.batch_size < 1:
             raise ValueError("patience, max_epochs and batch_size must be >= 1")
         if isinstance(self.monitor_window, bool) or not isinstance(self.monitor_window, int) or self.monitor_window < 1:

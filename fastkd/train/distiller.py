@@ -29,6 +29,7 @@ from torch import nn
 from .. import distributed as _dist
 from .. import functional as FK
 from ..augment import swap_augment
+from ..data.rows import Rows, TensorRows
 from ..data import CTRData
 from ..gates import GateRows, ensemble_logits, fit_gate, gate_alpha, make_gate
 from ..losses import GatedDistillLoss, HintLoss
@@ -321,7 +322,8 @@ class Distiller:
             n = len(student_train)
             idx = torch.arange(n)
             z, h = cache.gather(idx)
-            fit = GateRows(student_train.ids, z.numpy(), student_train.labels, None if h is None else h.numpy())
+            fit = GateRows(student_train.ids, z.numpy(), np.asarray(student_train.labels),
+                           None if h is None else h.numpy())
             return fit, rows_of(monitor)
         if cfg.merge_validation:  # the merged validation rows: in the student's rows, unseen by teachers
             a, b = len(train), len(student_train)
@@ -351,7 +353,7 @@ class Distiller:
             self.summary["gate"].update(fit_rows=len(fit), monitor_rows=len(mon),
                                         seconds=time.perf_counter() - t0)
             self.stacked_gate = gate
-            ids = np.concatenate([student_train.ids, aug_ids]) if len(aug_ids) else student_train.ids
+            ids = _with_rows(student_train.ids, aug_ids)
             alpha = gate_alpha(gate, GateRows(ids, z_all.numpy(), None, None if h_all is None else h_all.numpy()))
         return ensemble_logits(z_all.float(), alpha.float(), self.ensemble, self.temperature).unsqueeze(1)
 
@@ -427,7 +429,11 @@ class Distiller:
 
         seed_everything(cfg.seed)
         ids, labels = _as_tensors(student_train)
-        if len(aug_ids):
+        if len(aug_ids) and isinstance(student_train.ids, Rows):
+            # memory-mapped rows (the on-disk cache) are read in place, the augmented ones after them
+            slot = np.full(len(aug_ids), _AUG_LABEL_SLOT, dtype=np.float32)
+            ids, labels = TensorRows(Rows([student_train.ids, aug_ids])), TensorRows(Rows([student_train.labels, slot]))
+        elif len(aug_ids):
             # augmented rows' label slots are never read (their hard-label and gate terms are off)
             ids = torch.cat([ids, torch.from_numpy(aug_ids)])
             labels = torch.cat([labels, torch.full((len(aug_ids),), _AUG_LABEL_SLOT, dtype=labels.dtype)])
@@ -536,3 +542,13 @@ class Distiller:
         ``ensemble`` mixing; rows no teacher trained on)."""
         logits, hidden = self._teacher_outputs(data)
         return self._signal(logits, data, hidden)
+
+
+def _with_rows(ids, aug_ids: np.ndarray):
+    """The real rows then the augmented ones: a :class:`~fastkd.data.rows.Rows` view when the
+    real rows are one (memory-mapped data), else the concatenated array."""
+    if not len(aug_ids):
+        return ids
+    if isinstance(ids, Rows):
+        return Rows([ids, aug_ids])
+    return np.concatenate([ids, aug_ids])

@@ -239,7 +239,6 @@ class _Loop:
                     torch.manual_seed(_dist.rank_seed(self.cfg.seed, self.epoch))
                     perm = _dist.shard_permutation(perm)
                 rows = perm.shape[0]
-                ids_e, lab_e = ids[perm], labels[perm]
                 total, seen = torch.zeros((), dtype=torch.float64), 0
                 bar = tqdm(total=rows, desc=f"{self.desc} epoch {self.epoch + 1}", unit="sample",
                            disable=not self.cfg.show_progress or rank != 0, leave=False)
@@ -247,10 +246,13 @@ class _Loop:
                 stops = list(range(bs, rows, bs))
                 if stops and rows - stops[-1] < 2:
                     stops.pop()
-                bounds = list(zip([0] + stops, stops + [rows]))
+                bounds = list(zip([0] + stops, stops + [rows]))[:self.cfg.steps_per_epoch]
                 for k, (a, b) in enumerate(bounds):
+                    # gathered batch by batch: no permuted copy of the whole training set per epoch
+                    # (ids may be memory-mapped rows: fastkd.data.MappedRows)
+                    index = perm[a:b]
                     with amp:
-                        loss = step(ids_e[a:b], lab_e[a:b], perm[a:b])
+                        loss = step(ids[index], labels[index], index)
                     self.opt.zero_grad()
                     loss.backward()
                     self.opt.step()
@@ -278,7 +280,7 @@ class _Loop:
                     self.opt.scale_lr(0.1)
                 self.history.append({"epoch": self.epoch + 1, "train_loss": float(total) / max(seen, 1),
                                      "monitor": value, "smoothed_monitor": smoothed, "train_seconds": train_time,
-                                     "samples_per_s": n / train_time})
+                                     "samples_per_s": (n if self.cfg.steps_per_epoch is None else seen) / train_time})
                 self.epoch += 1
                 done = self.stopper.should_stop
                 if self.checkpoint is not None and rank == 0:

@@ -87,6 +87,17 @@ def _as_numpy(x) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
+def _blocks(x) -> list:
+    """The row blocks of an array, a tensor, a list of them, or (Tensor)Rows (their parts)."""
+    from ..data.rows import Rows, TensorRows
+
+    if isinstance(x, TensorRows):
+        x = x.rows
+    if isinstance(x, Rows):
+        return list(x.parts)
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
 def data_fingerprint(ids, labels=None) -> Dict[str, Any]:
     """``{"rows", "fields", "ids", "labels"}`` of ids ``[N, F]`` (and labels ``[N]``; None when not
     given): xxh3-128 digests of the arrays' dtypes, shapes and bytes (about 10 GB/s; numpy arrays
@@ -95,7 +106,7 @@ def data_fingerprint(ids, labels=None) -> Dict[str, Any]:
     ``ids`` may be a list of row blocks with the same fields; the digest is that of their
     concatenation, without building it.
     """
-    blocks = [_as_numpy(b) for b in (ids if isinstance(ids, (list, tuple)) else [ids])]
+    blocks = [_as_numpy(b) for b in _blocks(ids)]
     if any(b.ndim != 2 for b in blocks) or len({b.shape[1] for b in blocks}) != 1:
         raise ValueError(f"ids must be [N, F] blocks with one F, got shapes {[b.shape for b in blocks]}")
     h = xxhash.xxh3_128()
@@ -107,7 +118,11 @@ def data_fingerprint(ids, labels=None) -> Dict[str, Any]:
     label_hash = None
     if labels is not None:
         lh = xxhash.xxh3_128()
-        _update_array(lh, _as_numpy(labels))
+        parts = [_as_numpy(b) for b in _blocks(labels)]
+        # the digest _update_array gives the concatenation, block by block
+        lh.update(f"{parts[0].dtype.str}({sum(len(p) for p in parts)},)".encode())
+        for p in parts:
+            lh.update(np.ascontiguousarray(p).reshape(-1).view(np.uint8))
         label_hash = lh.hexdigest()
     return {"rows": rows, "fields": fields, "ids": h.hexdigest(), "labels": label_hash}
 
@@ -203,7 +218,10 @@ def read_json_object(path: Union[str, Path]) -> Dict[str, Any]:
 def resume_config(cfg) -> Dict[str, Any]:
     """The :class:`~fastkd.train.TrainConfig` fields a resumed run must share with the run that
     wrote the checkpoint: every field except ``max_epochs``, ``progress`` and ``eval_batch_size``."""
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in _FREE_CONFIG_FIELDS}
+    out = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in _FREE_CONFIG_FIELDS}
+    if out.get("steps_per_epoch") is None:  # uncapped: as checkpoints written before the field existed
+        out.pop("steps_per_epoch", None)
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from torch import nn
 
 from .. import distributed as _dist
 from ..data import CTRData
+from ..data.rows import as_tensor_rows
 from .evaluation import predict
 from .manifest import CorruptArtifactError, check_fields, data_fingerprint, models_manifest
 from .teacher_cache_disk import (CACHE_FORMAT, META, _file_entries, _ids_fingerprint, _manifest, _MemmapRows, _open_array,
@@ -95,7 +96,7 @@ class TeacherCache:
         rows or teachers, truncated or corrupt) is overwritten without being read, and its
         ``cache.json`` is removed first, so an interrupted build leaves no cache to trust.
         """
-        ids = torch.from_numpy(data.ids) if isinstance(data, CTRData) else data
+        ids = as_tensor_rows(data.ids) if isinstance(data, CTRData) else data
         n, m = ids.shape[0], len(teachers)
         if m == 0:
             raise ValueError("teachers is empty")

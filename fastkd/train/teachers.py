@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..data import CTRData
+from ..data.rows import as_tensor_rows
 from .config import TrainConfig
 from .evaluation import predict
 from .manifest import data_fingerprint
@@ -120,7 +121,7 @@ class TeacherSet:
                 ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         """Teachers' logits ``[N, M]`` float32 (and hidden ``[N, M, d]``, zero-padded to the widest)
         on rows no teacher trained on; a cross-fitted teacher gives its fold models' mean."""
-        ids = torch.from_numpy(data.ids) if isinstance(data, CTRData) else data
+        ids = as_tensor_rows(data.ids) if isinstance(data, CTRData) else data
         n, m = ids.shape[0], len(self.models)
         d = self.hidden_dim if hidden else 0
         if hidden and (self.folds > 1 or d < 1):
@@ -143,7 +144,7 @@ class TeacherSet:
             raise ValueError("out-of-fold outputs exist only for the rows the teachers were cross-fitted on "
                              f"({'no folds' if self.fold_of is None else f'{len(self.fold_of)} rows'}; got {len(data)} "
                              "rows with another fingerprint)")
-        ids = torch.from_numpy(data.ids)
+        ids = as_tensor_rows(data.ids)
         logits = np.empty((len(data), len(self.models)), dtype=np.float32)
         for j, model in enumerate(self.models):
             for k, fold_model in enumerate(model.folds):

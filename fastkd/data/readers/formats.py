@@ -13,13 +13,12 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from .criteo import CRITEO_CATEGORICAL, CRITEO_NUMERIC, _read_criteo
 from .report import EXPECTED
 from .raw import _Chunk, _finish_chunk, _open_text, _select, _text_chunks
 
 __all__ = ["CRITEO_NUMERIC", "CRITEO_CATEGORICAL", "AVAZU_COLUMNS", "FRAPPE_FIELDS", "IPINYOU_FIELDS"]
 
-CRITEO_NUMERIC = [f"I{i}" for i in range(1, 14)]
-CRITEO_CATEGORICAL = [f"C{i}" for i in range(1, 27)]
 AVAZU_COLUMNS = [
     "id", "click", "hour", "C1", "banner_pos", "site_id", "site_domain", "site_category", "app_id",
     "app_domain", "app_category", "device_id", "device_ip", "device_model", "device_type",
@@ -38,30 +37,6 @@ _DEFAULT_LABEL = {"avazu": "click", "csv": "label", "parquet": "label"}
 # ----------------------------------------------------------------------------------------------
 # Kind readers: each yields RawTables, one per chunk per file
 # ----------------------------------------------------------------------------------------------
-def _read_criteo(paths, chunk_rows, strict, label, numeric, columns, units):
-    if numeric:
-        raise ValueError("numeric= does not apply to kind 'criteo' (I1..I13 are always numeric)")
-    names_all = CRITEO_NUMERIC + CRITEO_CATEGORICAL
-    sel = _select(names_all, columns, "criteo")
-    names = [names_all[i] for i in sel]
-    is_num = [i < 13 for i in sel]
-    all_sel = columns is None
-    for path in paths:
-        with _open_text(path) as fh:
-            for nos, lines in _text_chunks(fh, chunk_rows, units):
-                ch = _Chunk(path, units)
-                ch.n_read = len(lines)
-                for line_no, s in zip(nos, lines):
-                    parts = s.split("\t")
-                    if len(parts) != 40:
-                        ch.bad.append((line_no, f"expected 40 tab-separated fields, got {len(parts)}"))
-                        continue
-                    ch.lines.append(line_no)
-                    ch.labels.append(parts[0])
-                    ch.rows.append(parts[1:] if all_sel else [parts[1 + i] for i in sel])
-                yield _finish_chunk(ch, names, is_num, strict)
-
-
 _LIBFM_VAL = re.compile(r":\S*")  # the ":val" part of an entry
 
 
