@@ -82,8 +82,10 @@ def _load_worker(spec: dict, rank: int, out: Path) -> None:
     from fastkd.data import cached_split  # the on-disk cache: rank 0 builds it, every rank maps it
     path, kwargs = spec["load_cases"]["criteo-hash"]
     parts, _, folder = cached_split(path, out / "encoded_cache", kind="hash", num_buckets=kwargs["num_buckets"])
+    from fastkd.data.rows import is_file_backed
     res["cached_split"] = ([(np.array(p.ids), np.array(p.labels)) for p in parts], folder.name,
-                           sorted(q.name for q in (out / "encoded_cache").iterdir()))
+                           sorted(q.name for q in (out / "encoded_cache").iterdir()),
+                           all(is_file_backed(p.ids) for p in parts))
     torch.save(res, out / f"load{rank}.pt")
 
 
@@ -320,8 +322,9 @@ def test_encoded_cache_is_built_once_and_mapped_by_every_rank(sharded_loads):
     path, kwargs = cases["criteo-hash"]
     want = load(path, kind="hash", num_buckets=kwargs["num_buckets"]).split((0.8, 0.1, 0.1), seed=0)
     for res in ranks:
-        parts, folder, listing = res["cached_split"]
+        parts, folder, listing, mapped = res["cached_split"]
         assert listing == [folder]
+        assert mapped  # every rank reads the rows from the shared files, none holds a copy
         for (ids, labels), w in zip(parts, want):
             np.testing.assert_array_equal(ids, w.ids)
             np.testing.assert_array_equal(labels, w.labels)

@@ -75,3 +75,17 @@ def test_concat_of_memory_mapped_parts_is_a_view(tmp_path):
     assert isinstance(mem.ids, Rows)  # one file-backed part is enough
     plain = CTRData.concat([CTRData(np.zeros((2, 2), np.int64), np.zeros(2, np.float32), ["a", "b"], [5, 5])] * 2)
     assert isinstance(plain.ids, np.ndarray)
+
+
+def test_subset_of_a_memory_mapped_run_is_a_view(tmp_path):
+    # mutation caught: the monitor/merged split of cached data copied into memory
+    ids = np.lib.format.open_memmap(tmp_path / "ids.npy", mode="w+", dtype=np.int64, shape=(10, 2))
+    ids[:] = 1
+    labels = np.lib.format.open_memmap(tmp_path / "labels.npy", mode="w+", dtype=np.float32, shape=(10,))
+    ids.flush(), labels.flush()
+    d = CTRData(np.load(tmp_path / "ids.npy", mmap_mode="c"), np.load(tmp_path / "labels.npy", mmap_mode="c"),
+                ["a", "b"], [2, 2])
+    run = d.subset(np.arange(3, 8))
+    assert is_file_backed(run.ids) and len(run) == 5
+    assert not is_file_backed(d.subset(np.array([3, 5, 4])).ids)  # not a run: a copy, as before
+    np.testing.assert_array_equal(run.ids, d.ids[3:8])

@@ -129,8 +129,8 @@ class CTRData:
             index: slice, integer array (any order, repeats allowed) or boolean mask of length ``N``.
 
         Returns:
-            A new :class:`CTRData` (arrays are copies unless ``index`` is a slice) with the same
-            field names and sizes.
+            A new :class:`CTRData` (arrays are copies unless ``index`` is a slice, or a run of
+            consecutive rows of memory-mapped data) with the same field names and sizes.
         """
         if not isinstance(index, slice):
             index = np.asarray(index)
@@ -141,6 +141,10 @@ class CTRData:
                 raise ValueError(f"index must be a slice, an integer array or a boolean mask, got dtype {index.dtype}")
             else:
                 index = index.astype(np.int64, copy=False)
+                if (index.size > 1 and is_file_backed(self.ids) and index[0] >= 0 and
+                        index[-1] - index[0] == index.size - 1 and np.all(np.diff(index) == 1)):
+                    # a run of memory-mapped rows (the monitor split of the on-disk cache) stays a view
+                    index = slice(int(index[0]), int(index[-1]) + 1)
         return CTRData(self.ids[index], self.labels[index], list(self.field_names), list(self.field_sizes))
 
     def split(self, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0) -> Tuple["CTRData", ...]:
