@@ -86,8 +86,18 @@ def cached_split(spec: str, cache_dir: Union[str, Path], fractions: Sequence[flo
         OSError: the cache cannot be written (e.g. the disk is full; nothing is left behind).
 
     Example:
-        >>> (train, valid, test), enc, folder = cached_split(                 # doctest: +SKIP
-        ...     "criteo:day_0.txt.gz", "runs/cache", kind="hash", num_buckets=1 << 20)
+        >>> import os, tempfile
+        >>> from fastkd.data.criteo_like import write_criteo_like
+        >>> d = tempfile.mkdtemp()
+        >>> path = write_criteo_like(os.path.join(d, "day.txt"), 1000, max_values=50, progress=False)
+        >>> (train, valid, test), enc, folder = cached_split(
+        ...     f"criteo:{path}", os.path.join(d, "cache"), kind="hash", num_buckets=1000)
+        >>> len(train), len(valid), len(test), train.num_fields
+        (800, 100, 100, 39)
+        >>> (train2, _, _), _, _ = cached_split(  # the same file and settings: opened, not rebuilt
+        ...     f"criteo:{path}", os.path.join(d, "cache"), kind="hash", num_buckets=1000)
+        >>> bool((train2.ids == train.ids).all())
+        True
     """
     kind_, paths = parse_spec(spec)
     fr = [float(f) for f in fractions]
@@ -131,10 +141,28 @@ def open_cache(folder: Union[str, Path], *, verify: bool = True,
                key: Optional[str] = None) -> Tuple[Tuple[CTRData, ...], FeatureEncoder]:
     """The parts and encoder of a complete cache folder written by :func:`cached_split`.
 
+    Args:
+        folder: the cache folder (:func:`cached_split` returns it).
+        verify: recompute the files' checksums (else sizes only).
+        key: the key the folder must carry (None: any).
+
+    Returns:
+        ``(parts, encoder)`` as :func:`cached_split` gives them.
+
     Raises :class:`~fastkd.train.manifest.CorruptArtifactError` (a ``ValueError``) naming the file
     when the manifest or a data file is missing, truncated or fails its checksum, and
     :class:`~fastkd.train.manifest.ArtifactMismatchError` when the folder holds another format,
     version or key.
+
+    Example:
+        >>> import os, tempfile
+        >>> from fastkd.data.criteo_like import write_criteo_like
+        >>> d = tempfile.mkdtemp()
+        >>> path = write_criteo_like(os.path.join(d, "day.txt"), 200, max_values=20, progress=False)
+        >>> _, _, folder = cached_split(f"criteo:{path}", d, kind="hash", num_buckets=100)
+        >>> (train, valid, test), enc = open_cache(folder)
+        >>> len(train) + len(valid) + len(test), enc.kind
+        (200, 'hash')
     """
     from ..train.manifest import ArtifactMismatchError, CorruptArtifactError, file_checksum, read_json_object
 

@@ -118,7 +118,16 @@ class Rows:
 class TensorRows:
     """:class:`Rows` for torch code: slices and ``LongTensor`` indices give CPU tensors.
 
+    Args:
+        rows: the :class:`Rows` to read.
+
     Shape: that of the rows; ``device`` is the CPU.
+
+    Example:
+        >>> import numpy as np, torch
+        >>> t = TensorRows(Rows([np.arange(4).reshape(2, 2), np.arange(4, 6).reshape(1, 2)]))
+        >>> t[torch.tensor([2, 0])].tolist(), t.shape
+        ([[4, 5], [0, 1]], (3, 2))
     """
 
     def __init__(self, rows: Rows) -> None:
@@ -141,7 +150,13 @@ class TensorRows:
 
 def as_tensor_rows(a):
     """A torch view of ``a``: ``torch.from_numpy`` of an array (no copy), :class:`TensorRows` of
-    :class:`Rows`; anything else (a tensor) unchanged."""
+    :class:`Rows`; anything else (a tensor) unchanged.
+
+    Example:
+        >>> import numpy as np
+        >>> type(as_tensor_rows(np.zeros((2, 3)))).__name__, type(as_tensor_rows(Rows([np.zeros((2, 3))]))).__name__
+        ('Tensor', 'TensorRows')
+    """
     import torch
 
     if isinstance(a, Rows):
