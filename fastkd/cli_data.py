@@ -8,7 +8,7 @@ def read_splits(args):
     distill command's data flags (``--data`` or ``--train/--valid/--test``, the encoder and
     malformed-row flags, ``--cache-dir``)."""
     from . import distributed
-    from .data import load
+    from .data import CTRData, load
 
     numeric = args.numeric or ()
     # under torchrun every rank reads and encodes its share of the files, then all hold the data
@@ -30,7 +30,8 @@ def read_splits(args):
             raise ValueError("give either --data or --train/--valid/--test, not both")
         if args.cache_dir and not args.data.split(":", 1)[0].lower() in ("synthetic", "segmented"):
             (train, valid, test), enc, folder = _cached(args, common)
-            n, rate, report = len(train) + len(valid) + len(test), _positive_rate(train, valid, test), train.read_report
+            whole = CTRData.concat([train, valid, test])  # a Rows view of the mapped parts, no copy
+            n, rate, report = len(whole), whole.positive_rate, train.read_report
             cached = f"; encoded once into the memory-mapped cache `{folder}`"
         else:
             data, enc = load(args.data, return_encoder=True, **common)
@@ -74,6 +75,3 @@ def _cached(args, common: dict):
                          "(use --max-bad-rows 0 to refuse any)")
     return cached_split(args.data, args.cache_dir, (0.8, 0.1, 0.1), args.split_seed, **settings)
 
-
-def _positive_rate(*parts) -> float:
-    return float(sum(float(p.labels.sum()) for p in parts) / max(1, sum(len(p) for p in parts)))

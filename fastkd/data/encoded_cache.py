@@ -30,8 +30,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -42,14 +40,15 @@ from ..atomic import atomic_write_json
 from .encoder import FeatureEncoder
 from .loading import _Checked, _collective, _fit_chunk_rows, _process_group, encoded_blocks
 from .readers import DEFAULT_MAX_BAD_ROWS, ReadReport, iter_table, parse_spec
-from .readers.report import check_max_bad_rows, check_report
+from .readers.report import check_max_bad_rows
 from .table import CTRData
 
 __all__ = ["cached_split", "open_cache", "CACHE_VERSION"]
 
 CACHE_FORMAT = "fastkd.encoded_data"
 #: Bumped whenever the cache's layout or the meaning of its ids changes (old caches are rebuilt).
-CACHE_VERSION = 1
+#: 2: the manifest's read report in ``ReadReport.to_dict`` form.
+CACHE_VERSION = 2
 MANIFEST = "manifest.json"
 _FILES = ("ids.npy", "labels.npy", "encoder.json")
 # rows gathered per block when the encoded rows are laid out in split order
@@ -201,9 +200,8 @@ def open_cache(folder: Union[str, Path], *, verify: bool = True,
     for n in part_rows:
         parts.append(CTRData(ids[start:start + n], labels[start:start + n], names, sizes))
         start += n
-    rr = meta.get("read_report")
-    if rr:
-        parts[0].read_report = ReadReport(**{**rr, "first_bad": [tuple(x) for x in rr["first_bad"]]})
+    if meta.get("read_report"):
+        parts[0].read_report = ReadReport.from_dict(meta["read_report"])
     return tuple(parts), encoder
 
 
@@ -240,31 +238,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-class _Progress:
-    """Rows, rows/s and (when the total is known) ETA on one stderr line."""
-
-    def __init__(self, what: str, enabled: Optional[bool], total: Optional[int] = None) -> None:
-        self.what, self.total = what, total
-        self.on = sys.stderr.isatty() if enabled is None else bool(enabled)
-        self.t0 = self.last = time.perf_counter()
-        self.rows = 0
-
-    def update(self, n: int, force: bool = False) -> None:
-        self.rows += n
-        now = time.perf_counter()
-        if not self.on or (now - self.last < 1.0 and not force):
-            return
-        self.last = now
-        rate = self.rows / max(now - self.t0, 1e-9)
-        eta = f", ETA {(self.total - self.rows) / max(rate, 1e-9):.0f} s" if self.total else ""
-        print(f"\r{self.what}: {self.rows:,} rows, {rate:,.0f} rows/s{eta}   ", end="", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.on:
-            self.update(0, force=True)
-            print(file=sys.stderr, flush=True)
-
-
 def _build(spec: str, folder: Path, key: str, key_doc: dict, settings: dict, chunk_rows: int,
            progress: Optional[bool]) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -288,7 +261,12 @@ def _build(spec: str, folder: Path, key: str, key_doc: dict, settings: dict, chu
 
 def _write(spec: str, tmp: Path, settings: dict, chunk_rows: int, progress: Optional[bool]) -> dict:
     """Encode the source into ``tmp``; returns the manifest's data entries."""
+    from tqdm.auto import tqdm
+
     from ..train.manifest import file_checksum
+
+    def bar(desc: str, total=None, enabled=progress):  # rows, rows/s and ETA; None: when stderr is a terminal
+        return tqdm(total=total, desc=desc, unit="row", unit_scale=True, disable=None if enabled is None else not enabled)
 
     read = dict(chunk_rows=chunk_rows, label=settings["label"], numeric=settings["numeric"],
                 columns=settings["columns"])
@@ -297,26 +275,28 @@ def _write(spec: str, tmp: Path, settings: dict, chunk_rows: int, progress: Opti
                              num_buckets=settings["num_buckets"], seed=settings["seed"])
     first = _Checked(iter_table(spec, **{**read, "chunk_rows": _fit_chunk_rows(None, settings["kind"], chunk_rows)}),
                      spec, max_bad)
-    bar = _Progress("encoder fit", progress if settings["kind"] == "vocab" else False)
-    encoder.fit(_counted(first, bar))
-    bar.close()
+    def counted(chunks, b):
+        for t in chunks:
+            b.update(len(t.labels))
+            yield t
+
+    with bar("encoder fit", enabled=progress if settings["kind"] == "vocab" else False) as fit_bar:
+        encoder.fit(counted(first, fit_bar))
     total = first.report.rows_ok if settings["kind"] == "vocab" else None
     first.close()
 
-    # pass 1: rows in source order, appended block by block
-    bar = _Progress("encoding", progress, total)
+    # pass 1: rows in source order, appended block by block; at the end of the source, the
+    # errors load() gives (no rows, no well-formed row, too many malformed), then its warning
+    blocks = _Checked(encoded_blocks(spec, encoder, read), spec, max_bad)
     n, F = 0, len(encoder.field_names)
-    report = ReadReport()
-    with open(tmp / "rows.bin", "wb") as f_ids, open(tmp / "labels.bin", "wb") as f_lab:
-        for ids, labels, rep in encoded_blocks(spec, encoder, read):
-            f_ids.write(memoryview(np.ascontiguousarray(ids, dtype=np.int64)).cast("B"))
-            f_lab.write(memoryview(np.ascontiguousarray(labels, dtype=np.float32)).cast("B"))
-            report = report.merge(rep)
-            n += len(labels)
-            bar.update(len(labels))
-    bar.close()
-    # no rows, no well-formed row, too many malformed: the errors load() gives; else its warning
-    check_report(report, *parse_spec(spec), max_bad, stacklevel=4)
+    with open(tmp / "rows.bin", "wb") as f_ids, open(tmp / "labels.bin", "wb") as f_lab, \
+            bar("encoding", total) as enc_bar:
+        for b in blocks:
+            f_ids.write(memoryview(np.ascontiguousarray(b.ids, dtype=np.int64)).cast("B"))
+            f_lab.write(memoryview(np.ascontiguousarray(b.labels, dtype=np.float32)).cast("B"))
+            n += len(b.labels)
+            enc_bar.update(len(b.labels))
+    blocks.warn()
 
     # pass 2: the rows in split order (CTRData.split's rule), into the .npy files
     src_ids = np.memmap(tmp / "rows.bin", dtype=np.int64, mode="r", shape=(n, F)) if n else np.empty((0, F), np.int64)
@@ -329,16 +309,14 @@ def _write(spec: str, tmp: Path, settings: dict, chunk_rows: int, progress: Opti
     part_rows.append(n - start)
     ids = np.lib.format.open_memmap(tmp / "ids.npy", mode="w+", dtype=np.int64, shape=(n, F))
     labels = np.lib.format.open_memmap(tmp / "labels.npy", mode="w+", dtype=np.float32, shape=(n,))
-    bar = _Progress("laying out the split", progress, n)
-    for a in range(0, n, _GATHER_ROWS):
-        idx = perm[a:a + _GATHER_ROWS]
-        # a sorted read of the source file, written back in permutation order
-        order = np.argsort(idx, kind="stable")
-        block = src_ids[idx[order]]
-        ids[a:a + idx.size][order] = block
-        labels[a:a + idx.size][order] = src_lab[idx[order]]
-        bar.update(idx.size)
-    bar.close()
+    with bar("laying out the split", n) as lay_bar:
+        for a in range(0, n, _GATHER_ROWS):
+            idx = perm[a:a + _GATHER_ROWS]
+            # a sorted read of the source file, written back in permutation order
+            order = np.argsort(idx, kind="stable")
+            ids[a:a + idx.size][order] = src_ids[idx[order]]
+            labels[a:a + idx.size][order] = src_lab[idx[order]]
+            lay_bar.update(idx.size)
     ids.flush()
     labels.flush()
     del ids, labels, src_ids, src_lab, perm
@@ -348,18 +326,4 @@ def _write(spec: str, tmp: Path, settings: dict, chunk_rows: int, progress: Opti
         json.dump(encoder.state_dict(), fh)
     files = {name: {"bytes": (tmp / name).stat().st_size, "checksum": file_checksum(tmp / name)} for name in _FILES}
     return {"rows": n, "part_rows": part_rows, "field_names": encoder.field_names,
-            "field_sizes": encoder.field_sizes, "read_report": _report_dict(report), "files": files}
-
-
-def _counted(chunks, bar: _Progress):
-    for t in chunks:
-        bar.update(len(t.labels))
-        yield t
-
-
-def _report_dict(report: ReadReport) -> dict:
-    import dataclasses
-
-    d = dataclasses.asdict(report)
-    d["first_bad"] = [list(x) for x in d.get("first_bad", [])]
-    return d
+            "field_sizes": encoder.field_sizes, "read_report": blocks.report.to_dict(), "files": files}

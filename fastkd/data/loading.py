@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -112,16 +112,14 @@ def load(spec: str, *, encoder: Optional[FeatureEncoder] = None, kind: str = "vo
         encoder = FeatureEncoder(kind, min_count=min_count, num_buckets=num_buckets, seed=seed).fit(first_pass)
     first_pass.close()  # a hash encoder stops after the first chunk; release the open file now
     if not strict and _native_path(spec, encoder):
-        blocks = list(encoded_blocks(spec, encoder, dict(chunk_rows=chunk_rows, label=label, numeric=numeric,
-                                                          columns=columns)))
-        report = ReadReport()
-        for _, _, rep in blocks:
-            report = report.merge(rep)
-        check_report(report, *parse_spec(spec), max_bad_rows, stacklevel=3)
+        checked = _Checked(encoded_blocks(spec, encoder, dict(chunk_rows=chunk_rows, label=label, numeric=numeric,
+                                                              columns=columns)), spec, max_bad_rows)
+        blocks = list(checked)
+        checked.warn()
         F = len(encoder.field_names)
-        data = CTRData(np.concatenate([b[0] for b in blocks]) if blocks else np.empty((0, F), np.int64),
-                       np.concatenate([b[1] for b in blocks]) if blocks else np.empty(0, np.float32),
-                       encoder.field_names, encoder.field_sizes, read_report=report)
+        data = CTRData(np.concatenate([b.ids for b in blocks]) if blocks else np.empty((0, F), np.int64),
+                       np.concatenate([b.labels for b in blocks]) if blocks else np.empty(0, np.float32),
+                       encoder.field_names, encoder.field_sizes, read_report=checked.report)
         return (data, encoder) if return_encoder else data
     second_pass = _Checked(chunks(), spec, max_bad_rows)
     data = encoder.transform(second_pass)
@@ -140,20 +138,30 @@ def _native_path(spec: str, encoder: FeatureEncoder) -> bool:
     return parse_spec(spec)[0] == "criteo" and encoder.kind == "hash" and native_available()
 
 
+class EncodedBlock(NamedTuple):
+    """Encoded rows of one block of a source, with the block's read report."""
+    ids: np.ndarray
+    labels: np.ndarray
+    report: ReadReport
+
+
 def encoded_blocks(spec: str, encoder: FeatureEncoder, read: dict):
-    """``(ids, labels, report)`` per block of ``spec`` encoded by the fitted ``encoder``: the native
+    """:class:`EncodedBlock` per block of ``spec`` encoded by the fitted ``encoder``: the native
     criteo hasher (:func:`~fastkd.data.readers.native.iter_criteo_hashed`) where it applies, else
-    the reader's chunks through ``encoder.transform``. Same rows, ids and reports either way."""
+    the reader's chunks through ``encoder.transform``. Same rows, ids and reports either way; wrap
+    it in ``_Checked`` for the checks a whole read gets."""
     if _native_path(spec, encoder):
-        yield from iter_criteo_hashed(parse_spec(spec)[1], encoder, read.get("columns"))
+        for ids, labels, report in iter_criteo_hashed(parse_spec(spec)[1], encoder, read.get("columns")):
+            yield EncodedBlock(ids, labels, report)
         return
     for t in iter_table(spec, **read):
         d = encoder.transform(t)
-        yield d.ids, d.labels, t.report
+        yield EncodedBlock(d.ids, d.labels, t.report)
 
 
 class _Checked:
-    """One pass over a source's chunks (an iterator), adding up their reports. At the end of the
+    """One pass over a source's chunks or encoded blocks (an iterator of items with a ``report``),
+    adding up their reports. At the end of the
     source it raises (:func:`~fastkd.data.readers.raw.check_report`) if the read cannot be trusted,
     so an empty, wrong-kind or too-malformed source fails before it is fitted or encoded."""
 

@@ -9,6 +9,7 @@ concatenated array would give, bit for bit.
 """
 from __future__ import annotations
 
+import mmap
 from typing import List, Sequence, Union
 
 import numpy as np
@@ -24,7 +25,7 @@ def is_file_backed(a) -> bool:
         if isinstance(a, np.memmap):
             return True
         a = a.base
-    return isinstance(a, __import__("mmap").mmap)
+    return isinstance(a, mmap.mmap)
 
 
 class Rows:
@@ -107,12 +108,6 @@ class Rows:
             local = index[sel] - self.bounds[k]
             out[sel] = self.parts[k][local] if cols is None else self.parts[k][local, cols[sel]]
         return out
-
-    def min(self, axis=None):
-        return np.min([p.min(axis=axis) for p in self.parts if len(p)], axis=0)
-
-    def max(self, axis=None):
-        return np.max([p.max(axis=axis) for p in self.parts if len(p)], axis=0)
 
 
 class TensorRows:

@@ -61,15 +61,7 @@ class CTRData:
         if labels.shape != (ids.shape[0],):
             raise ValueError(f"labels must have shape ({ids.shape[0]},) to match ids, got {labels.shape}")
         self.labels = np.ascontiguousarray(labels, dtype=np.float32)
-        self.field_names = [str(n) for n in self.field_names]
-        self.field_sizes = [int(s) for s in self.field_sizes]
-        n_fields = ids.shape[1]
-        if len(self.field_names) != n_fields or len(self.field_sizes) != n_fields:
-            raise ValueError(
-                f"ids has {n_fields} fields but field_names has {len(self.field_names)} and "
-                f"field_sizes has {len(self.field_sizes)} entries")
-        if len(set(self.field_names)) != n_fields:
-            raise ValueError(f"field_names must be unique, got {self.field_names}")
+        self._check_fields()
         if self.ids.size:
             # A silently out-of-range id would only surface later as an embedding index error
             # (or, worse, a wrong row on a device without bounds checks), so check it here.
@@ -94,12 +86,20 @@ class CTRData:
                              f"{self.ids.shape} / {self.labels.dtype}")
         if self.labels.shape != (self.ids.shape[0],):
             raise ValueError(f"labels must have shape ({self.ids.shape[0]},) to match ids, got {self.labels.shape}")
+        self._check_fields()
+        # the parts are CTRData arrays (concat's inputs): already range- and label-checked
+
+    def _check_fields(self) -> None:
+        """Field names and sizes normalised, one of each per column of ``ids``, names unique."""
         self.field_names = [str(n) for n in self.field_names]
         self.field_sizes = [int(s) for s in self.field_sizes]
-        if len(self.field_names) != self.ids.shape[1] or len(self.field_sizes) != self.ids.shape[1]:
-            raise ValueError(f"ids has {self.ids.shape[1]} fields but field_names has {len(self.field_names)} "
-                             f"and field_sizes has {len(self.field_sizes)} entries")
-        # the parts are CTRData arrays (concat's inputs): already range- and label-checked
+        n_fields = self.ids.shape[1]
+        if len(self.field_names) != n_fields or len(self.field_sizes) != n_fields:
+            raise ValueError(
+                f"ids has {n_fields} fields but field_names has {len(self.field_names)} and "
+                f"field_sizes has {len(self.field_sizes)} entries")
+        if len(set(self.field_names)) != n_fields:
+            raise ValueError(f"field_names must be unique, got {self.field_names}")
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])

@@ -76,6 +76,13 @@ class ReadReport:
                 "malformed": self.malformed,
                 "first_bad": [{"file": f, "line": line, "reason": r} for f, line, r in self.first_bad]}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "ReadReport":
+        """The report :meth:`to_dict` wrote."""
+        return cls(rows_read=int(d["rows_read"]), rows_ok=int(d["rows_ok"]), malformed=int(d["malformed"]),
+                   first_bad=[(b["file"], int(b["line"]), b["reason"]) for b in d["first_bad"]],
+                   files=list(d["files"]))
+
 
 def check_max_bad_rows(max_bad_rows, what: str = "max_bad_rows") -> Union[int, float]:
     """``max_bad_rows`` checked: an int count ``>= 0`` or a float fraction of the rows read in ``[0, 1]``."""
