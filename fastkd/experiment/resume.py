@@ -12,7 +12,7 @@ from typing import Union
 from .. import distributed as _dist
 from ..atomic import atomic_write_json
 from ..data import CTRData
-from ..train.manifest import check_fields, data_fingerprint, read_json_object
+from ..train.manifest import check_fields, data_fingerprint, read_json_object, resume_config
 from .spec import ExperimentSpec
 
 __all__ = ["RUN_FILE", "run_manifest", "check_resume"]
@@ -29,9 +29,7 @@ def run_manifest(spec: ExperimentSpec, train: CTRData, valid: CTRData, test: CTR
     ``spec`` and its :class:`~fastkd.train.TrainConfig` (except ``progress`` and
     ``eval_batch_size``), and the fingerprints of the three splits' ids and labels. JSON values."""
     settings = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name != "config"}
-    cfg = {k: v for k, v in dataclasses.asdict(spec.config).items() if k not in _FREE_CONFIG}
-    if cfg.get("steps_per_epoch") is None:  # uncapped: as run folders written before the setting existed
-        cfg.pop("steps_per_epoch", None)
+    cfg = resume_config(spec.config, free=_FREE_CONFIG)
     data = {name: data_fingerprint(d.ids, d.labels) for name, d in (("train", train), ("valid", valid),
                                                                      ("test", test))}
     out = {"format": _RUN_FORMAT, "format_version": _FORMAT_VERSION, **settings, "config": cfg, "data": data}

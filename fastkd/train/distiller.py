@@ -29,7 +29,7 @@ from torch import nn
 from .. import distributed as _dist
 from .. import functional as FK
 from ..augment import swap_augment
-from ..data.rows import Rows, TensorRows
+from ..data.rows import Rows, as_tensor_rows
 from ..data import CTRData
 from ..gates import GateRows, ensemble_logits, fit_gate, gate_alpha, make_gate
 from ..losses import GatedDistillLoss, HintLoss
@@ -428,15 +428,11 @@ class Distiller:
             monitor = _label_monitor(self.student, monitor_data, cfg.early_stop, cfg.eval_batch_size)
 
         seed_everything(cfg.seed)
-        ids, labels = _as_tensors(student_train)
-        if len(aug_ids) and isinstance(student_train.ids, Rows):
-            # memory-mapped rows (the on-disk cache) are read in place, the augmented ones after them
-            slot = np.full(len(aug_ids), _AUG_LABEL_SLOT, dtype=np.float32)
-            ids, labels = TensorRows(Rows([student_train.ids, aug_ids])), TensorRows(Rows([student_train.labels, slot]))
-        elif len(aug_ids):
-            # augmented rows' label slots are never read (their hard-label and gate terms are off)
-            ids = torch.cat([ids, torch.from_numpy(aug_ids)])
-            labels = torch.cat([labels, torch.full((len(aug_ids),), _AUG_LABEL_SLOT, dtype=labels.dtype)])
+        # the real rows then the augmented ones, whose label slots are never read (their hard-label
+        # and gate terms are off); memory-mapped rows (the on-disk cache) are read in place
+        slot = np.full(len(aug_ids), _AUG_LABEL_SLOT, dtype=np.float32)
+        ids = as_tensor_rows(_with_rows(student_train.ids, aug_ids))
+        labels = as_tensor_rows(_with_rows(student_train.labels, slot))
         loop = _Loop(self._student_modules(), self._student_params(), cfg, cfg.early_stop,
                      ckpt / "student.pt" if ckpt else None, resume, "student", stop_after_epoch,
                      manifest=self._manifest(monitor_data, frozen_teachers=True))

@@ -249,7 +249,7 @@ class _Loop:
                 bounds = list(zip([0] + stops, stops + [rows]))[:self.cfg.steps_per_epoch]
                 for k, (a, b) in enumerate(bounds):
                     # gathered batch by batch: no permuted copy of the whole training set per epoch
-                    # (ids may be memory-mapped rows: fastkd.data.MappedRows)
+                    # (ids may be memory-mapped rows: fastkd.data.rows.TensorRows)
                     index = perm[a:b]
                     with amp:
                         loss = step(ids[index], labels[index], index)

@@ -109,22 +109,20 @@ def data_fingerprint(ids, labels=None) -> Dict[str, Any]:
     blocks = [_as_numpy(b) for b in _blocks(ids)]
     if any(b.ndim != 2 for b in blocks) or len({b.shape[1] for b in blocks}) != 1:
         raise ValueError(f"ids must be [N, F] blocks with one F, got shapes {[b.shape for b in blocks]}")
+    label_hash = None if labels is None else _blocks_digest([_as_numpy(b) for b in _blocks(labels)])
+    return {"rows": sum(int(b.shape[0]) for b in blocks), "fields": int(blocks[0].shape[1]),
+            "ids": _blocks_digest(blocks), "labels": label_hash}
+
+
+def _blocks_digest(blocks: list) -> str:
+    """xxh3-128 of the blocks' concatenation as :func:`_update_array` digests one array (dtype,
+    shape, bytes), without building it; blocks are cast to the first one's dtype."""
     h = xxhash.xxh3_128()
-    rows = sum(int(b.shape[0]) for b in blocks)
-    fields = int(blocks[0].shape[1])
-    h.update(f"{blocks[0].dtype.str}({rows}, {fields})".encode())
+    shape = (sum(int(b.shape[0]) for b in blocks),) + tuple(int(d) for d in blocks[0].shape[1:])
+    h.update(f"{blocks[0].dtype.str}{shape}".encode())
     for b in blocks:
         h.update(np.ascontiguousarray(b, dtype=blocks[0].dtype).reshape(-1).view(np.uint8))
-    label_hash = None
-    if labels is not None:
-        lh = xxhash.xxh3_128()
-        parts = [_as_numpy(b) for b in _blocks(labels)]
-        # the digest _update_array gives the concatenation, block by block
-        lh.update(f"{parts[0].dtype.str}({sum(len(p) for p in parts)},)".encode())
-        for p in parts:
-            lh.update(np.ascontiguousarray(p).reshape(-1).view(np.uint8))
-        label_hash = lh.hexdigest()
-    return {"rows": rows, "fields": fields, "ids": h.hexdigest(), "labels": label_hash}
+    return h.hexdigest()
 
 
 def module_shapes(modules: Mapping[str, nn.Module]) -> Dict[str, Dict[str, list]]:
@@ -215,10 +213,11 @@ def read_json_object(path: Union[str, Path]) -> Dict[str, Any]:
     return obj
 
 
-def resume_config(cfg) -> Dict[str, Any]:
+def resume_config(cfg, free=_FREE_CONFIG_FIELDS) -> Dict[str, Any]:
     """The :class:`~fastkd.train.TrainConfig` fields a resumed run must share with the run that
-    wrote the checkpoint: every field except ``max_epochs``, ``progress`` and ``eval_batch_size``."""
-    out = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in _FREE_CONFIG_FIELDS}
+    wrote the checkpoint: every field except ``free`` (default ``max_epochs``, ``progress`` and
+    ``eval_batch_size``; a run folder's manifest keeps ``max_epochs``)."""
+    out = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in free}
     if out.get("steps_per_epoch") is None:  # uncapped: as checkpoints written before the field existed
         out.pop("steps_per_epoch", None)
     return out
