@@ -10,7 +10,6 @@ the first distillation epoch; its cost is reported separately.
 """
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import torch

@@ -145,7 +145,8 @@ def add_training_args(p: argparse.ArgumentParser, *, max_epochs: int, batch_size
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --out (same command otherwise): models it finished are "
                         "loaded, not retrained, the one in training resumes from its last epoch, and the results "
-                        "equal an uninterrupted run's; refused when a setting or the data differ. Without it, a "
+                        "equal an uninterrupted run's; refused when a setting or the data differ, except that a "
+                        "larger --seeds adds seeds to the saved run. Without it, a "
                         "run into an --out holding an earlier run removes that run's results and checkpoints first")
     p.add_argument("--serving", action=argparse.BooleanOptionalAction, default=True,
                    help="measure the default student's serving cost against the teacher ensemble (p50/p99 latency "

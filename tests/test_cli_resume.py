@@ -160,3 +160,21 @@ def test_resume_with_nothing_to_resume(tmp_path, capsys):
     assert main([*ARGS, "--out", str(out), "--resume"]) == 2
     err = capsys.readouterr().err
     assert "run.json" in err and ("corrupt" in err or "truncated" in err)
+
+
+def test_resume_adds_seeds_to_a_finished_run(scenario, tmp_path, capsys):
+    # a finished one-seed run, resumed with --seeds 2: seed 0 loaded (nothing trained), seed 1 trained,
+    # and every row equals a fresh two-seed run's
+    grown, fresh = tmp_path / "grown", tmp_path / "fresh"
+    shutil.copytree(scenario["ref"], grown)
+    two = [a if a != "1" or ARGS[i - 1] != "--seeds" else "2" for i, a in enumerate(ARGS)]
+    assert main([*two, "--out", str(fresh)]) == 0
+    capsys.readouterr()
+    assert main([*two, "--out", str(grown), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("(finished earlier: loaded)") == 7  # every seed-0 row
+    assert _metrics(grown) == _metrics(fresh)
+    assert json.loads((grown / "checkpoints" / "run.json").read_text())["seeds"] == [0, 1]
+    # fewer seeds than the saved run is another run: refused, naming --seeds
+    assert main([*ARGS, "--out", str(grown), "--resume"]) == 2
+    assert "--seeds" in capsys.readouterr().err

@@ -12,10 +12,10 @@ from typing import Union
 from .. import distributed as _dist
 from ..atomic import atomic_write_json
 from ..data import CTRData
-from ..train.manifest import check_fields, data_fingerprint, read_json_object, resume_config
+from ..train.manifest import check_fields, data_fingerprint, read_json_object, resume_config, state_digest
 from .spec import ExperimentSpec
 
-__all__ = ["RUN_FILE", "run_manifest", "check_resume"]
+__all__ = ["RUN_FILE", "run_manifest", "run_id", "check_resume"]
 
 RUN_FILE = "run.json"
 _RUN_FORMAT, _FINISHED_FORMAT, _FORMAT_VERSION = "fastkd.run", "fastkd.finished", 1
@@ -39,6 +39,12 @@ def run_manifest(spec: ExperimentSpec, train: CTRData, valid: CTRData, test: CTR
 _read_json = read_json_object  # run.json and the finished records, checked like every manifest
 
 
+def run_id(manifest: dict) -> str:
+    """The id a run's finished records carry: the digest of its manifest without ``seeds``, so a
+    resumed run may add seeds (each seed's records are its own) and still load the earlier ones."""
+    return state_digest({k: v for k, v in manifest.items() if k != "seeds"})
+
+
 def _write_json(path: Path, obj) -> None:
     atomic_write_json(path, obj, indent=1)
 
@@ -46,6 +52,9 @@ def _write_json(path: Path, obj) -> None:
 def check_resume(checkpoint_dir: Union[str, Path], spec: ExperimentSpec, train: CTRData, valid: CTRData,
                  test: CTRData) -> dict:
     """The run manifest of ``checkpoint_dir`` when it matches this run's (:func:`run_manifest`).
+
+    ``spec.seeds`` may add seeds to the saved run's (its ``run.json`` is then rewritten with them):
+    the saved seeds' finished units are loaded and the new seeds trained.
 
     Raises ``FileNotFoundError`` when there is nothing to resume (no ``run.json``),
     :class:`~fastkd.train.manifest.ArtifactMismatchError` naming the first setting (``config.lr``,
@@ -57,7 +66,14 @@ def check_resume(checkpoint_dir: Union[str, Path], spec: ExperimentSpec, train: 
         raise FileNotFoundError(f"nothing to resume: {path} does not exist (no run with checkpoints there "
                                 "started); run without --resume / resume=True")
     expected = run_manifest(spec, train, valid, test)
-    check_fields(path, expected, _read_json(path), hint=_RESUME_HINT)
+    found = _read_json(path)
+    old_seeds = found.get("seeds")
+    grows = (isinstance(old_seeds, list) and old_seeds != expected["seeds"]
+             and all(s in expected["seeds"] for s in old_seeds))
+    # more seeds than the saved run: the saved seeds' records stay valid (run_id leaves seeds out)
+    check_fields(path, {**expected, "seeds": old_seeds} if grows else expected, found, hint=_RESUME_HINT)
+    if grows and _dist.is_main_process():
+        _write_json(path, expected)
     return expected
 
 

@@ -11,7 +11,7 @@ plain DNN, one student or ablation row of one seed). Layout of ``checkpoint_dir`
 
 * ``run.json``: the run's settings and data fingerprints (:func:`run_manifest`), written when a
   fresh run starts; ``resume=True`` refuses a run whose settings or data differ
-  (:func:`check_resume`, the error names the first field that differs);
+  (:func:`check_resume`, the error names the first field that differs), but may add seeds;
 * ``seed{S}/{unit}/``: the per-epoch checkpoints of the unit's models (``train_model`` /
   ``train_teachers`` / ``Distiller.fit`` checkpoints), continued on resume;
 * ``seed{S}/{unit}.finished.json``: written (temporary name, then rename) when the unit is done:
@@ -47,16 +47,17 @@ import torch
 from .. import distributed as _dist
 from ..atomic import atomic_write
 from ..data import CTRData
-from ..data.rows import as_tensor_rows
+from ..data.rows import as_tensor_rows, is_file_backed
 from ..train.distiller import Distiller
 from ..metrics import roc_auc
 from ..models import build_model
-from ..train.manifest import CorruptArtifactError, check_fields, state_digest
+from ..train.manifest import CorruptArtifactError, check_fields
 from ..serving import save_student, serving_benchmark
 from ..train.teachers import TeacherSet, teacher_seed, train_teachers
 from ..train import predict, scores, train_model
 from .resume import (_FINISHED_FORMAT, _FORMAT_VERSION, RUN_FILE, _read_json, _start,  # noqa: F401
                      _write_json, check_resume, run_manifest)
+from .resume import run_id as _run_id
 from .spec import Ablation, ExperimentSpec, expand_ablations, split_overrides
 
 __all__ = ["ExperimentResult", "run_experiment", "run_manifest", "check_resume", "RUN_FILE"]
@@ -349,12 +350,15 @@ class _Run:
                 extra_rec = {"teacher": spec.teachers[best]}
                 tset = TeacherSet([tset.models[best]], tset.folds, tset.fold_of, tset.fitted)
         student = self.build(spec.student, seed * 100)
+        udir = self.unit_dir(seed, unit)
+        # memory-mapped rows: the teacher outputs and augmented rows go to files too
+        cache_dir = udir / "cache" if udir is not None and is_file_backed(self.train.ids) else None
         kd = Distiller(tset, student, mode=mode, gate=gate, gate_fit=gate_fit, ensemble=spec.ensemble,
                        temperature=spec.temperature, hard_weight=spec.hard_weight, kd_weight=spec.kd_weight,
                        teachers_trained=mode == "pretrain", augment=spec.augment, augment_swap=spec.augment_swap,
-                       config=_with_seed(cfg, seed), **extra)
+                       config=_with_seed(cfg, seed), cache_dir=cache_dir, **extra)
         t0 = time.perf_counter()
-        summ = kd.fit(self.train, self.valid, checkpoint_dir=self.unit_dir(seed, unit), resume=self.resume)
+        summ = kd.fit(self.train, self.valid, checkpoint_dir=udir, resume=self.resume)
         secs = time.perf_counter() - t0
         # the Distiller resolves the default gate fit; the label names the one it used
         gname = "single" if distill == "single" else "mean" if gate == "mean" else f"{kd.gate}/{kd.gate_fit}"
@@ -456,7 +460,7 @@ def run_experiment(train: CTRData, valid: CTRData, test: CTRData, spec: Experime
     if ckpt is not None:
         manifest = check_resume(ckpt, spec, train, valid, test) if resume else run_manifest(spec, train, valid, test)
         _start(ckpt, manifest, resume)
-        run_id = state_digest(manifest)
+        run_id = _run_id(manifest)
     run = _Run(train, valid, test, spec, log, partial, ckpt, resume, run_id, on_finished,
                Path(student_dir) if student_dir is not None else None, serving)
     for seed in spec.seeds:
