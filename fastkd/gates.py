@@ -153,8 +153,11 @@ def ensemble_logits(logits: torch.Tensor, alpha: torch.Tensor, ensemble: str = "
     raise ValueError(f"ensemble must be 'logit' or 'prob', got {ensemble!r}")
 
 
+GATE_ALPHA_BATCH = 16384  # gate_alpha's rows per forward pass
+
+
 @torch.no_grad()
-def gate_alpha(gate: nn.Module, rows: GateRows, batch_size: int = 16384) -> torch.Tensor:
+def gate_alpha(gate: nn.Module, rows: GateRows, batch_size: int = GATE_ALPHA_BATCH) -> torch.Tensor:
     """α ``[N, M]`` of a gate on ``rows`` (eval mode)."""
     was = gate.training
     gate.eval()

@@ -141,6 +141,23 @@ def test_swap_augment_draws_from_each_column(n, f, ratio, p):
     assert np.array_equal(out, swap_augment(ids, ratio, p, seed=1))
 
 
+def test_swap_augment_blocks_are_own_draws_written_in_place(tmp_path, monkeypatch):
+    # mutation caught: one generator for every block (blocks repeat), `out` ignored or checked loosely
+    import fastkd.augment as augment
+
+    monkeypatch.setattr(augment, "BLOCK_ROWS", 8)
+    ids = np.arange(100 * 3).reshape(100, 3)
+    mm = np.lib.format.open_memmap(tmp_path / "aug.npy", mode="w+", dtype=np.int64, shape=(30, 3))
+    got = swap_augment(ids, 0.3, 0.5, seed=4, out=mm)
+    assert got is mm
+    np.testing.assert_array_equal(np.load(tmp_path / "aug.npy"), swap_augment(ids, 0.3, 0.5, seed=4))
+    assert not np.array_equal(got[0:8], got[8:16])
+    # block 0 is the draw of a single generator seeded with `seed` (the rule before blocks)
+    np.testing.assert_array_equal(got[:8], augment._swap_block(ids, 8, 0.5, np.random.default_rng(4)))
+    with pytest.raises(ValueError, match="out must be int64"):
+        swap_augment(ids, 0.3, 0.5, out=np.empty((29, 3), dtype=np.int64))
+
+
 def test_swap_augment_changes_every_row_somewhere():
     ids = np.arange(2000 * 4).reshape(2000, 4)  # every value unique: a swap always changes the row
     out = swap_augment(ids, 1.0, 0.01, seed=0)

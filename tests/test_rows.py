@@ -89,3 +89,36 @@ def test_subset_of_a_memory_mapped_run_is_a_view(tmp_path):
     assert is_file_backed(run.ids) and len(run) == 5
     assert not is_file_backed(d.subset(np.array([3, 5, 4])).ids)  # not a run: a copy, as before
     np.testing.assert_array_equal(run.ids, d.ids[3:8])
+
+
+@pytest.mark.parametrize("gate", ["mean", "features"])
+def test_distiller_on_mapped_rows_keeps_augmented_rows_and_teacher_outputs_on_disk(tmp_path, gate):
+    # mutation caught: augmented rows or teacher logits built in memory despite cache_dir (not file
+    # backed), or the on-disk path giving other soft labels or another student than the in-memory one
+    from helpers import quick_config, small_model
+    from fastkd import Distiller
+    from fastkd.data import make_synthetic
+    from fastkd.train.teachers import train_teachers
+
+    data = make_synthetic(1500, seed=3)
+    np.save(tmp_path / "ids.npy", data.ids), np.save(tmp_path / "labels.npy", data.labels)
+    mapped = CTRData(np.load(tmp_path / "ids.npy", mmap_mode="c"), np.load(tmp_path / "labels.npy", mmap_mode="c"),
+                     data.field_names, data.field_sizes)
+    cfg = quick_config(max_epochs=2, merge_validation=True)
+    fs = data.field_sizes
+    ts = train_teachers([small_model("dnn", fs, 1), small_model("deepfm", fs, 2)],
+                        data.subset(np.arange(1200)), data.subset(np.arange(1200, 1500)), cfg.for_teachers())
+    students = {}
+    for name, d, cache in (("memory", data, None), ("disk", mapped, tmp_path / "cache")):
+        kd = Distiller(ts, small_model("dnn", fs, 5), gate=gate, augment=1.0, teachers_trained=True, config=cfg,
+                       cache_dir=cache)
+        kd.fit(d.subset(np.arange(1200)), d.subset(np.arange(1200, 1500)))
+        students[name] = kd
+    aug = np.load(tmp_path / "cache" / "augmented_ids.rank0.npy", mmap_mode="r")
+    assert aug.shape == (1200 + 150, data.ids.shape[1])  # one per student row (train + merged half of valid)
+    disk, mem = students["disk"], students["memory"]
+    assert is_file_backed(disk.cache.logits.arr) and isinstance(mem.cache.logits, torch.Tensor)
+    targets = np.load(tmp_path / "cache" / "targets.rank0.npy", mmap_mode="r")
+    torch.testing.assert_close(disk.targets, mem.targets, rtol=0, atol=0)
+    np.testing.assert_array_equal(targets, mem.targets.numpy())
+    torch.testing.assert_close(disk.predict(data), mem.predict(data), rtol=0, atol=0)

@@ -28,10 +28,10 @@ from torch import nn
 
 from .. import distributed as _dist
 from .. import functional as FK
-from ..augment import swap_augment
+from ..augment import augmented_rows, swap_augment
 from ..data.rows import Rows, as_tensor_rows
 from ..data import CTRData
-from ..gates import GateRows, ensemble_logits, fit_gate, gate_alpha, make_gate
+from ..gates import GATE_ALPHA_BATCH, GateRows, ensemble_logits, fit_gate, gate_alpha, make_gate
 from ..losses import GatedDistillLoss, HintLoss
 from .config import TrainConfig, seed_everything
 from .evaluation import _as_tensors, _label_monitor, evaluate, predict
@@ -80,7 +80,10 @@ class Distiller:
         config: optimisation and early stopping (:class:`TrainConfig`).
         teacher_config: settings for training the teachers (default: ``config.for_teachers()``).
         teachers_trained: the teachers are already trained (pre-train mode skips their training).
-        cache_dir: keep the teacher cache in memory-mapped files there.
+        cache_dir: keep the teacher cache, the augmented rows and the ensemble targets in
+            memory-mapped files there (large data: none of them is then held in memory;
+            ``fastkd distill`` uses a folder of the run's checkpoints when the rows are
+            memory-mapped).
         teacher_folds: K >= 2 cross-fits the teachers on the student's training rows (see
             :func:`~fastkd.train.teachers.train_teachers`): K fold models per teacher, each training
             row's soft label from the one that did not see it, other rows' from their average.
@@ -289,17 +292,26 @@ class Distiller:
         self.teacher_set = ts
         return ts
 
+    def _augmented_file(self, rows: CTRData) -> Optional[np.ndarray]:
+        """With ``cache_dir``, a memory-mapped file for the augmented rows (this rank's), else None."""
+        n_aug = augmented_rows(len(rows), self.augment)
+        if self.cache_dir is None or n_aug == 0:
+            return None
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        # remade on every fit like the teacher cache, never read back from an earlier one
+        path = self.cache_dir / f"augmented_ids.rank{_dist.get_rank()}.npy"
+        return np.lib.format.open_memmap(path, mode="w+", dtype=np.int64, shape=(n_aug, rows.ids.shape[1]))
+
     def _build_cache(self, ts: TeacherSet, rows: CTRData, aug_ids: np.ndarray) -> TeacherCache:
         cfg = self.config
-        if ts.folds == 1 and len(aug_ids) == 0:
-            # the plain case keeps TeacherCache.build: sharded under torch.distributed
-            return TeacherCache.build(list(self.teachers), rows, hidden=self.needs_hidden,
+        if ts.folds == 1:
+            # one pass over the real rows then the augmented ones, written in place (into cache_dir
+            # when set) and sharded under torch.distributed
+            data = rows if not len(aug_ids) else as_tensor_rows(Rows([rows.ids, aug_ids]))
+            return TeacherCache.build(list(self.teachers), data, hidden=self.needs_hidden,
                                       batch_size=cfg.eval_batch_size, path=self.cache_dir,
                                       progress=cfg.show_progress)
-        if ts.folds > 1:
-            logits, hidden = ts.out_of_fold(rows, cfg.eval_batch_size), None
-        else:
-            logits, hidden = ts.outputs(rows, self.needs_hidden, cfg.eval_batch_size)
+        logits, hidden = ts.out_of_fold(rows, cfg.eval_batch_size), None
         if len(aug_ids):
             a_logits, a_hidden = ts.outputs(torch.from_numpy(aug_ids), self.needs_hidden, cfg.eval_batch_size)
             logits = np.concatenate([logits, a_logits])
@@ -327,9 +339,11 @@ class Distiller:
             return fit, rows_of(monitor)
         if cfg.merge_validation:  # the merged validation rows: in the student's rows, unseen by teachers
             a, b = len(train), len(student_train)
+            # those rows are the validation split's last b - a (TrainConfig.split_validation); taken
+            # from it, they stay a view of memory-mapped data instead of a copy out of the Rows
+            merged = valid.subset(np.arange(len(valid) - (b - a), len(valid)))
             z, h = cache.gather(torch.arange(a, b))
-            fit = GateRows(student_train.ids[a:b], z.numpy(), student_train.labels[a:b],
-                           None if h is None else h.numpy())
+            fit = GateRows(merged.ids, z.numpy(), merged.labels, None if h is None else h.numpy())
             return fit, rows_of(monitor)
         half = len(valid) // 2  # no merged rows: the validation split's halves
         if half < 1:
@@ -337,25 +351,42 @@ class Distiller:
         return rows_of(valid.subset(np.arange(half))), rows_of(valid.subset(np.arange(half, len(valid))))
 
     def _targets(self, ts, train, valid, student_train, monitor, cache, aug_ids) -> Optional[torch.Tensor]:
-        """Per-row ensemble logit for the cached rows (None with a joint gate)."""
+        """Per-row ensemble logit ``[N, 1]`` for the cached rows (None with a joint gate)."""
         if self.joint_gate:
             return None
-        z_all, h_all = cache.gather(torch.arange(len(cache)))
-        m = z_all.shape[1]
-        if self.gate == "mean":
-            alpha = torch.full_like(z_all, 1.0 / m)
-        else:
+        gate = None
+        if self.gate != "mean":
             t0 = time.perf_counter()
             fit, mon = self._honest_rows(ts, train, valid, student_train, monitor, cache)
             torch.manual_seed(self.config.seed)
+            m = fit.logits.shape[1]
             gate = make_gate(self.gate, m, hidden_dim=self.hidden_dim, field_sizes=student_train.field_sizes)
             self.summary["gate"] = fit_gate(gate, fit, mon, batch_size=self.config.batch_size, seed=self.config.seed)
             self.summary["gate"].update(fit_rows=len(fit), monitor_rows=len(mon),
                                         seconds=time.perf_counter() - t0)
             self.stacked_gate = gate
-            ids = _with_rows(student_train.ids, aug_ids)
-            alpha = gate_alpha(gate, GateRows(ids, z_all.numpy(), None, None if h_all is None else h_all.numpy()))
-        return ensemble_logits(z_all.float(), alpha.float(), self.ensemble, self.temperature).unsqueeze(1)
+        # read block by block in place (no concatenated copy of the rows)
+        ids = Rows([student_train.ids, aug_ids]) if len(aug_ids) else student_train.ids
+        n = len(cache)
+        if self.cache_dir is None:
+            out = torch.empty(n, 1)
+        else:  # beside the cached logits, memory-mapped (large data)
+            out = torch.from_numpy(np.lib.format.open_memmap(
+                self.cache_dir / f"targets.rank{_dist.get_rank()}.npy", mode="w+", dtype=np.float32, shape=(n, 1)))
+        # block by block: the cache's logits and the gate's α for every row at once would cost
+        # 2·M floats a row on top of the targets (large data); blocks are whole gate_alpha batches,
+        # so every row's α is computed in the batch it would be in a single pass
+        block = 4 * GATE_ALPHA_BATCH
+        for a in range(0, n, block):
+            b = min(a + block, n)
+            z, h = cache.gather(torch.arange(a, b))
+            if gate is None:
+                alpha = torch.full_like(z, 1.0 / z.shape[1])
+            else:
+                alpha = gate_alpha(gate, GateRows(ids[a:b], z.numpy(), None, None if h is None else h.numpy()),
+                                   GATE_ALPHA_BATCH)
+            out[a:b, 0] = ensemble_logits(z.float(), alpha.float(), self.ensemble, self.temperature)
+        return out
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _settings(self) -> dict:
@@ -407,7 +438,8 @@ class Distiller:
         self.summary["teacher_folds"] = ts.folds
 
         t1 = time.perf_counter()
-        aug_ids = swap_augment(student_train.ids, self.augment, self.augment_swap, seed=cfg.seed + _AUGMENT_SEED)
+        aug_ids = swap_augment(student_train.ids, self.augment, self.augment_swap, seed=cfg.seed + _AUGMENT_SEED,
+                               out=self._augmented_file(student_train))
         n_real = len(student_train)
         self.cache = cache = self._build_cache(ts, student_train, aug_ids)
         self.targets = targets = self._targets(ts, train, valid, student_train, monitor_data, cache, aug_ids)
@@ -430,7 +462,7 @@ class Distiller:
         seed_everything(cfg.seed)
         # the real rows then the augmented ones, whose label slots are never read (their hard-label
         # and gate terms are off); memory-mapped rows (the on-disk cache) are read in place
-        slot = np.full(len(aug_ids), _AUG_LABEL_SLOT, dtype=np.float32)
+        slot = np.broadcast_to(np.float32(_AUG_LABEL_SLOT), (len(aug_ids),))  # one value, no memory per row
         ids = as_tensor_rows(_with_rows(student_train.ids, aug_ids))
         labels = as_tensor_rows(_with_rows(student_train.labels, slot))
         loop = _Loop(self._student_modules(), self._student_params(), cfg, cfg.early_stop,

@@ -232,7 +232,9 @@ class _Loop:
                 t0 = time.perf_counter()
                 for m in self.modules.values():
                     m.train()
-                perm = torch.randperm(n, generator=self.gen)
+                # int32 halves the permutation's memory (4 bytes a row on large data); randperm draws
+                # the same permutation for either dtype from the same generator state
+                perm = torch.randperm(n, generator=self.gen, dtype=torch.int32 if n < 2**31 else torch.int64)
                 if world > 1:
                     # same permutation on every rank (self.gen), dealt like DistributedSampler; dropout
                     # masks differ per rank and are reproducible on resume
@@ -250,7 +252,7 @@ class _Loop:
                 for k, (a, b) in enumerate(bounds):
                     # gathered batch by batch: no permuted copy of the whole training set per epoch
                     # (ids may be memory-mapped rows: fastkd.data.rows.TensorRows)
-                    index = perm[a:b]
+                    index = perm[a:b].long()
                     with amp:
                         loss = step(ids[index], labels[index], index)
                     self.opt.zero_grad()

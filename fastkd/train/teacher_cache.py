@@ -291,12 +291,19 @@ def _fill_teacher_outputs(teachers, ids: torch.Tensor, logits: np.ndarray, hid: 
     from tqdm.auto import tqdm
 
     hidden = hid is not None
+    n = ids.shape[0]
+    # whole batches per block, so each row is scored in the batch a single pass would put it in;
+    # one block's rows and outputs in memory at a time (large data: the rows and the cache itself
+    # may be files, and a slice of memory-mapped Rows is a copy)
+    block = 4 * batch_size
     for j, t in enumerate(tqdm(teachers, desc="teacher cache", disable=not progress, leave=False)):
-        out = predict(t, ids, batch_size, return_hidden=hidden)
-        if hidden:
-            logits[:, j] = out[0].float().numpy()
-            h = out[1].float().numpy()
-            hid[:, j, : h.shape[1]] = h
-            hid[:, j, h.shape[1]:] = 0.0
-        else:
-            logits[:, j] = out.float().numpy()
+        for a in range(0, n, block):
+            b = min(a + block, n)
+            out = predict(t, ids[a:b], batch_size, return_hidden=hidden)
+            if hidden:
+                logits[a:b, j] = out[0].float().numpy()
+                h = out[1].float().numpy()
+                hid[a:b, j, : h.shape[1]] = h
+                hid[a:b, j, h.shape[1]:] = 0.0
+            else:
+                logits[a:b, j] = out.float().numpy()
