@@ -18,9 +18,10 @@ other half):
 
 both with ``GatedDistillLoss(3, gate="logit", student_outputs="prob")`` through
 ``fastkd.integration``; every student is scored on the test split with ``fastkd.metrics``.
-``--plain`` adds each trainer's own student without distillation; ``--deepctr-train-mode`` adds a
-DeepCTR-Torch student whose model is put back in training mode each epoch (its ``fit`` leaves it
-in eval mode after the first validation pass).
+``--plain`` adds each trainer's own student without distillation (the plain DeepCTR-Torch student
+gets a callback putting it back in training mode each epoch, as ``attach`` does for distilled
+ones); ``--deepctr-variants`` adds DeepCTR-Torch students with fastkd's learning-rate decay
+callback, and left in eval mode after DeepCTR's first validation pass (its own behaviour).
 
     python bench/integration_frappe.py --seeds 0 --threads 1 --out runs/integration-frappe.json
     python bench/integration_frappe.py --quick    # a synthetic smoke run of every step (~1 min)
@@ -76,7 +77,8 @@ def deepctr_student(field_sizes, mk, seed: int):
                   dnn_use_bn=True, l2_reg_embedding=0.0, l2_reg_linear=0.0, seed=seed, device="cpu")
 
 
-def run_deepctr(rows, monitor, test, teacher_logits, mk, cfg, seed: int, kd: bool, train_mode: bool = False):
+def run_deepctr(rows, monitor, test, teacher_logits, mk, cfg, seed: int, kd: bool, train_mode: bool = True,
+                lr_decay: bool = False):
     from deepctr_torch.callbacks import Callback, EarlyStopping
 
     from fastkd import GatedDistillLoss
@@ -85,9 +87,9 @@ def run_deepctr(rows, monitor, test, teacher_logits, mk, cfg, seed: int, kd: boo
     def x(d):
         return {f"f{i}": d.ids[:, i] for i in range(d.ids.shape[1])}
 
-    class TrainMode(Callback):  # DeepCTR-Torch 0.3.0 trains in eval mode after its first validation
-        def on_epoch_begin(self, epoch, logs=None):
-            self.model.train()
+    class TrainMode(Callback):  # the plain student's fix: DeepCTR-Torch 0.3.0 trains in eval mode
+        def on_epoch_begin(self, epoch, logs=None):  # after its first validation (attach() does this
+            self.model.train()                        # for distilled students)
 
     torch.manual_seed(seed)
     student = deepctr_student(rows.field_sizes, mk, seed)
@@ -95,12 +97,14 @@ def run_deepctr(rows, monitor, test, teacher_logits, mk, cfg, seed: int, kd: boo
     inputs = x(rows)
     if kd:  # the glue: two lines
         crit = GatedDistillLoss(teacher_logits.num_teachers, gate="logit", student_outputs="prob")
-        inputs = kd_deepctr.attach(student, teacher_logits, crit).inputs(inputs)
+        inputs = kd_deepctr.attach(student, teacher_logits, crit, train_mode=train_mode).inputs(inputs)
     stop = EarlyStopping("val_auc", patience=cfg.patience, mode="max", restore_best_weights=True)
+    callbacks = [stop] + ([TrainMode()] if train_mode and not kd else [])
+    if lr_decay:  # fastkd's own rule: learning rate / 10 after each epoch without improvement
+        callbacks.append(kd_deepctr.lr_decay_on_plateau("val_auc"))
     t0 = time.perf_counter()
     hist = student.fit(inputs, rows.labels, batch_size=cfg.batch_size, epochs=cfg.max_epochs, verbose=0,
-                       validation_data=(x(monitor), monitor.labels),
-                       callbacks=[stop] + ([TrainMode()] if train_mode else []))
+                       validation_data=(x(monitor), monitor.labels), callbacks=callbacks)
     secs = time.perf_counter() - t0
     p = student.predict(x(test), cfg.eval_batch_size).reshape(-1)
     return _scores(test.labels, p), {"epochs": len(hist.epoch), "seconds": round(secs, 1),
@@ -198,8 +202,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--trainers", default="fastkd,deepctr,fuxictr")
     ap.add_argument("--plain", action="store_true", help="also each trainer's student without distillation")
-    ap.add_argument("--deepctr-train-mode", action="store_true",
-                    help="also a DeepCTR-Torch student put back in training mode at each epoch")
+    ap.add_argument("--deepctr-variants", action="store_true",
+                    help="also DeepCTR-Torch students with fastkd's learning-rate decay callback, and left in "
+                         "DeepCTR's eval mode after the first validation pass (attach(train_mode=False))")
     ap.add_argument("--quick", action="store_true", help="synthetic data, small models: a smoke run")
     ap.add_argument("--out", default=None, help="JSON file for the records")
     a = ap.parse_args()
@@ -257,9 +262,11 @@ def main() -> None:
             if "deepctr" in trainers:
                 sc, ex = run_deepctr(rows, monitor, test, cache, mk, cfg, seed * 100, kd_on)
                 add(f"DeepCTR-Torch fit ({tag})", seed, sc, **ex)
-                if a.deepctr_train_mode:
-                    sc, ex = run_deepctr(rows, monitor, test, cache, mk, cfg, seed * 100, kd_on, train_mode=True)
-                    add(f"DeepCTR-Torch fit + train-mode callback ({tag})", seed, sc, **ex)
+                if a.deepctr_variants:
+                    sc, ex = run_deepctr(rows, monitor, test, cache, mk, cfg, seed * 100, kd_on, lr_decay=True)
+                    add(f"DeepCTR-Torch fit + lr_decay_on_plateau ({tag})", seed, sc, **ex)
+                    sc, ex = run_deepctr(rows, monitor, test, cache, mk, cfg, seed * 100, kd_on, train_mode=False)
+                    add(f"DeepCTR-Torch fit, eval-mode epochs ({tag})", seed, sc, **ex)
             if "fuxictr" in trainers:
                 sc, ex = run_fuxictr(rows, monitor, test, cache, mk, cfg, seed * 100, kd_on)
                 add(f"FuxiCTR fit ({tag})", seed, sc, **ex)

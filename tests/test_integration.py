@@ -245,6 +245,47 @@ def test_deepctr_gate_trained_and_checkpointed(tmp_path):
     student.fit(x, data.labels, batch_size=64, epochs=1, verbose=0)  # its own loss again
 
 
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_deepctr_training_batches_run_in_training_mode(train_mode):
+    # mutation caught: the hook no longer restoring train() (DeepCTR-Torch 0.3.0 leaves the model in
+    # eval mode after its first validation pass), or restoring it for validation/predict batches
+    from fastkd.integration import deepctr as kd_deepctr
+
+    data, x, model = _deepctr_setup(n=300)
+    student = model(dnn_dropout=0.5)
+    crit = GatedDistillLoss(3, student_outputs="prob")
+    kd = kd_deepctr.attach(student, torch.randn(300, 3), crit, train_mode=train_mode)
+    modes = []  # (training batch?, training mode) for every forward pass
+    student.register_forward_pre_hook(lambda m, a: modes.append((torch.is_grad_enabled(), m.training)))
+    student.fit(kd.inputs(x), data.labels, batch_size=100, epochs=3, verbose=0, validation_data=(x, data.labels))
+    train_batches = [t for grad, t in modes if grad]
+    assert len(train_batches) == 9 and not any(t for grad, t in modes if not grad)  # validation: eval mode
+    assert all(train_batches) if train_mode else not all(train_batches[3:])
+
+
+def test_deepctr_lr_decay_on_plateau():
+    # mutation caught: decaying after an improving epoch, or never
+    from fastkd.integration import deepctr as kd_deepctr
+
+    pytest.importorskip("deepctr_torch")
+    cb = kd_deepctr.lr_decay_on_plateau("val_auc", factor=0.5)
+
+    class Model:
+        optim = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+
+    cb.set_model(Model)
+    cb.on_train_begin()
+    lrs = []
+    for auc in (0.6, 0.7, 0.65, 0.7, 0.8, 0.1):
+        cb.on_epoch_end(0, {"val_auc": auc})
+        lrs.append(Model.optim.param_groups[0]["lr"])
+    assert lrs == [1.0, 1.0, 0.5, 0.25, 0.25, 0.125]
+    with pytest.raises(KeyError, match="'val_auc' is not in DeepCTR's epoch logs"):
+        cb.on_epoch_end(0, {"loss": 1.0})
+    with pytest.raises(ValueError, match="mode"):
+        kd_deepctr.lr_decay_on_plateau(mode="up")
+
+
 def test_deepctr_refuses_and_explains():
     from fastkd.integration import deepctr as kd_deepctr
 

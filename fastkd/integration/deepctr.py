@@ -24,6 +24,11 @@ What :func:`attach` handles:
   parameters join the optimizer ``compile`` built, and ``state_dict()`` — so DeepCTR's
   ``ModelCheckpoint`` and ``EarlyStopping(restore_best_weights=True)`` carry the gate.
   :meth:`DeepCTRDistillation.remove` restores the plain model for serving.
+- **Training mode.** DeepCTR-Torch 0.3.0's ``fit`` leaves the model in eval mode after its first
+  validation pass; the pre-hook puts it back in training mode for every training batch (row
+  columns present, autograd on), so dropout and BatchNorm train in every epoch
+  (``attach(..., train_mode=False)`` keeps DeepCTR's behaviour). :func:`lr_decay_on_plateau` is
+  fastkd's learning-rate rule as a DeepCTR callback.
 - **The loss reduction** follows DeepCTR's call (``reduction="sum"`` in its ``fit``), so the
   L2 terms DeepCTR adds keep their usual weight against the data term.
 """
@@ -37,7 +42,7 @@ from torch import nn
 
 from ._common import check_outputs_kind, join_student, leave_student, num_rows, probs_to_logits, teacher_rows
 
-__all__ = ["attach", "teacher_logits", "DeepCTRDistillation", "ROW_BASE"]
+__all__ = ["attach", "teacher_logits", "lr_decay_on_plateau", "DeepCTRDistillation", "ROW_BASE"]
 
 #: the row index travels as two integer columns (row // ROW_BASE, row % ROW_BASE), each exact in
 #: the float32 tensors DeepCTR-Torch makes of its inputs (< 2**24)
@@ -100,8 +105,9 @@ class DeepCTRDistillation:
     when DeepCTR asks for a sum of a mean-reduced loss.
     """
 
-    def __init__(self, model, teacher_logits, criterion: nn.Module) -> None:
+    def __init__(self, model, teacher_logits, criterion: nn.Module, train_mode: bool = True) -> None:
         _check_model(model)
+        self.train_mode = train_mode
         if not hasattr(model, "optim"):
             raise ValueError("call model.compile(...) before attach(): attach adds the gate to its optimizer "
                              "and replaces its loss")
@@ -148,13 +154,17 @@ class DeepCTRDistillation:
 
     # -- DeepCTR's side -------------------------------------------------------------------------
     def _strip_rows(self, module, args):
-        # Rows are read whatever the mode: DeepCTR-Torch 0.3.0's fit leaves the model in eval mode
-        # after its first validation pass (predict() calls eval(), fit never calls train() again).
         X = args[0]
         if X.dim() == 2 and X.shape[1] == self.num_columns + 2:
             if self.model.loss_func is not self:
                 raise RuntimeError("model.loss_func was replaced after attach() (a later compile()?): "
                                    "compile first, then attach")
+            if self.train_mode and torch.is_grad_enabled() and not module.training:
+                # DeepCTR-Torch 0.3.0's fit leaves the model in eval mode after its first validation
+                # pass (predict() calls eval(), fit never calls train() again): later epochs would
+                # train without dropout and with frozen BatchNorm statistics. A batch with row
+                # columns under autograd is a training batch, so it trains in training mode.
+                module.train()
             self._rows = rows_of(X[:, -2:])
             return (X[:, : self.num_columns],) + tuple(args[1:])
         self._rows = None
@@ -186,7 +196,7 @@ class DeepCTRDistillation:
         return state
 
 
-def attach(model, teacher_logits, criterion: nn.Module) -> DeepCTRDistillation:
+def attach(model, teacher_logits, criterion: nn.Module, train_mode: bool = True) -> DeepCTRDistillation:
     """Distil into the compiled DeepCTR-Torch ``model`` through its own ``fit``.
 
     Args:
@@ -194,8 +204,52 @@ def attach(model, teacher_logits, criterion: nn.Module) -> DeepCTRDistillation:
         teacher_logits: a :class:`~fastkd.TeacherCache` or float tensor/array [N, M]: row i holds
             the M teachers' logits for row i of the ``x`` given to :meth:`DeepCTRDistillation.inputs`.
         criterion: a fastkd loss module, e.g. ``GatedDistillLoss(M, student_outputs="prob")``.
+        train_mode: put the model back in training mode for every training batch (default):
+            DeepCTR-Torch 0.3.0's ``fit`` leaves it in eval mode after the first validation pass,
+            so every later epoch would train without dropout and with frozen BatchNorm statistics.
+            False keeps DeepCTR's behaviour.
 
     Returns:
         the :class:`DeepCTRDistillation`; train with ``model.fit(kd.inputs(x), y, ...)``.
     """
-    return DeepCTRDistillation(model, teacher_logits, criterion)
+    return DeepCTRDistillation(model, teacher_logits, criterion, train_mode)
+
+
+def lr_decay_on_plateau(monitor: str = "val_auc", mode: str = "max", factor: float = 0.1):
+    """A DeepCTR-Torch callback dividing the learning rate after each epoch without improvement.
+
+    fastkd's own training rule (``TrainConfig.reduce_lr_on_plateau``): after an epoch whose
+    ``monitor`` (a key of DeepCTR's epoch logs, e.g. ``"val_auc"``) is not better than the best so
+    far, every learning rate of ``model.optim`` is multiplied by ``factor``. DeepCTR-Torch has no
+    such callback; pair it with its ``EarlyStopping(..., restore_best_weights=True)``.
+
+    Example::
+
+        stop = EarlyStopping("val_auc", patience=2, mode="max", restore_best_weights=True)
+        student.fit(kd.inputs(x), y, validation_data=(x_val, y_val),
+                    callbacks=[stop, kd_deepctr.lr_decay_on_plateau("val_auc")])
+    """
+    from deepctr_torch.callbacks import Callback
+
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+    if not 0.0 < factor < 1.0:
+        raise ValueError(f"factor must be in (0, 1), got {factor}")
+
+    class LRDecayOnPlateau(Callback):
+        def on_train_begin(self, logs=None):
+            self.best = None
+
+        def on_epoch_end(self, epoch, logs=None):
+            if not logs or monitor not in logs:
+                raise KeyError(f"lr_decay_on_plateau: {monitor!r} is not in DeepCTR's epoch logs "
+                               f"({sorted(logs or {})}); pass validation_data and the metric to compile()")
+            value = float(logs[monitor])
+            better = self.best is None or (value > self.best if mode == "max" else value < self.best)
+            if better:
+                self.best = value
+                return
+            for group in self.model.optim.param_groups:
+                group["lr"] *= factor
+
+    return LRDecayOnPlateau()
