@@ -133,6 +133,23 @@ def test_cached_split_equals_in_memory_split(tmp_path, kind):
     assert folder3 != folder
 
 
+def test_cached_split_with_a_cut_off_last_line(tmp_path):
+    # mutation caught: an encoded block with no good row (here the cut-off last line, read by the
+    # Python rule on its own) written as a zero-size memoryview: TypeError, no cache
+    good = [_line(str(i % 2), cats=[f"{i * 7919 + f:08x}" for f in range(26)]) for i in range(200)]
+    path = tmp_path / "cut.txt"
+    path.write_text("\n".join(good + [_line()[:25]]))  # cut mid-line: no final newline
+    kw = dict(kind="hash", num_buckets=50)
+    with pytest.warns(UserWarning, match="malformed"):
+        parts, _, _ = cached_split(f"criteo:{path}", tmp_path / "cache", (0.8, 0.1, 0.1), 0, **kw)
+    with pytest.warns(UserWarning, match="malformed"):
+        ref = load(f"criteo:{path}", **kw).split((0.8, 0.1, 0.1), seed=0)
+    assert sum(len(p) for p in parts) == 200
+    for a, b in zip(parts, ref):
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_array_equal(a.labels, b.labels)
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate", "manifest"])
 def test_damaged_cache_is_rebuilt_not_used(tmp_path, damage):
     # mutation caught: a checksum or size check skipped on open

@@ -292,6 +292,8 @@ def _write(spec: str, tmp: Path, settings: dict, chunk_rows: int, progress: Opti
     with open(tmp / "rows.bin", "wb") as f_ids, open(tmp / "labels.bin", "wb") as f_lab, \
             bar("encoding", total) as enc_bar:
         for b in blocks:
+            if not len(b.labels):  # a block of malformed lines only (e.g. a cut-off last line)
+                continue
             f_ids.write(memoryview(np.ascontiguousarray(b.ids, dtype=np.int64)).cast("B"))
             f_lab.write(memoryview(np.ascontiguousarray(b.labels, dtype=np.float32)).cast("B"))
             n += len(b.labels)
