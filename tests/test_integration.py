@@ -280,6 +280,8 @@ def test_deepctr_lr_decay_on_plateau():
         cb.on_epoch_end(0, {"val_auc": auc})
         lrs.append(Model.optim.param_groups[0]["lr"])
     assert lrs == [1.0, 1.0, 0.5, 0.25, 0.25, 0.125]
+    cb.on_epoch_end(0, {"val_auc": float("nan")})  # a NaN monitor is no improvement (fastkd's rule)
+    assert Model.optim.param_groups[0]["lr"] == 0.0625
     with pytest.raises(KeyError, match="'val_auc' is not in DeepCTR's epoch logs"):
         cb.on_epoch_end(0, {"loss": 1.0})
     with pytest.raises(ValueError, match="mode"):

@@ -231,6 +231,8 @@ def lr_decay_on_plateau(monitor: str = "val_auc", mode: str = "max", factor: flo
     """
     from deepctr_torch.callbacks import Callback
 
+    from ..train.early_stopping import improves
+
     if mode not in ("max", "min"):
         raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
     if not 0.0 < factor < 1.0:
@@ -245,8 +247,7 @@ def lr_decay_on_plateau(monitor: str = "val_auc", mode: str = "max", factor: flo
                 raise KeyError(f"lr_decay_on_plateau: {monitor!r} is not in DeepCTR's epoch logs "
                                f"({sorted(logs or {})}); pass validation_data and the metric to compile()")
             value = float(logs[monitor])
-            better = self.best is None or (value > self.best if mode == "max" else value < self.best)
-            if better:
+            if improves(value, self.best, mode):  # fastkd's own rule (a non-finite value never improves)
                 self.best = value
                 return
             for group in self.model.optim.param_groups:

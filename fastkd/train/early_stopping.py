@@ -9,7 +9,15 @@ from torch import nn
 
 from .config import MONITORS
 
-__all__ = ["EarlyStopper"]
+__all__ = ["EarlyStopper", "improves"]
+
+
+def improves(value: float, best: Optional[float], mode: str) -> bool:
+    """Whether ``value`` beats ``best`` (None: nothing yet) under ``mode`` ("max" | "min"); a
+    non-finite value never does."""
+    if not math.isfinite(value):
+        return False
+    return best is None or (value > best if mode == "max" else value < best)
 
 
 class EarlyStopper:
@@ -25,12 +33,7 @@ class EarlyStopper:
 
     def step(self, value: float, epoch: int, modules: Dict[str, nn.Module]) -> bool:
         """Record an epoch's value; returns True when it improved on the best so far."""
-        if not math.isfinite(value):
-            improved = False
-        elif self.best is None:
-            improved = True
-        else:
-            improved = value > self.best if self.mode == "max" else value < self.best
+        improved = improves(value, self.best, self.mode)
         if improved:
             self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
             self.best_state = {k: copy.deepcopy(m.state_dict()) for k, m in modules.items()}
