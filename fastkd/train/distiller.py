@@ -297,10 +297,14 @@ class Distiller:
         n_aug = augmented_rows(len(rows), self.augment)
         if self.cache_dir is None or n_aug == 0:
             return None
+        return self._rank_file("augmented_ids", np.int64, (n_aug, rows.ids.shape[1]))
+
+    def _rank_file(self, name: str, dtype, shape) -> np.ndarray:
+        """A new memory-mapped array ``<cache_dir>/<name>.rank<r>.npy`` (this rank's): remade on
+        every fit like the teacher cache, never read back from an earlier one."""
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        # remade on every fit like the teacher cache, never read back from an earlier one
-        path = self.cache_dir / f"augmented_ids.rank{_dist.get_rank()}.npy"
-        return np.lib.format.open_memmap(path, mode="w+", dtype=np.int64, shape=(n_aug, rows.ids.shape[1]))
+        return np.lib.format.open_memmap(self.cache_dir / f"{name}.rank{_dist.get_rank()}.npy", mode="w+",
+                                         dtype=dtype, shape=shape)
 
     def _build_cache(self, ts: TeacherSet, rows: CTRData, aug_ids: np.ndarray) -> TeacherCache:
         cfg = self.config
@@ -368,11 +372,9 @@ class Distiller:
         # read block by block in place (no concatenated copy of the rows)
         ids = Rows([student_train.ids, aug_ids]) if len(aug_ids) else student_train.ids
         n = len(cache)
-        if self.cache_dir is None:
-            out = torch.empty(n, 1)
-        else:  # beside the cached logits, memory-mapped (large data)
-            out = torch.from_numpy(np.lib.format.open_memmap(
-                self.cache_dir / f"targets.rank{_dist.get_rank()}.npy", mode="w+", dtype=np.float32, shape=(n, 1)))
+        # beside the cached logits, memory-mapped, with cache_dir (large data)
+        out = torch.empty(n, 1) if self.cache_dir is None else \
+            torch.from_numpy(self._rank_file("targets", np.float32, (n, 1)))
         # block by block: the cache's logits and the gate's α for every row at once would cost
         # 2·M floats a row on top of the targets (large data); blocks are whole gate_alpha batches,
         # so every row's α is computed in the batch it would be in a single pass
