@@ -21,7 +21,8 @@ both with ``GatedDistillLoss(3, gate="logit", student_outputs="prob")`` through
 ``--plain`` adds each trainer's own student without distillation (the plain DeepCTR-Torch student
 gets a callback putting it back in training mode each epoch, as ``attach`` does for distilled
 ones); ``--deepctr-variants`` adds DeepCTR-Torch students with fastkd's learning-rate decay
-callback, and left in eval mode after DeepCTR's first validation pass (its own behaviour).
+callback, and left in eval mode after DeepCTR's first validation pass (its own behaviour);
+``--deepctr-xavier`` adds DeepCTR-Torch students initialised as fastkd's and FuxiCTR's DNN.
 
     python bench/integration_frappe.py --seeds 0 --threads 1 --out runs/integration-frappe.json
     python bench/integration_frappe.py --quick    # a synthetic smoke run of every step (~1 min)
@@ -67,18 +68,26 @@ def load_split(args, quick: bool):
 
 
 # ---------------------------------------------------------------------------------------- DeepCTR
-def deepctr_student(field_sizes, mk, seed: int):
+def deepctr_student(field_sizes, mk, seed: int, xavier: bool = False):
+    """DeepCTR-Torch's DNN; ``xavier``: its linear layers start as fastkd's and FuxiCTR's do
+    (Xavier-normal weights, zero biases) instead of DeepCTR's ``N(0, init_std=1e-4)`` hidden weights."""
     from deepctr_torch.inputs import SparseFeat
     from deepctr_torch.models import DeepFM
 
     cols = [SparseFeat(f"f{i}", vocabulary_size=int(s), embedding_dim=mk["embed_dim"])
             for i, s in enumerate(field_sizes)]
-    return DeepFM([], cols, use_fm=False, dnn_hidden_units=tuple(mk["hidden_units"]), dnn_dropout=mk["dropout"],
-                  dnn_use_bn=True, l2_reg_embedding=0.0, l2_reg_linear=0.0, seed=seed, device="cpu")
+    model = DeepFM([], cols, use_fm=False, dnn_hidden_units=tuple(mk["hidden_units"]), dnn_dropout=mk["dropout"],
+                   dnn_use_bn=True, l2_reg_embedding=0.0, l2_reg_linear=0.0, seed=seed, device="cpu")
+    if xavier:  # the user's glue: a loop over DeepCTR's linear layers
+        for lin in [*model.dnn.linears, model.dnn_linear]:
+            torch.nn.init.xavier_normal_(lin.weight)
+            if lin.bias is not None:
+                torch.nn.init.zeros_(lin.bias)
+    return model
 
 
 def run_deepctr(rows, monitor, test, teacher_logits, mk, cfg, seed: int, kd: bool, train_mode: bool = True,
-                lr_decay: bool = False):
+                lr_decay: bool = False, xavier: bool = False):
     from deepctr_torch.callbacks import Callback, EarlyStopping
 
     from fastkd import GatedDistillLoss
@@ -92,7 +101,7 @@ def run_deepctr(rows, monitor, test, teacher_logits, mk, cfg, seed: int, kd: boo
             self.model.train()                        # for distilled students)
 
     torch.manual_seed(seed)
-    student = deepctr_student(rows.field_sizes, mk, seed)
+    student = deepctr_student(rows.field_sizes, mk, seed, xavier)
     student.compile("adam", "binary_crossentropy", metrics=["auc"])  # Adam, lr 1e-3
     inputs = x(rows)
     if kd:  # the glue: two lines
@@ -205,6 +214,9 @@ def main() -> None:
     ap.add_argument("--deepctr-variants", action="store_true",
                     help="also DeepCTR-Torch students with fastkd's learning-rate decay callback, and left in "
                          "DeepCTR's eval mode after the first validation pass (attach(train_mode=False))")
+    ap.add_argument("--deepctr-xavier", action="store_true",
+                    help="also DeepCTR-Torch students whose linear layers start as fastkd's and FuxiCTR's "
+                         "(Xavier-normal) instead of DeepCTR's N(0, 1e-4)")
     ap.add_argument("--quick", action="store_true", help="synthetic data, small models: a smoke run")
     ap.add_argument("--out", default=None, help="JSON file for the records")
     a = ap.parse_args()
@@ -267,6 +279,9 @@ def main() -> None:
                     add(f"DeepCTR-Torch fit + lr_decay_on_plateau ({tag})", seed, sc, **ex)
                     sc, ex = run_deepctr(rows, monitor, test, cache, mk, cfg, seed * 100, kd_on, train_mode=False)
                     add(f"DeepCTR-Torch fit, eval-mode epochs ({tag})", seed, sc, **ex)
+                if a.deepctr_xavier:
+                    sc, ex = run_deepctr(rows, monitor, test, cache, mk, cfg, seed * 100, kd_on, xavier=True)
+                    add(f"DeepCTR-Torch fit, Xavier-normal init ({tag})", seed, sc, **ex)
             if "fuxictr" in trainers:
                 sc, ex = run_fuxictr(rows, monitor, test, cache, mk, cfg, seed * 100, kd_on)
                 add(f"FuxiCTR fit ({tag})", seed, sc, **ex)

@@ -31,7 +31,8 @@ def _spec(args):
     from .experiment import ABLATIONS, ExperimentSpec, parse_ablation
     from .train import TrainConfig
 
-    abl = [a for item in args.ablations for a in (ABLATIONS if item == "all" else [item])]
+    every = [a for a in ABLATIONS if a != "segments" or getattr(args, "segment_field", None)]
+    abl = [a for item in args.ablations for a in (every if item == "all" else [item])]
     batch_size = args.batch_size or getattr(args, "batch_size_cap", 2048)
     cfg = TrainConfig(max_epochs=args.max_epochs, batch_size=batch_size, lr=args.lr,
                       early_stop=args.early_stop, patience=args.patience, progress=args.progress or None,
@@ -42,7 +43,8 @@ def _spec(args):
         teachers=args.teachers, student=args.student, mode=args.mode, gate=args.gate, gate_fit=args.gate_fit,
         ensemble=args.ensemble, temperature=args.temperature, hard_weight=args.hard_weight,
         kd_weight=args.kd_weight, teacher_folds=args.teacher_folds, augment=args.augment,
-        augment_swap=args.augment_swap, seeds=list(range(args.seeds)), ablations=abl,
+        augment_swap=args.augment_swap, teacher_rows=args.teacher_rows, student_dropout=args.student_dropout,
+        seeds=list(range(args.seeds)), ablations=abl,
         model_kwargs={"embed_dim": args.embed_dim, "hidden_units": tuple(args.hidden_units), "dropout": args.dropout},
         config=cfg, segment_field=getattr(args, "segment_field", None))
     for item in abl:  # a bad ablation fails here, before any training

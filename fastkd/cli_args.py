@@ -97,6 +97,10 @@ def add_training_args(p: argparse.ArgumentParser, *, max_epochs: int, batch_size
     p.add_argument("--teacher-folds", type=_positive_int, default=1,
                    help="K >= 2 cross-fits the teachers: every student training row's soft label comes from a "
                         "fold model that never saw it (about K-1 times the teacher cost)")
+    p.add_argument("--teacher-rows", choices=("train", "merged"), default="train",
+                   help="rows the teachers train on: the training split, stopped on the whole validation split "
+                        "(default), or with merged validation the student's rows too, stopped on the monitor "
+                        "rows (a stacked gate then fits on the monitor rows alone)")
     p.add_argument("--augment", type=_non_negative_float, default=1.0,
                    help="teacher-labelled augmented rows per training row (field-wise swaps; no hard label; "
                         "0 turns it off; default 1: about 2x the student's epoch cost)")
@@ -131,10 +135,13 @@ def add_training_args(p: argparse.ArgumentParser, *, max_epochs: int, batch_size
     p.add_argument("--hidden-units", type=_csv(int), default=[400, 400, 400])
     p.add_argument("--dropout", type=float, default=0.3,
                    help="dropout of every model's DNN part (0.3: best validation AUC of the plain DNN on Frappe)")
+    p.add_argument("--student-dropout", type=float, default=None,
+                   help="dropout of the student network (distilled students and the plain DNN); default: "
+                        "--dropout")
     p.add_argument("--ablations", type=_csv(str), default=[],
-                   help="comma list of: hint, cotrain, kd-stop, kd-stop-merge, merge, partition (or 'all' for "
-                        "these), or KEY=VALUE[+KEY=VALUE] overrides of a setting, e.g. teacher_folds=1, "
-                        "gate=features, augment=0+gate=mean")
+                   help="comma list of: hint, cotrain, kd-stop, kd-stop-merge, merge, partition, segments "
+                        "(one teacher per --segment-field value), or 'all' for these, or KEY=VALUE[+KEY=VALUE] "
+                        "overrides of a setting, e.g. teacher_folds=1, gate=features, augment=0+gate=mean")
     p.add_argument("--dev", action="store_true",
                    help="choose settings without the test split: it is set aside unread, and the rest is split "
                         "again 80/10/10 into train/valid/dev; the table's 'test' metrics are then the dev split's")

@@ -178,3 +178,51 @@ def test_resume_adds_seeds_to_a_finished_run(scenario, tmp_path, capsys):
     # fewer seeds than the saved run is another run: refused, naming --seeds
     assert main([*ARGS, "--out", str(grown), "--resume"]) == 2
     assert "--seeds" in capsys.readouterr().err
+
+
+def test_resume_adds_ablation_rows_after_the_saved_ones(scenario, tmp_path, capsys):
+    # a finished run without ablations, resumed with two: every saved row loaded, the new rows
+    # trained, all equal to a fresh run's with those ablations
+    grown, fresh = tmp_path / "grown", tmp_path / "fresh"
+    shutil.copytree(scenario["ref"], grown)
+    more = [*ARGS, "--ablations", "augment=0,student_dropout=0"]
+    assert main([*more, "--out", str(fresh)]) == 0
+    capsys.readouterr()
+    assert main([*more, "--out", str(grown), "--resume"]) == 0
+    assert capsys.readouterr().out.count("(finished earlier: loaded)") == 7
+    assert _metrics(grown) == _metrics(fresh)
+    # student_dropout changes the plain DNN too: the row brings its own plain DNN
+    plain = {r["variant"]: r["auc"] for r in json.loads((grown / "results.json").read_text()) if r["model"] == "dnn"}
+    assert set(plain) == {"", "student_dropout=0"} and plain[""] != plain["student_dropout=0"]
+    # rows must come after the saved ones (a unit is named by its position): another order is refused
+    assert main([*ARGS, "--ablations", "student_dropout=0,augment=0", "--out", str(grown), "--resume"]) == 2
+    assert "--ablations" in capsys.readouterr().err
+
+
+def test_settings_added_later_leave_an_older_run_json_unchanged():
+    # teacher_rows and student_dropout came after format 1: at their defaults they are not in the
+    # manifest (a run started before them resumes), set they are (another run)
+    from fastkd.data import make_synthetic
+    from fastkd.experiment import ExperimentSpec
+    from fastkd.experiment.resume import run_id, run_manifest
+    from fastkd.train import TrainConfig
+
+    train, valid, test = make_synthetic(300, seed=0).split((0.8, 0.1, 0.1))
+    cfg = TrainConfig(merge_validation=True)
+    base = run_manifest(ExperimentSpec(config=cfg), train, valid, test)
+    assert "teacher_rows" not in base and "student_dropout" not in base
+    for kw in ({"teacher_rows": "merged"}, {"student_dropout": 0.1}):
+        m = run_manifest(ExperimentSpec(config=cfg, **kw), train, valid, test)
+        assert m[next(iter(kw))] == next(iter(kw.values())) and run_id(m) != run_id(base)
+    # seeds and ablations are what a resumed run may add: the id leaves them out
+    grown = ExperimentSpec(config=cfg, seeds=[0, 1], ablations=["augment=0"])
+    assert run_id(run_manifest(grown, train, valid, test)) == run_id(base)
+
+
+def test_bad_student_options_are_refused_before_training(tmp_path, capsys):
+    assert main([*ARGS, "--student-dropout", "1.5", "--out", str(tmp_path / "o")]) == 2
+    assert "student_dropout must be None or a number in [0, 1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: not one of the choices
+        main([*ARGS, "--teacher-rows", "valid", "--out", str(tmp_path / "o")])
+    assert "--teacher-rows" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "checkpoints").exists()

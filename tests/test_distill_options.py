@@ -271,8 +271,8 @@ def test_stacked_gate_resets_to_averaging_without_a_significant_edge():
         fit_gate(FeatureGate([50, 50], 3), rows, mon, min_z=-1.0)
 
 
-@pytest.mark.parametrize("folds", [1, 3])
-def test_stacked_gate_never_sees_training_row_logits(splits, monkeypatch, folds):
+@pytest.mark.parametrize("folds,teacher_rows", [(1, "train"), (3, "train"), (1, "merged")])
+def test_stacked_gate_never_sees_training_row_logits(splits, monkeypatch, folds, teacher_rows):
     train, valid, _ = splits
     fs = train.field_sizes
     seen = {}
@@ -285,14 +285,23 @@ def test_stacked_gate_never_sees_training_row_logits(splits, monkeypatch, folds)
     monkeypatch.setattr(distiller_mod, "fit_gate", spy)
     c = cfg(merge_validation=True)
     teachers = [Recorder(small("dnn", fs, 1)), Recorder(small("deepfm", fs, 2))]
-    kd = Distiller(teachers, small("dnn", fs, 3), gate="features", teacher_folds=folds, config=c)
+    kd = Distiller(teachers, small("dnn", fs, 3), gate="features", teacher_folds=folds, config=c,
+                   teacher_rows=teacher_rows)
     kd.fit(train, valid)
     fit, monitor = seen["fit"], seen["monitor"]
     rows, mon_rows = c.split_validation(train, valid)
+    trained_on = set().union(*(t.seen for t in teachers))
+    if teacher_rows == "merged":
+        # the teachers trained on every student row; the gate fits and stops on the monitor rows' halves
+        assert trained_on == set(rows.ids[:, 0].tolist())
+        half = len(mon_rows) // 2
+        assert np.array_equal(fit.ids, mon_rows.ids[:half]) and np.array_equal(monitor.ids, mon_rows.ids[half:])
+        assert not trained_on & set(mon_rows.ids[:, 0].tolist())
+        assert kd.teacher_set.saw_validation
+        return
     assert np.array_equal(monitor.ids, mon_rows.ids)
     if folds == 1:
         # the merged validation rows: in the student's rows, outside every teacher's training rows
-        trained_on = set().union(*(t.seen for t in teachers))
         assert set(fit.ids[:, 0].tolist()) == set(rows.ids[len(train):, 0].tolist())
         assert not trained_on & set(fit.ids[:, 0].tolist())
     else:
@@ -317,6 +326,29 @@ def test_gate_options_are_checked(splits):
         Distiller(t, s, mode="cotrain", augment=1.0)
     with pytest.raises(ValueError, match="augment"):
         Distiller(t, s, augment=-0.5)
+    with pytest.raises(ValueError, match="teacher_rows must be one of"):
+        Distiller(t, s, teacher_rows="valid")
+    with pytest.raises(ValueError, match="merge_validation=True"):
+        Distiller(t, s, teacher_rows="merged", config=cfg(merge_validation=False))
+    with pytest.raises(ValueError, match="mode='pretrain'"):
+        Distiller(t, s, mode="cotrain", teacher_rows="merged", config=cfg(merge_validation=True))
+
+
+def test_teachers_said_to_have_seen_the_merged_rows_make_the_gate_fit_on_monitor_rows(splits, monkeypatch):
+    # trained elsewhere on the student's rows (teachers_trained=True, teacher_rows="merged"): the
+    # merged rows' logits are not honest, so the gate takes the monitor rows' halves
+    train, valid, _ = splits
+    fs = train.field_sizes
+    seen = {}
+    real_fit = gates_mod.fit_gate
+    monkeypatch.setattr(distiller_mod, "fit_gate",
+                        lambda gate, fit, monitor, **kw: seen.update(fit=fit) or real_fit(gate, fit, monitor, **kw))
+    c = cfg(merge_validation=True)
+    _, mon_rows = c.split_validation(train, valid)
+    kd = Distiller([small("dnn", fs, 1), small("deepfm", fs, 2)], small("dnn", fs, 3), gate="features", config=c,
+                   teachers_trained=True, teacher_rows="merged", augment=0)
+    kd.fit(train, valid)
+    assert np.array_equal(seen["fit"].ids, mon_rows.ids[:len(mon_rows) // 2])
 
 
 # --------------------------------------------------------------------------------------------

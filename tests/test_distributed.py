@@ -62,6 +62,15 @@ def _distiller(fs, out: Path) -> Distiller:
                      cache_dir=out / "student_cache")
 
 
+def _augmented_distiller(fs, cache_dir: Path) -> Distiller:
+    """The default pre-train path at scale: merged validation, teacher-labelled augmentation, a
+    stacked feature gate, and the teacher cache, augmented rows and targets in files."""
+    return Distiller([_model("deepfm", fs, 8), _model("dcn", fs, 9)], _model("dnn", fs, 10), augment=1.0,
+                     config=TrainConfig(**{**CFG, "max_epochs": 2, "early_stop": "auc", "merge_validation": True}),
+                     teacher_config=TrainConfig(**{**CFG, "max_epochs": 1, "early_stop": "auc"}),
+                     cache_dir=cache_dir)
+
+
 def _fixed_teachers(fs):
     return [_model("dnn", fs, 11), _model("deepfm", fs, 12)]
 
@@ -120,6 +129,12 @@ def _worker(spec: dict) -> None:
             co.fit(train, valid)
             mods = {"teachers": co.teachers, "student": co.student, "loss": co.loss, "hints": co.hints}
             res["cotrain"] = {f"{m}.{k}": v.clone() for m, mod in mods.items() for k, v in mod.state_dict().items()}
+        if spec.get("augmented"):
+            aug = _augmented_distiller(train.field_sizes, out / "aug_cache")
+            aug.fit(train, valid)
+            res["augmented"] = {"student": {k: v.clone() for k, v in aug.student.state_dict().items()},
+                                "test_auc": aug.evaluate(test)["auc"], "rows": aug.summary["augmented_rows"],
+                                "files": sorted(p.name for p in (out / "aug_cache").iterdir())}
         kd = _distiller(train.field_sizes, out)
         if spec.get("kill_at") and rank == 1:
             calls = [0]
@@ -188,7 +203,7 @@ def two_ranks(tmp_path_factory):
     killed = _launch(out, kill_at=9)
     rank0_saved_results = (out / "rank0.pt").exists()
     state = torch.load(out / "ckpt" / "student.pt", weights_only=False)
-    codes, logs = _launch(out, resume=True, cache=True, batch_norm_model=True, cotrain=True)
+    codes, logs = _launch(out, resume=True, cache=True, batch_norm_model=True, cotrain=True, augmented=True)
     assert codes == [0, 0], "\n".join(logs)
     return {"out": out, "killed": killed, "rank0_saved_results": rank0_saved_results,
             "checkpoint_after_kill": state, "ranks": [_load(out, 0), _load(out, 1)]}
@@ -206,7 +221,11 @@ def one_process(tmp_path_factory):
         summary = kd.fit(train, valid)
         bn = _model("dnn", train.field_sizes, 4, batch_norm=True)
         train_model(bn, train, valid, TrainConfig(**{**CFG, "max_epochs": 2, "early_stop": "auc"}))
-        return {"student": kd.student.state_dict(), "history": summary["student"]["history"],
+        aug = _augmented_distiller(train.field_sizes, out / "aug_cache")
+        aug.fit(train, valid)
+        return {"augmented": {"student": aug.student.state_dict(), "test_auc": aug.evaluate(test)["auc"],
+                              "rows": aug.summary["augmented_rows"]},
+                "student": kd.student.state_dict(), "history": summary["student"]["history"],
                 "teacher_epochs": [s["epochs"] for s in summary["teachers"]],
                 "test_auc": kd.evaluate(test)["auc"], "batch_norm_model": bn.state_dict()}
     finally:
@@ -443,6 +462,21 @@ def test_two_ranks_match_one_process(two_ranks, one_process):
         assert h2["train_loss"] == pytest.approx(h1["train_loss"], rel=1e-4)
     for name, p in one_process["student"].items():
         torch.testing.assert_close(r0["student"][name], p, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_augmented_distillation_from_files_on_two_ranks_matches_one_process(two_ranks, one_process):
+    # the default path with cache_dir (what `fastkd distill` runs on memory-mapped rows): each rank
+    # writes its own augmented rows and targets beside the shared teacher cache, and the ranks end
+    # where one process ends
+    r0, r1 = (r["augmented"] for r in two_ranks["ranks"])
+    one = one_process["augmented"]
+    assert r0["rows"] == r1["rows"] == one["rows"] > 0
+    assert {"augmented_ids.rank0.npy", "augmented_ids.rank1.npy", "targets.rank0.npy",
+            "targets.rank1.npy"} <= set(r0["files"])
+    for name, p in one["student"].items():
+        torch.testing.assert_close(r0["student"][name], r1["student"][name], rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(r0["student"][name], p, rtol=1e-4, atol=1e-5, msg=name)
+    assert r0["test_auc"] == pytest.approx(one["test_auc"], abs=AUC_TOL)
 
 
 def test_gathered_metrics_equal_whole_data_metrics(two_ranks):

@@ -15,26 +15,34 @@ from __future__ import annotations
 import argparse
 import csv
 import gzip
-import os
+import io
 from pathlib import Path
 
 MEDIAN_CNT = 8  # median of cnt over the 96,203 rows (cnt > 8: 48.7 % of rows)
 
 
 def frappe_log(shared: Path, out: Path) -> Path:
+    from fastkd.atomic import atomic_write
+
     src = shared / "frappe" / "frappe_raw_log.csv.gz"
     dst = out / "frappe_log.csv.gz"
-    tmp = dst.with_name(dst.name + ".tmp")
-    with gzip.open(src, "rt", encoding="utf-8") as fin, gzip.open(tmp, "wt", encoding="utf-8", newline="") as fout:
-        reader = csv.reader(fin, delimiter="\t")
-        header = next(reader)
-        cnt = header.index("cnt")
-        writer = csv.writer(fout)
-        writer.writerow(["label"] + [h for i, h in enumerate(header) if i != cnt])
-        for row in reader:
-            label = int(int(row[cnt]) > MEDIAN_CNT)
-            writer.writerow([label] + [v for i, v in enumerate(row) if i != cnt])
-    os.replace(tmp, dst)  # complete or absent, never half-written
+
+    def write(fh) -> None:
+        # mtime=0: the same bytes on every run (two suites may write the file at once)
+        with gzip.open(src, "rt", encoding="utf-8") as fin, \
+                io.TextIOWrapper(gzip.GzipFile(fileobj=fh, mode="wb", mtime=0), encoding="utf-8", newline="") as fout:
+            reader = csv.reader(fin, delimiter="\t")
+            header = next(reader)
+            cnt = header.index("cnt")
+            writer = csv.writer(fout)
+            writer.writerow(["label"] + [h for i, h in enumerate(header) if i != cnt])
+            for row in reader:
+                label = int(int(row[cnt]) > MEDIAN_CNT)
+                writer.writerow([label] + [v for i, v in enumerate(row) if i != cnt])
+
+    # a temporary file of its own, then renamed: complete or absent, never half-written, and two
+    # suites started together no longer rename each other's temporary file away
+    atomic_write(dst, write)
     return dst
 
 

@@ -22,13 +22,19 @@ _RUN_FORMAT, _FINISHED_FORMAT, _FORMAT_VERSION = "fastkd.run", "fastkd.finished"
 # TrainConfig fields that never change a row's numbers (as for a checkpoint's manifest)
 _FREE_CONFIG = ("progress", "eval_batch_size")
 _RESUME_HINT = "--resume / resume=True continues only the same run; start afresh without it"
+# spec settings added after format 1: written only when not at their default, so the run.json of a
+# run started before them still matches
+_LATER_SETTINGS = {"teacher_rows": "train", "student_dropout": None}
+# what a resumed run may add to a finished one: seeds, and ablation rows after the saved ones
+_GROWS = ("seeds", "ablations")
 
 
 def run_manifest(spec: ExperimentSpec, train: CTRData, valid: CTRData, test: CTRData) -> dict:
     """What a resumed run must share with the run it continues (``run.json``): every setting of
     ``spec`` and its :class:`~fastkd.train.TrainConfig` (except ``progress`` and
     ``eval_batch_size``), and the fingerprints of the three splits' ids and labels. JSON values."""
-    settings = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name != "config"}
+    settings = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name != "config"
+                and not (f.name in _LATER_SETTINGS and getattr(spec, f.name) == _LATER_SETTINGS[f.name])}
     cfg = resume_config(spec.config, free=_FREE_CONFIG)
     data = {name: data_fingerprint(d.ids, d.labels) for name, d in (("train", train), ("valid", valid),
                                                                      ("test", test))}
@@ -40,9 +46,18 @@ _read_json = read_json_object  # run.json and the finished records, checked like
 
 
 def run_id(manifest: dict) -> str:
-    """The id a run's finished records carry: the digest of its manifest without ``seeds``, so a
-    resumed run may add seeds (each seed's records are its own) and still load the earlier ones."""
-    return state_digest({k: v for k, v in manifest.items() if k != "seeds"})
+    """The id a run's finished records carry: the digest of its manifest without ``seeds`` and
+    ``ablations``, so a resumed run may add seeds and ablation rows (each seed's and row's records
+    are its own) and still load the earlier ones."""
+    return state_digest({k: v for k, v in manifest.items() if k not in _GROWS})
+
+
+def _grows(old, new, key: str) -> bool:
+    """Whether ``new`` extends the saved ``old`` value of ``key``: seeds in any order (each seed is
+    its own), ablations only after the saved ones (a row's unit is named by its position)."""
+    if not isinstance(old, list) or old == new:
+        return False
+    return all(s in new for s in old) if key == "seeds" else new[:len(old)] == old
 
 
 def _write_json(path: Path, obj) -> None:
@@ -53,8 +68,9 @@ def check_resume(checkpoint_dir: Union[str, Path], spec: ExperimentSpec, train: 
                  test: CTRData) -> dict:
     """The run manifest of ``checkpoint_dir`` when it matches this run's (:func:`run_manifest`).
 
-    ``spec.seeds`` may add seeds to the saved run's (its ``run.json`` is then rewritten with them):
-    the saved seeds' finished units are loaded and the new seeds trained.
+    ``spec.seeds`` may add seeds to the saved run's, and ``spec.ablations`` rows after the saved
+    run's (its ``run.json`` is then rewritten with them): the finished units are loaded and the new
+    seeds and rows trained.
 
     Raises ``FileNotFoundError`` when there is nothing to resume (no ``run.json``),
     :class:`~fastkd.train.manifest.ArtifactMismatchError` naming the first setting (``config.lr``,
@@ -67,12 +83,10 @@ def check_resume(checkpoint_dir: Union[str, Path], spec: ExperimentSpec, train: 
                                 "started); run without --resume / resume=True")
     expected = run_manifest(spec, train, valid, test)
     found = _read_json(path)
-    old_seeds = found.get("seeds")
-    grows = (isinstance(old_seeds, list) and old_seeds != expected["seeds"]
-             and all(s in expected["seeds"] for s in old_seeds))
-    # more seeds than the saved run: the saved seeds' records stay valid (run_id leaves seeds out)
-    check_fields(path, {**expected, "seeds": old_seeds} if grows else expected, found, hint=_RESUME_HINT)
-    if grows and _dist.is_main_process():
+    # more seeds or rows than the saved run: the saved ones' records stay valid (run_id leaves them out)
+    grown = {k: found[k] for k in _GROWS if _grows(found.get(k), expected[k], k)}
+    check_fields(path, {**expected, **grown}, found, hint=_RESUME_HINT)
+    if grown and _dist.is_main_process():
         _write_json(path, expected)
     return expected
 

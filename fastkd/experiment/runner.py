@@ -34,6 +34,7 @@ format and checks live in :mod:`fastkd.experiment.resume`.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import time
@@ -58,7 +59,8 @@ from ..train import predict, scores, train_model
 from .resume import (_FINISHED_FORMAT, _FORMAT_VERSION, RUN_FILE, _read_json, _start,  # noqa: F401
                      _write_json, check_resume, run_manifest)
 from .resume import run_id as _run_id
-from .spec import Ablation, ExperimentSpec, expand_ablations, split_overrides
+from .experts import EXPERT_ABLATIONS
+from .spec import ExperimentSpec, expand_ablations, split_overrides
 
 __all__ = ["ExperimentResult", "run_experiment", "run_manifest", "check_resume", "RUN_FILE"]
 
@@ -132,9 +134,13 @@ class _Run:
                                  f"({', '.join(test.field_names)})")
             self.segments = test.ids[:, test.field_names.index(spec.segment_field)]
 
-    def build(self, name: str, seed: int):
+    def build(self, name: str, seed: int, dropout: Optional[float] = None):
+        """Model ``name`` seeded with ``seed``; ``dropout`` overrides the model arguments' (students)."""
         torch.manual_seed(seed)
-        return build_model(name, self.train.field_sizes, **self.spec.model_kwargs)
+        kwargs = dict(self.spec.model_kwargs)
+        if dropout is not None:
+            kwargs["dropout"] = dropout
+        return build_model(name, self.train.field_sizes, **kwargs)
 
     def segment_auc(self, logits: torch.Tensor) -> Dict[str, float]:
         z = logits.detach().double().numpy()
@@ -255,21 +261,28 @@ class _Run:
         """The teachers for ``spec``'s teacher settings (trained on first use, then shared)."""
         cfg = spec.config
         folds = spec.teacher_folds
-        key = (seed, folds) if folds == 1 else (seed, folds, cfg.merge_validation, cfg.monitor_fraction)
+        # teacher_rows="merged": on the student's rows (as cross-fitted ones), stopped on the monitor rows
+        merged = folds == 1 and spec.teacher_rows == "merged" and cfg.merge_validation
+        key = (seed, folds) if folds == 1 and not merged else (seed, folds, cfg.merge_validation,
+                                                               cfg.monitor_fraction)
         if key in self.teacher_sets:
             return self.teacher_sets[key]
-        unit = "teachers" if folds == 1 else \
-            f"teachers-folds{folds}-merge{int(cfg.merge_validation)}-monitor{cfg.monitor_fraction:g}"
+        unit = "teachers" if folds == 1 and not merged else \
+            f"teachers-folds{folds}-merge{int(cfg.merge_validation)}-monitor{cfg.monitor_fraction:g}" + \
+            ("-merged" if merged else "")
         student_rows, monitor = cfg.split_validation(self.train, self.valid)
-        # folds == 1: trained on the training split, stopped on the validation split; folds > 1:
-        # cross-fitted on the student's training rows, so the monitor rows stay unseen
-        rows, stop = (self.train, self.valid) if folds == 1 else (student_rows, monitor)
+        # folds == 1: trained on the training split, stopped on the validation split; folds > 1
+        # or merged: on the student's training rows (cross-fitted when folds > 1), so the monitor
+        # rows stay unseen
+        rows, stop = (self.train, self.valid) if folds == 1 and not merged else (student_rows, monitor)
 
         def train(log=self.log) -> TeacherSet:
             models = [self.build(n, teacher_seed(seed, i)) for i, n in enumerate(spec.teachers)]
-            return train_teachers(models, rows, stop, cfg.for_teachers(), folds=folds, seed=seed,
-                                  names=spec.teachers, log=log, checkpoint_dir=self.unit_dir(seed, unit),
-                                  resume=self.resume)
+            ts = train_teachers(models, rows, stop, cfg.for_teachers(), folds=folds, seed=seed,
+                                names=spec.teachers, log=log, checkpoint_dir=self.unit_dir(seed, unit),
+                                resume=self.resume)
+            ts.saw_validation = merged
+            return ts
 
         done = self.finished(seed, unit)
         if done is not None:  # trained by an earlier run: the weights come from its checkpoints if needed
@@ -348,14 +361,15 @@ class _Run:
             if distill == "single":
                 best = int(np.argmax(entry.monitor_auc))
                 extra_rec = {"teacher": spec.teachers[best]}
-                tset = TeacherSet([tset.models[best]], tset.folds, tset.fold_of, tset.fitted)
-        student = self.build(spec.student, seed * 100)
+                tset = dataclasses.replace(tset, models=[tset.models[best]], summaries=[], seconds=0.0)
+        student = self.build(spec.student, seed * 100, spec.student_dropout)
         udir = self.unit_dir(seed, unit)
         # memory-mapped rows: the teacher outputs and augmented rows go to files too
         cache_dir = udir / "cache" if udir is not None and is_file_backed(self.train.ids) else None
         kd = Distiller(tset, student, mode=mode, gate=gate, gate_fit=gate_fit, ensemble=spec.ensemble,
                        temperature=spec.temperature, hard_weight=spec.hard_weight, kd_weight=spec.kd_weight,
                        teachers_trained=mode == "pretrain", augment=spec.augment, augment_swap=spec.augment_swap,
+                       teacher_rows=spec.teacher_rows if mode == "pretrain" else "train",
                        config=_with_seed(cfg, seed), cache_dir=cache_dir, **extra)
         t0 = time.perf_counter()
         summ = kd.fit(self.train, self.valid, checkpoint_dir=udir, resume=self.resume)
@@ -386,7 +400,7 @@ class _Run:
         if self.finished(seed, unit) is not None:
             return
         first = len(self.records)
-        model = self.build(spec.student, seed * 100)
+        model = self.build(spec.student, seed * 100, spec.student_dropout)
         t0 = time.perf_counter()
         ckpt = self.unit_dir(seed, unit)
         summ = train_model(model, self.train, self.valid, _with_seed(spec.config, seed), desc="plain student",
@@ -395,36 +409,8 @@ class _Run:
                     variant=variant, summary=summ, seconds=time.perf_counter() - t0)
         self.finish(seed, unit, first)
 
-    def partition(self, seed: int, spec: ExperimentSpec, ab: Ablation, *, unit: str):
-        """D teachers: copies of the first architecture on disjoint parts of the training split."""
-        if self.finished(seed, unit) is not None:
-            return
-        first = len(self.records)
-        m = len(spec.teachers)
-        arch = spec.teachers[0]
-        rng = np.random.default_rng(seed)
-        parts = np.array_split(rng.permutation(len(self.train)), m)
-        t0 = time.perf_counter()
-        ckpt = self.unit_dir(seed, unit)
-        models, valid_auc = [], []
-        for i, p in enumerate(parts):
-            model = self.build(arch, teacher_seed(seed, i))
-            ts = train_teachers([model], self.train.subset(np.sort(p)), self.valid, spec.config.for_teachers(),
-                                seed=seed, checkpoint_dir=None if ckpt is None else ckpt / f"part{i}",
-                                resume=self.resume)
-            models += ts.models
-            valid_auc.append(scores(self.valid.labels, predict(model, self.valid))["auc"])
-        d_spec = spec.with_overrides({"teacher_folds": 1})
-        n_alphas = {k: len(v) for k, v in self.gate_alphas.items()}
-        rec = self.student(seed, d_spec, "gate", unit=f"{unit}/student", variant=f"D: {m}x {arch} on data partitions",
-                           teachers=TeacherSet(models), teacher_seconds=time.perf_counter() - t0, finish=False)
-        rec["teacher_valid_auc"] = valid_auc
-        alphas = [(k, a) for k, v in self.gate_alphas.items() for a in v[n_alphas.get(k, 0):]]
-        self.finish(seed, unit, first, alphas)
-
 
 def _with_seed(cfg, seed):
-    import dataclasses
     return dataclasses.replace(cfg, seed=seed)
 
 
@@ -478,13 +464,16 @@ def run_experiment(train: CTRData, valid: CTRData, test: CTRData, spec: Experime
             if ab.name == "single":  # the best single teacher on the monitor rows
                 run.student(seed, spec, "single", unit=unit)
                 continue
-            if ab.name == "partition":
-                run.partition(seed, spec, ab, unit=unit)
+            if ab.name in EXPERT_ABLATIONS:  # teachers made to differ: their own unit
+                EXPERT_ABLATIONS[ab.name](run, seed, spec, unit=unit)
                 continue
             known, extra = split_overrides(ab.overrides)
             sub = spec.with_overrides(known)
-            if sub.teacher_folds != spec.teacher_folds and sub.mode == "pretrain":
-                run.teacher_set(seed, sub, variant=f"teacher_folds={sub.teacher_folds}")
+            if sub.mode == "pretrain" and (sub.teacher_folds, sub.teacher_rows) != (spec.teacher_folds,
+                                                                                   spec.teacher_rows):
+                run.teacher_set(seed, sub, variant=", ".join(
+                    f"{k}={getattr(sub, k)}" for k in ("teacher_folds", "teacher_rows")
+                    if getattr(sub, k) != getattr(spec, k)))
             if ab.plain:
                 run.plain(seed, sub, unit=f"{unit}-plain", variant=ab.label)
             distill = "mean" if sub.gate == "mean" else "gate"

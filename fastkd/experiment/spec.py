@@ -10,14 +10,14 @@ from ..train import TrainConfig
 __all__ = ["ExperimentSpec", "Ablation", "parse_ablation", "ABLATIONS", "SPEC_KEYS", "CONFIG_KEYS"]
 
 # named ablations (each one row, or a plain + student pair for "merge")
-ABLATIONS = ("single", "hint", "cotrain", "kd-stop", "kd-stop-merge", "merge", "partition")
+ABLATIONS = ("single", "hint", "cotrain", "kd-stop", "kd-stop-merge", "merge", "partition", "segments")
 # settings an ablation item KEY=VALUE may change, on the spec or on its TrainConfig
 SPEC_KEYS = ("mode", "gate", "gate_fit", "ensemble", "temperature", "hard_weight", "kd_weight", "teacher_folds",
-             "augment", "augment_swap")
+             "augment", "augment_swap", "teacher_rows", "student_dropout")
 CONFIG_KEYS = ("early_stop", "patience", "monitor_fraction", "monitor_window", "merge_validation", "lr", "batch_size",
                "max_epochs", "reduce_lr_on_plateau")
-# config settings that change the plain DNN too: an ablation of them adds a plain-DNN row
-PLAIN_KEYS = ("early_stop", "patience", "monitor_fraction", "monitor_window", "merge_validation", "lr", "batch_size",
+# settings that change the plain DNN too: an ablation of them adds a plain-DNN row
+PLAIN_KEYS = ("student_dropout", "early_stop", "patience", "monitor_fraction", "monitor_window", "merge_validation", "lr", "batch_size",
               "max_epochs", "reduce_lr_on_plateau")
 
 
@@ -27,6 +27,8 @@ class ExperimentSpec:
 
     The distillation settings are those of :class:`~fastkd.Distiller`; ``segment_field`` names a
     field whose values split the test rows into segments for a per-segment AUC table.
+    ``student_dropout`` (None: ``model_kwargs``' dropout) is the dropout of the student network,
+    the distilled students and the plain DNN alike; teachers keep ``model_kwargs``'.
     """
 
     teachers: Sequence[str] = ("deepfm", "dcn", "xdeepfm")
@@ -41,6 +43,8 @@ class ExperimentSpec:
     teacher_folds: int = 1
     augment: float = 1.0
     augment_swap: float = 0.2
+    teacher_rows: str = "train"
+    student_dropout: Optional[float] = None
     seeds: Sequence[int] = (0,)
     ablations: Sequence[str] = ()
     model_kwargs: Dict[str, object] = field(default_factory=dict)
@@ -48,7 +52,7 @@ class ExperimentSpec:
     segment_field: Optional[str] = None
 
     def __post_init__(self) -> None:
-        from ..train.distiller import GATE_FITS, GATES
+        from ..train.distiller import GATE_FITS, GATES, TEACHER_ROWS
 
         if self.mode not in ("pretrain", "cotrain"):
             raise ValueError(f"mode must be 'pretrain' or 'cotrain', got {self.mode!r}")
@@ -61,6 +65,13 @@ class ExperimentSpec:
         for name in ("augment", "augment_swap", "temperature", "hard_weight", "kd_weight"):
             if not isinstance(getattr(self, name), (int, float)) or isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a number, got {getattr(self, name)!r}")
+        if self.teacher_rows not in TEACHER_ROWS:
+            raise ValueError(f"teacher_rows must be one of {TEACHER_ROWS}, got {self.teacher_rows!r}")
+        if self.teacher_rows == "merged" and not self.config.merge_validation:
+            raise ValueError("teacher_rows='merged' needs merged validation (merge_validation=True)")
+        if self.student_dropout is not None and (isinstance(self.student_dropout, bool) or not isinstance(
+                self.student_dropout, (int, float)) or not 0 <= self.student_dropout < 1):
+            raise ValueError(f"student_dropout must be None or a number in [0, 1), got {self.student_dropout!r}")
         if self.augment < 0 or not 0 < self.augment_swap <= 1:
             raise ValueError(f"need augment >= 0 and 0 < augment_swap <= 1, got {self.augment}, {self.augment_swap}")
 
@@ -149,9 +160,15 @@ def _named(name: str, spec: ExperimentSpec) -> Ablation:
         merged = not cfg.merge_validation
         label = (f"merged valid, {cfg.early_stop} on held-out slice" if merged
                  else f"not merged, {cfg.early_stop} on whole valid split")
-        return Ablation(name, label, {"merge_validation": merged}, plain=True)
+        # teachers on the merged rows need them: without merging they take the training split
+        rows = {"teacher_rows": "train"} if not merged and spec.teacher_rows == "merged" else {}
+        return Ablation(name, label, {"merge_validation": merged, **rows}, plain=True)
     if name == "partition":
         return Ablation(name, "D", {**no_folds})
+    if name == "segments":
+        if spec.segment_field is None:
+            raise ValueError("the 'segments' ablation needs a segment field (--segment-field)")
+        return Ablation(name, "segment experts", {**no_folds})
     raise ValueError(f"unknown ablation {name!r}")
 
 
@@ -160,7 +177,7 @@ def expand_ablations(items: Sequence[str], spec: ExperimentSpec) -> List[Ablatio
     out: List[Ablation] = []
     for item in items:
         if item == "all":
-            out += [_named(n, spec) for n in ABLATIONS]
+            out += [_named(n, spec) for n in ABLATIONS if n != "segments" or spec.segment_field is not None]
         else:
             out.append(parse_ablation(item, spec))
     return out

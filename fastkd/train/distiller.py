@@ -44,6 +44,7 @@ __all__ = ["Distiller", "GATES", "GATE_FITS"]
 
 GATES = ("logit", "hidden", "mean", "features")
 GATE_FITS = ("joint", "stacked")
+TEACHER_ROWS = ("train", "merged")
 # seed offset of the augmentation draws, so they do not repeat the run's other streams
 _AUGMENT_SEED = 7919
 # what fills augmented rows' label slots; never read (tests set it to 1 and expect the same run)
@@ -92,6 +93,12 @@ class Distiller:
             about ``(1 + augment)×``. Their hard-label term is off. Default (None): 1 in
             pre-train mode, 0 in co-train mode.
         augment_swap: per-field swap probability of :func:`~fastkd.augment.swap_augment`.
+        teacher_rows: the rows the teachers train on (or, with ``teachers_trained=True``, trained
+            on): "train" (the training split, stopped on the whole validation split; default) or
+            "merged" (with ``config.merge_validation``, the student's rows: the training split and
+            the merged validation rows, stopped on the monitor rows). With "merged" a stacked gate
+            fits on one half of the monitor rows and stops on the other, the only rows no teacher
+            saw. Cross-fitted teachers always use the student's rows.
 
     Example::
 
@@ -130,6 +137,7 @@ class Distiller:
         teacher_folds: int = 1,
         augment: Optional[float] = None,
         augment_swap: float = 0.2,
+        teacher_rows: str = "train",
     ) -> None:
         if mode not in ("pretrain", "cotrain"):
             raise ValueError(f"mode must be 'pretrain' or 'cotrain', got {mode!r}")
@@ -153,6 +161,14 @@ class Distiller:
             raise ValueError(f"augment must be a finite number >= 0, got {augment}")
         if not 0.0 < augment_swap <= 1.0:
             raise ValueError(f"augment_swap must be in (0, 1], got {augment_swap}")
+        if teacher_rows not in TEACHER_ROWS:
+            raise ValueError(f"teacher_rows must be one of {TEACHER_ROWS}, got {teacher_rows!r}")
+        if teacher_rows == "merged" and (mode != "pretrain" or not (config or TrainConfig()).merge_validation):
+            raise ValueError("teacher_rows='merged' needs mode='pretrain' and config.merge_validation=True (the "
+                             "merged validation rows are what it adds to the teachers' rows)")
+        if isinstance(teachers, TeacherSet) and teachers.saw_validation:
+            teacher_rows = "merged"  # the set knows its rows: its logits on merged rows are not honest
+        self.teacher_rows = teacher_rows
         self.teacher_set: Optional[TeacherSet] = None
         if isinstance(teachers, TeacherSet):
             if teacher_folds not in (1, teachers.folds):
@@ -271,18 +287,25 @@ class Distiller:
         return mods
 
     # -- teachers and their signal ------------------------------------------------------------
-    def _teachers(self, train: CTRData, valid: CTRData, student_train: CTRData, ckpt, resume) -> TeacherSet:
+    def _teachers(self, train: CTRData, valid: CTRData, student_train: CTRData, monitor: CTRData, ckpt,
+                  resume) -> TeacherSet:
         if self.teacher_set is not None:
             ts = self.teacher_set
             if ts.folds > 1 and not ts.covers(student_train):
                 raise ValueError("the TeacherSet was cross-fitted on other rows than this run's student training "
                                  "rows (same train/valid split and merge_validation setting needed)")
             return ts
+        merged = self.teacher_rows == "merged" and self.config.merge_validation
         if self.teachers_trained:
             _freeze(self.teachers)
-            return TeacherSet(list(self.teachers))
+            return TeacherSet(list(self.teachers), saw_validation=merged)
         tc = self.teacher_config
-        if self.teacher_folds > 1:
+        if merged and self.teacher_folds == 1:
+            # the student's rows, stopped on the monitor rows: those stay unseen by every teacher
+            ts = train_teachers(list(self.teachers), student_train, monitor, tc, seed=tc.seed, checkpoint_dir=ckpt,
+                                resume=resume)
+            ts.saw_validation = True
+        elif self.teacher_folds > 1:
             # cross-fitted on exactly the rows the student trains on; the monitor rows stay unseen
             ts = train_teachers(list(self.teachers), student_train, valid, tc, folds=self.teacher_folds,
                                 seed=tc.seed, checkpoint_dir=ckpt, resume=resume)
@@ -341,6 +364,13 @@ class Distiller:
             fit = GateRows(student_train.ids, z.numpy(), np.asarray(student_train.labels),
                            None if h is None else h.numpy())
             return fit, rows_of(monitor)
+        if ts.saw_validation or (self.teacher_rows == "merged" and cfg.merge_validation):
+            # teachers trained on the merged rows too: the monitor rows' halves are all that is left
+            half = len(monitor) // 2
+            if half < 1:
+                raise ValueError("a stacked gate of teachers trained on the merged validation rows needs >= 2 "
+                                 "monitor rows")
+            return rows_of(monitor.subset(np.arange(half))), rows_of(monitor.subset(np.arange(half, len(monitor))))
         if cfg.merge_validation:  # the merged validation rows: in the student's rows, unseen by teachers
             a, b = len(train), len(student_train)
             # those rows are the validation split's last b - a (TrainConfig.split_validation); taken
@@ -399,7 +429,8 @@ class Distiller:
                 "temperature": self.temperature, "hard_weight": self.hard_weight, "kd_weight": self.kd_weight,
                 "gate_loss_weight": float(crit.gate_loss_weight), "hint_weight": self.hint_weight,
                 "hint_normalize": None if self.hints is None else bool(self.hints[0].normalize),
-                "teacher_folds": self.teacher_folds, "augment": self.augment, "augment_swap": self.augment_swap}
+                "teacher_folds": self.teacher_folds, "augment": self.augment, "augment_swap": self.augment_swap,
+                **({"teacher_rows": self.teacher_rows} if self.teacher_rows != "train" else {})}
 
     def _manifest(self, monitor_data: CTRData, frozen_teachers: bool):
         """The fields beyond rows, config and shapes that ``student.pt`` / ``cotrain.pt`` must
@@ -432,7 +463,7 @@ class Distiller:
         cfg = self.config
         student_train, monitor_data = cfg.split_validation(train, valid)
         t0 = time.perf_counter()
-        ts = self._teachers(train, valid, student_train, ckpt, resume)
+        ts = self._teachers(train, valid, student_train, monitor_data, ckpt, resume)
         self.teachers = nn.ModuleList(ts.models)
         if not self.teachers_trained:
             self.summary["teachers"] = [s for per in ts.summaries for s in per]

@@ -96,6 +96,9 @@ class TeacherSet:
         fitted: :func:`fingerprint` of the rows the fold models were fitted on (None when ``folds == 1``).
         summaries: per teacher, the training summaries (one per fold).
         seconds: wall time of the training.
+        saw_validation: the teachers trained on the merged validation rows too (``teacher_rows=
+            "merged"``): their logits there are not honest, so a stacked gate fits on the
+            monitor rows alone.
     """
 
     models: List[nn.Module]
@@ -104,6 +107,7 @@ class TeacherSet:
     fitted: Optional[str] = None
     summaries: List[List[dict]] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
+    saw_validation: bool = False
 
     def __len__(self) -> int:
         return len(self.models)
