@@ -226,3 +226,29 @@ def test_bad_student_options_are_refused_before_training(tmp_path, capsys):
         main([*ARGS, "--teacher-rows", "valid", "--out", str(tmp_path / "o")])
     assert "--teacher-rows" in capsys.readouterr().err
     assert not (tmp_path / "o" / "checkpoints").exists()
+
+
+def test_a_run_started_before_ablation_rows_could_be_added_still_resumes(scenario, tmp_path, capsys):
+    # its finished records carry the old id (the manifest's digest without seeds alone, ablations
+    # in): they are loaded, also on a second resume after run.json was rewritten
+    from fastkd.train.manifest import state_digest
+
+    old = tmp_path / "old"
+    shutil.copytree(scenario["ref"], old)
+    ckpt = old / "checkpoints"
+    saved = json.loads((ckpt / "run.json").read_text())
+    legacy = state_digest({k: v for k, v in saved.items() if k != "seeds"})
+    for f in ckpt.rglob("*.finished.json"):
+        rec = json.loads(f.read_text())
+        f.write_text(json.dumps({**rec, "run": legacy}))
+    more = [*ARGS, "--ablations", "augment=0"]
+    assert main([*more, "--out", str(old), "--resume"]) == 0
+    assert capsys.readouterr().out.count("(finished earlier: loaded)") == 7
+    assert json.loads((ckpt / "run.json").read_text())["legacy_run_id"] == legacy
+    assert main([*more, "--out", str(old), "--resume"]) == 0
+    assert capsys.readouterr().out.count("(finished earlier: loaded)") == 9  # the new row's two too
+    # a record of another run is still refused
+    f = next(ckpt.rglob("plain.finished.json"))
+    f.write_text(json.dumps({**json.loads(f.read_text()), "run": "0" * 32}))
+    assert main([*more, "--out", str(old), "--resume"]) == 2
+    assert "written by another run" in capsys.readouterr().err

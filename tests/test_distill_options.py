@@ -15,7 +15,7 @@ from fastkd import Distiller
 from fastkd.augment import swap_augment
 from fastkd.data import CTRData, make_synthetic
 from fastkd.gates import FeatureGate, GateRows, LogitGate, ensemble_logits, fit_gate
-from fastkd.train.teachers import fold_assignment, train_teachers
+from fastkd.train.teachers import fingerprint, fold_assignment, train_teachers
 
 
 
@@ -332,6 +332,35 @@ def test_gate_options_are_checked(splits):
         Distiller(t, s, teacher_rows="merged", config=cfg(merge_validation=False))
     with pytest.raises(ValueError, match="mode='pretrain'"):
         Distiller(t, s, mode="cotrain", teacher_rows="merged", config=cfg(merge_validation=True))
+
+
+def test_a_teacher_set_trained_on_merged_rows_is_refused_where_its_gate_would_not_be_honest(splits):
+    # mutation caught: dropping either check lets a stacked gate fit on rows the teachers trained on
+    train, valid, _ = splits
+    fs = train.field_sizes
+    c = cfg(merge_validation=True)
+    rows, mon = c.split_validation(train, valid)
+    ts = train_teachers([small("dnn", fs, 1)], rows, mon, c.for_teachers())
+    ts.saw_validation, ts.fitted = True, fingerprint(rows)
+    with pytest.raises(ValueError, match="merge_validation=True"):  # no monitor rows to fit on
+        Distiller(ts, small("dnn", fs, 3), config=cfg(merge_validation=False))
+    other = cfg(merge_validation=True, monitor_fraction=0.3)  # other merged rows than the set saw
+    with pytest.raises(ValueError, match="trained on other rows"):
+        Distiller(ts, small("dnn", fs, 3), config=other, augment=0).fit(train, valid)
+    Distiller(ts, small("dnn", fs, 3), config=c, augment=0).fit(train, valid)  # its own rows: fine
+
+
+def test_an_ablation_without_merged_rows_gives_merged_teachers_the_training_split():
+    from fastkd.experiment import ExperimentSpec, parse_ablation
+    from fastkd.train import TrainConfig
+
+    spec = ExperimentSpec(teacher_rows="merged", config=TrainConfig(merge_validation=True))
+    for item in ("kd-stop", "merge", "merge_validation=false"):
+        ab = parse_ablation(item, spec)
+        sub = spec.with_overrides({k: v for k, v in ab.overrides.items() if k != "hint_weight"})
+        assert not sub.config.merge_validation and sub.teacher_rows == "train", item
+    with pytest.raises(ValueError, match="merge_validation"):  # asked for explicitly: refused
+        spec.with_overrides({"merge_validation": False, "teacher_rows": "merged"})
 
 
 def test_teachers_said_to_have_seen_the_merged_rows_make_the_gate_fit_on_monitor_rows(splits, monkeypatch):

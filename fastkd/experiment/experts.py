@@ -30,7 +30,8 @@ def _students(run: "_Run", seed: int, spec: ExperimentSpec, unit: str, variant: 
               distills=("gate",)):
     """The students of ``models`` (one per ``distills`` entry) and their gate weights, then the
     unit's finished record; returns the student records."""
-    d_spec = spec.with_overrides({"teacher_folds": 1})
+    # pre-trained teachers on the training split alone, whatever the run's own teachers are
+    d_spec = spec.with_overrides({"teacher_folds": 1, "mode": "pretrain", "teacher_rows": "train"})
     n_alphas = {k: len(v) for k, v in run.gate_alphas.items()}
     recs = [run.student(seed, d_spec, d, unit=f"{unit}/{'student' if d == 'gate' else d}", variant=variant,
                         teachers=TeacherSet(models), teacher_seconds=seconds, finish=False) for d in distills]
@@ -74,14 +75,15 @@ def segment_experts(run: "_Run", seed: int, spec: ExperimentSpec, *, unit: str) 
     variant = f"segment experts: one teacher per {spec.segment_field} value"
     t0 = time.perf_counter()
     ckpt = run.unit_dir(seed, unit)
+    missing = [int(v) for v in values if not (valid_seg == v).any()]
+    if missing:  # before any training
+        raise ValueError(f"segments {spec.segment_field}={missing} have no validation rows to stop their teachers on")
     models, z = [], []
     for i, v in enumerate(values):
         arch = spec.teachers[i % len(spec.teachers)]
         model = run.build(arch, teacher_seed(seed, i))
-        stop = np.flatnonzero(valid_seg == v)
-        if not len(stop):
-            raise ValueError(f"segment {spec.segment_field}={int(v)} has no validation rows to stop its teacher on")
-        train_teachers([model], run.train.subset(np.flatnonzero(train_seg == v)), run.valid.subset(stop),
+        train_teachers([model], run.train.subset(np.flatnonzero(train_seg == v)),
+                       run.valid.subset(np.flatnonzero(valid_seg == v)),
                        spec.config.for_teachers(), seed=seed,
                        checkpoint_dir=None if ckpt is None else ckpt / f"segment{int(v)}", resume=run.resume)
         models.append(model)

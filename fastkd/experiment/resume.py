@@ -15,7 +15,7 @@ from ..data import CTRData
 from ..train.manifest import check_fields, data_fingerprint, read_json_object, resume_config, state_digest
 from .spec import ExperimentSpec
 
-__all__ = ["RUN_FILE", "run_manifest", "run_id", "check_resume"]
+__all__ = ["RUN_FILE", "run_manifest", "run_id", "run_ids", "check_resume"]
 
 RUN_FILE = "run.json"
 _RUN_FORMAT, _FINISHED_FORMAT, _FORMAT_VERSION = "fastkd.run", "fastkd.finished", 1
@@ -27,6 +27,9 @@ _RESUME_HINT = "--resume / resume=True continues only the same run; start afresh
 _LATER_SETTINGS = {"teacher_rows": "train", "student_dropout": None}
 # what a resumed run may add to a finished one: seeds, and ablation rows after the saved ones
 _GROWS = ("seeds", "ablations")
+# run.json's record of the id that finished records written before ablations could be added carry
+# (the digest of the manifest without seeds alone), kept when run.json is rewritten
+LEGACY_ID = "legacy_run_id"
 
 
 def run_manifest(spec: ExperimentSpec, train: CTRData, valid: CTRData, test: CTRData) -> dict:
@@ -49,12 +52,19 @@ def run_id(manifest: dict) -> str:
     """The id a run's finished records carry: the digest of its manifest without ``seeds`` and
     ``ablations``, so a resumed run may add seeds and ablation rows (each seed's and row's records
     are its own) and still load the earlier ones."""
-    return state_digest({k: v for k, v in manifest.items() if k not in _GROWS})
+    return state_digest({k: v for k, v in manifest.items() if k not in _GROWS and k != LEGACY_ID})
+
+
+def run_ids(manifest: dict) -> tuple:
+    """The ids a resumed run's finished records may carry: :func:`run_id`, and for a run started
+    before ablation rows could be added, the id its records were written with."""
+    return (run_id(manifest),) + ((manifest[LEGACY_ID],) if manifest.get(LEGACY_ID) else ())
 
 
 def _grows(old, new, key: str) -> bool:
     """Whether ``new`` extends the saved ``old`` value of ``key``: seeds in any order (each seed is
     its own), ablations only after the saved ones (a row's unit is named by its position)."""
+    new = list(new)
     if not isinstance(old, list) or old == new:
         return False
     return all(s in new for s in old) if key == "seeds" else new[:len(old)] == old
@@ -83,9 +93,11 @@ def check_resume(checkpoint_dir: Union[str, Path], spec: ExperimentSpec, train: 
                                 "started); run without --resume / resume=True")
     expected = run_manifest(spec, train, valid, test)
     found = _read_json(path)
+    legacy = found.pop(LEGACY_ID, None) or state_digest({k: v for k, v in found.items() if k != "seeds"})
     # more seeds or rows than the saved run: the saved ones' records stay valid (run_id leaves them out)
     grown = {k: found[k] for k in _GROWS if _grows(found.get(k), expected[k], k)}
     check_fields(path, {**expected, **grown}, found, hint=_RESUME_HINT)
+    expected[LEGACY_ID] = legacy
     if grown and _dist.is_main_process():
         _write_json(path, expected)
     return expected

@@ -54,11 +54,11 @@ from ..metrics import roc_auc
 from ..models import build_model
 from ..train.manifest import CorruptArtifactError, check_fields
 from ..serving import save_student, serving_benchmark
-from ..train.teachers import TeacherSet, teacher_seed, train_teachers
+from ..train.teachers import TeacherSet, fingerprint, teacher_seed, train_teachers
 from ..train import predict, scores, train_model
 from .resume import (_FINISHED_FORMAT, _FORMAT_VERSION, RUN_FILE, _read_json, _start,  # noqa: F401
                      _write_json, check_resume, run_manifest)
-from .resume import run_id as _run_id
+from .resume import run_ids as _run_ids
 from .experts import EXPERT_ABLATIONS
 from .spec import ExperimentSpec, expand_ablations, split_overrides
 
@@ -110,7 +110,7 @@ class _Run:
     """State of one experiment: data, spec, teacher sets, output records, logging and checkpoints."""
 
     def __init__(self, train, valid, test, spec: ExperimentSpec, log, partial: Optional[Path],
-                 checkpoint_dir: Optional[Path] = None, resume: bool = False, run_id: str = "",
+                 checkpoint_dir: Optional[Path] = None, resume: bool = False, run_ids: tuple = ("",),
                  on_finished: Optional[Callable[["ExperimentResult"], None]] = None,
                  student_dir: Optional[Path] = None, serving: bool = False) -> None:
         self.train, self.valid, self.test = train, valid, test
@@ -121,7 +121,8 @@ class _Run:
         self.partial = partial if self.main else None  # rank 0 alone writes
         self.ckpt = checkpoint_dir
         self.resume = resume
-        self.run_id = run_id
+        # finished records are written with the first id; on resume any of them is this run's
+        self.run_id, self.run_ids = run_ids[0], run_ids
         self.on_finished = on_finished if self.main else None
         self.loaded = 0
         self.records: List[dict] = []
@@ -134,13 +135,12 @@ class _Run:
                                  f"({', '.join(test.field_names)})")
             self.segments = test.ids[:, test.field_names.index(spec.segment_field)]
 
-    def build(self, name: str, seed: int, dropout: Optional[float] = None):
-        """Model ``name`` seeded with ``seed``; ``dropout`` overrides the model arguments' (students)."""
+    def build(self, name: str, seed: int, model_kwargs: Optional[dict] = None):
+        """Model ``name`` seeded with ``seed``, with ``model_kwargs`` (default: the spec's; students
+        get ``spec.student_kwargs``)."""
         torch.manual_seed(seed)
-        kwargs = dict(self.spec.model_kwargs)
-        if dropout is not None:
-            kwargs["dropout"] = dropout
-        return build_model(name, self.train.field_sizes, **kwargs)
+        return build_model(name, self.train.field_sizes,
+                           **(self.spec.model_kwargs if model_kwargs is None else model_kwargs))
 
     def segment_auc(self, logits: torch.Tensor) -> Dict[str, float]:
         z = logits.detach().double().numpy()
@@ -201,7 +201,8 @@ class _Run:
         if not path.is_file():
             return None
         done = _read_json(path)
-        check_fields(path, {"format": _FINISHED_FORMAT, "format_version": _FORMAT_VERSION, "run": self.run_id},
+        run = done.get("run") if done.get("run") in self.run_ids else self.run_id
+        check_fields(path, {"format": _FINISHED_FORMAT, "format_version": _FORMAT_VERSION, "run": run},
                      done, keys=("format", "format_version", "run"), hint="written by another run")
         records, alphas = done.get("records"), done.get("alphas")
         if not (isinstance(records, list) and all(isinstance(r, dict) for r in records)
@@ -257,17 +258,26 @@ class _Run:
         return ExperimentResult(list(self.records), {k: list(v) for k, v in self.gate_alphas.items()}, self.loaded)
 
     # ------------------------------------------------------------------------------------------
+    @staticmethod
+    def teacher_key(seed: int, spec: ExperimentSpec) -> tuple:
+        """What tells ``spec``'s teacher set apart: the same key, the same teachers."""
+        cfg = spec.config
+        if spec.teacher_folds == 1 and spec.teacher_rows == "train":
+            return (seed, 1)
+        # on the student's rows (cross-fitted, or teacher_rows="merged"): those rows decide
+        rows = "merged" if spec.teacher_folds == 1 else "folds"
+        return (seed, spec.teacher_folds, rows, cfg.merge_validation, cfg.monitor_fraction)
+
     def teacher_set(self, seed: int, spec: ExperimentSpec, variant: str = "") -> _Teachers:
         """The teachers for ``spec``'s teacher settings (trained on first use, then shared)."""
         cfg = spec.config
         folds = spec.teacher_folds
         # teacher_rows="merged": on the student's rows (as cross-fitted ones), stopped on the monitor rows
-        merged = folds == 1 and spec.teacher_rows == "merged" and cfg.merge_validation
-        key = (seed, folds) if folds == 1 and not merged else (seed, folds, cfg.merge_validation,
-                                                               cfg.monitor_fraction)
+        merged = folds == 1 and spec.teacher_rows == "merged"
+        key = self.teacher_key(seed, spec)
         if key in self.teacher_sets:
             return self.teacher_sets[key]
-        unit = "teachers" if folds == 1 and not merged else \
+        unit = "teachers" if key == (seed, 1) else \
             f"teachers-folds{folds}-merge{int(cfg.merge_validation)}-monitor{cfg.monitor_fraction:g}" + \
             ("-merged" if merged else "")
         student_rows, monitor = cfg.split_validation(self.train, self.valid)
@@ -281,7 +291,8 @@ class _Run:
             ts = train_teachers(models, rows, stop, cfg.for_teachers(), folds=folds, seed=seed,
                                 names=spec.teachers, log=log, checkpoint_dir=self.unit_dir(seed, unit),
                                 resume=self.resume)
-            ts.saw_validation = merged
+            if merged:  # the rows it saw, checked by the Distiller
+                ts.saw_validation, ts.fitted = True, fingerprint(rows)
             return ts
 
         done = self.finished(seed, unit)
@@ -289,7 +300,14 @@ class _Run:
             if not isinstance(done.get("monitor_auc"), list) or not isinstance(done.get("seconds"), (int, float)):
                 raise CorruptArtifactError(self._finished_path(seed, unit), "corrupt",
                                            "no 'monitor_auc' list or 'seconds' number")
-            entry = _Teachers(done["monitor_auc"], done["seconds"], load=lambda: train(log=None))
+
+            def load() -> TeacherSet:
+                if not (self.unit_dir(seed, unit) or Path()).is_dir():  # deleted when its seed finished
+                    self.log(f"  seed {seed}: the checkpoints of {unit} are gone (their seed had finished): "
+                             f"retraining them for a new row (deterministic, about {done['seconds']:.0f} s)")
+                return train(log=None)
+
+            entry = _Teachers(done["monitor_auc"], done["seconds"], load=load)
             self.teacher_sets[key] = entry
             return entry
         first = len(self.records)
@@ -320,7 +338,7 @@ class _Run:
         if self.student_dir is not None:
             info = {"seed": seed, "row": rec["model"], "distill": rec["distill"], "gate": rec.get("gate"),
                     "test_auc": rec["auc"], "test_logloss": rec["logloss"]}
-            path = save_student(self.student_dir, student, name=spec.student, model_kwargs=spec.model_kwargs,
+            path = save_student(self.student_dir, student, name=spec.student, model_kwargs=spec.student_kwargs,
                                 check=self.test, info=info)
             self.log(f"  student saved to {path} (`fastkd export` writes it as TorchScript and ONNX)")
         if self.serving:
@@ -362,7 +380,7 @@ class _Run:
                 best = int(np.argmax(entry.monitor_auc))
                 extra_rec = {"teacher": spec.teachers[best]}
                 tset = dataclasses.replace(tset, models=[tset.models[best]], summaries=[], seconds=0.0)
-        student = self.build(spec.student, seed * 100, spec.student_dropout)
+        student = self.build(spec.student, seed * 100, spec.student_kwargs)
         udir = self.unit_dir(seed, unit)
         # memory-mapped rows: the teacher outputs and augmented rows go to files too
         cache_dir = udir / "cache" if udir is not None and is_file_backed(self.train.ids) else None
@@ -400,7 +418,7 @@ class _Run:
         if self.finished(seed, unit) is not None:
             return
         first = len(self.records)
-        model = self.build(spec.student, seed * 100, spec.student_dropout)
+        model = self.build(spec.student, seed * 100, spec.student_kwargs)
         t0 = time.perf_counter()
         ckpt = self.unit_dir(seed, unit)
         summ = train_model(model, self.train, self.valid, _with_seed(spec.config, seed), desc="plain student",
@@ -442,12 +460,12 @@ def run_experiment(train: CTRData, valid: CTRData, test: CTRData, spec: Experime
         raise ValueError("resume=True needs the checkpoint_dir of the run to continue")
     ablations = expand_ablations(spec.ablations, spec)
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    run_id = ""
+    run_ids = ("",)
     if ckpt is not None:
         manifest = check_resume(ckpt, spec, train, valid, test) if resume else run_manifest(spec, train, valid, test)
         _start(ckpt, manifest, resume)
-        run_id = _run_id(manifest)
-    run = _Run(train, valid, test, spec, log, partial, ckpt, resume, run_id, on_finished,
+        run_ids = _run_ids(manifest)
+    run = _Run(train, valid, test, spec, log, partial, ckpt, resume, run_ids, on_finished,
                Path(student_dir) if student_dir is not None else None, serving)
     for seed in spec.seeds:
         log(f"seed {seed}: teachers {', '.join(spec.teachers)}"
@@ -469,11 +487,8 @@ def run_experiment(train: CTRData, valid: CTRData, test: CTRData, spec: Experime
                 continue
             known, extra = split_overrides(ab.overrides)
             sub = spec.with_overrides(known)
-            if sub.mode == "pretrain" and (sub.teacher_folds, sub.teacher_rows) != (spec.teacher_folds,
-                                                                                   spec.teacher_rows):
-                run.teacher_set(seed, sub, variant=", ".join(
-                    f"{k}={getattr(sub, k)}" for k in ("teacher_folds", "teacher_rows")
-                    if getattr(sub, k) != getattr(spec, k)))
+            if sub.mode == "pretrain" and run.teacher_key(seed, sub) != run.teacher_key(seed, spec):
+                run.teacher_set(seed, sub, variant=ab.label)  # its own teachers: recorded under the row's label
             if ab.plain:
                 run.plain(seed, sub, unit=f"{unit}-plain", variant=ab.label)
             distill = "mean" if sub.gate == "mean" else "gate"

@@ -9,7 +9,7 @@ from ..train import TrainConfig
 
 __all__ = ["ExperimentSpec", "Ablation", "parse_ablation", "ABLATIONS", "SPEC_KEYS", "CONFIG_KEYS"]
 
-# named ablations (each one row, or a plain + student pair for "merge")
+# named ablations (one row; a plain + student pair for "merge"; teachers and students for "segments")
 ABLATIONS = ("single", "hint", "cotrain", "kd-stop", "kd-stop-merge", "merge", "partition", "segments")
 # settings an ablation item KEY=VALUE may change, on the spec or on its TrainConfig
 SPEC_KEYS = ("mode", "gate", "gate_fit", "ensemble", "temperature", "hard_weight", "kd_weight", "teacher_folds",
@@ -75,16 +75,22 @@ class ExperimentSpec:
         if self.augment < 0 or not 0 < self.augment_swap <= 1:
             raise ValueError(f"need augment >= 0 and 0 < augment_swap <= 1, got {self.augment}, {self.augment_swap}")
 
+    @property
+    def student_kwargs(self) -> Dict[str, object]:
+        """The student network's model arguments: ``model_kwargs`` with ``student_dropout``."""
+        extra = {} if self.student_dropout is None else {"dropout": self.student_dropout}
+        return {**self.model_kwargs, **extra}
+
     def with_overrides(self, overrides: Dict[str, object]) -> "ExperimentSpec":
         """A copy with spec and config settings replaced (keys of :data:`SPEC_KEYS`/:data:`CONFIG_KEYS`)."""
         spec_kw = {k: v for k, v in overrides.items() if k in SPEC_KEYS}
         cfg_kw = {k: v for k, v in overrides.items() if k in CONFIG_KEYS}
         if "early_stop" in cfg_kw and "patience" not in cfg_kw:
             cfg_kw["patience"] = None  # the new rule's own default
-        out = dataclasses.replace(self, **spec_kw)
-        if cfg_kw:
-            out.config = dataclasses.replace(self.config, **cfg_kw)
-        return out
+        config = dataclasses.replace(self.config, **cfg_kw) if cfg_kw else self.config
+        if self.teacher_rows == "merged" and "teacher_rows" not in spec_kw and not config.merge_validation:
+            spec_kw["teacher_rows"] = "train"  # a row without merged rows: its teachers take the training split
+        return dataclasses.replace(self, config=config, **spec_kw)  # checked again, settings and config together
 
 
 @dataclass
@@ -160,9 +166,7 @@ def _named(name: str, spec: ExperimentSpec) -> Ablation:
         merged = not cfg.merge_validation
         label = (f"merged valid, {cfg.early_stop} on held-out slice" if merged
                  else f"not merged, {cfg.early_stop} on whole valid split")
-        # teachers on the merged rows need them: without merging they take the training split
-        rows = {"teacher_rows": "train"} if not merged and spec.teacher_rows == "merged" else {}
-        return Ablation(name, label, {"merge_validation": merged, **rows}, plain=True)
+        return Ablation(name, label, {"merge_validation": merged}, plain=True)
     if name == "partition":
         return Ablation(name, "D", {**no_folds})
     if name == "segments":

@@ -38,7 +38,7 @@ from .evaluation import _as_tensors, _label_monitor, evaluate, predict
 from .loop import _freeze, _Loop, _plus_regularization
 from .manifest import data_fingerprint, models_manifest
 from .teacher_cache import TeacherCache
-from .teachers import TeacherSet, train_teachers
+from .teachers import TeacherSet, fingerprint, train_teachers
 
 __all__ = ["Distiller", "GATES", "GATE_FITS"]
 
@@ -163,11 +163,12 @@ class Distiller:
             raise ValueError(f"augment_swap must be in (0, 1], got {augment_swap}")
         if teacher_rows not in TEACHER_ROWS:
             raise ValueError(f"teacher_rows must be one of {TEACHER_ROWS}, got {teacher_rows!r}")
-        if teacher_rows == "merged" and (mode != "pretrain" or not (config or TrainConfig()).merge_validation):
-            raise ValueError("teacher_rows='merged' needs mode='pretrain' and config.merge_validation=True (the "
-                             "merged validation rows are what it adds to the teachers' rows)")
         if isinstance(teachers, TeacherSet) and teachers.saw_validation:
             teacher_rows = "merged"  # the set knows its rows: its logits on merged rows are not honest
+        if teacher_rows == "merged" and (mode != "pretrain" or not (config or TrainConfig()).merge_validation):
+            raise ValueError("teacher_rows='merged' (or a TeacherSet trained on merged validation rows) needs "
+                             "mode='pretrain' and config.merge_validation=True: the monitor rows are the only "
+                             "rows its teachers never saw")
         self.teacher_rows = teacher_rows
         self.teacher_set: Optional[TeacherSet] = None
         if isinstance(teachers, TeacherSet):
@@ -294,6 +295,10 @@ class Distiller:
             if ts.folds > 1 and not ts.covers(student_train):
                 raise ValueError("the TeacherSet was cross-fitted on other rows than this run's student training "
                                  "rows (same train/valid split and merge_validation setting needed)")
+            if ts.saw_validation and ts.fitted is not None and fingerprint(student_train) != ts.fitted:
+                raise ValueError("the TeacherSet was trained on other rows than this run's student training rows "
+                                 "(same train/valid split and monitor_fraction needed): its stacked gate would "
+                                 "fit on rows its teachers saw")
             return ts
         merged = self.teacher_rows == "merged" and self.config.merge_validation
         if self.teachers_trained:
@@ -304,7 +309,7 @@ class Distiller:
             # the student's rows, stopped on the monitor rows: those stay unseen by every teacher
             ts = train_teachers(list(self.teachers), student_train, monitor, tc, seed=tc.seed, checkpoint_dir=ckpt,
                                 resume=resume)
-            ts.saw_validation = True
+            ts.saw_validation, ts.fitted = True, fingerprint(student_train)
         elif self.teacher_folds > 1:
             # cross-fitted on exactly the rows the student trains on; the monitor rows stay unseen
             ts = train_teachers(list(self.teachers), student_train, valid, tc, folds=self.teacher_folds,

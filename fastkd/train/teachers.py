@@ -93,7 +93,8 @@ class TeacherSet:
         models: one model per teacher (a :class:`FoldAverage` when cross-fitted), frozen.
         folds: ``K`` (1: not cross-fitted).
         fold_of: fold of each fitted row, int64 ``[N]`` (None when ``folds == 1``).
-        fitted: :func:`fingerprint` of the rows the fold models were fitted on (None when ``folds == 1``).
+        fitted: :func:`fingerprint` of the rows the fold models were fitted on (cross-fitted), or
+            the teachers trained on (``saw_validation``); None otherwise.
         summaries: per teacher, the training summaries (one per fold).
         seconds: wall time of the training.
         saw_validation: the teachers trained on the merged validation rows too (``teacher_rows=
