@@ -7,8 +7,9 @@ Pre-train mode, in order (each step optional where its setting says so):
    that never saw it), or passed in trained;
 2. transfer rows: the student's training rows, plus ``augment × N`` teacher-labelled rows
    (:func:`fastkd.augment.swap_augment`) that carry no hard label;
-3. teacher signal: the teachers' logits for every transfer row in a :class:`TeacherCache`, and the
-   ensemble's soft label from the gate: plain averaging, a gate fitted on honest rows and frozen
+3. teacher signal (:mod:`fastkd.train.teacher_signal`): the teachers' logits for every transfer
+   row in a :class:`TeacherCache`, and the ensemble's soft label from the gate: plain averaging,
+   a gate fitted on honest rows and frozen
    (``gate_fit="stacked"``, :mod:`fastkd.gates`), or the paper's gate trained with the student
    (``gate_fit="joint"``);
 4. the student's epochs, which read the cache by row index and never run a teacher.
@@ -18,6 +19,7 @@ the checkpointed modules and the prediction methods; half the length is argument
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -38,6 +40,7 @@ from .evaluation import _as_tensors, _label_monitor, evaluate, predict
 from .loop import _freeze, _Loop, _plus_regularization
 from .manifest import data_fingerprint, models_manifest
 from .teacher_cache import TeacherCache
+from .teacher_signal import honest_gate_rows, transfer_cache
 from .teachers import TeacherSet, fingerprint, train_teachers
 
 __all__ = ["Distiller", "GATES", "GATE_FITS"]
@@ -299,6 +302,8 @@ class Distiller:
                 raise ValueError("the TeacherSet was trained on other rows than this run's student training rows "
                                  "(same train/valid split and monitor_fraction needed): its stacked gate would "
                                  "fit on rows its teachers saw")
+            if self.teacher_rows == "merged" and not ts.saw_validation:  # said so by the caller
+                ts = dataclasses.replace(ts, saw_validation=True)
             return ts
         merged = self.teacher_rows == "merged" and self.config.merge_validation
         if self.teachers_trained:
@@ -334,61 +339,6 @@ class Distiller:
         return np.lib.format.open_memmap(self.cache_dir / f"{name}.rank{_dist.get_rank()}.npy", mode="w+",
                                          dtype=dtype, shape=shape)
 
-    def _build_cache(self, ts: TeacherSet, rows: CTRData, aug_ids: np.ndarray) -> TeacherCache:
-        cfg = self.config
-        if ts.folds == 1:
-            # one pass over the real rows then the augmented ones, written in place (into cache_dir
-            # when set) and sharded under torch.distributed
-            data = rows if not len(aug_ids) else as_tensor_rows(Rows([rows.ids, aug_ids]))
-            return TeacherCache.build(list(self.teachers), data, hidden=self.needs_hidden,
-                                      batch_size=cfg.eval_batch_size, path=self.cache_dir,
-                                      progress=cfg.show_progress)
-        logits, hidden = ts.out_of_fold(rows, cfg.eval_batch_size), None
-        if len(aug_ids):
-            a_logits, a_hidden = ts.outputs(torch.from_numpy(aug_ids), self.needs_hidden, cfg.eval_batch_size)
-            logits = np.concatenate([logits, a_logits])
-            hidden = None if hidden is None else np.concatenate([hidden, a_hidden])
-        return TeacherCache.from_arrays(logits, hidden, path=self.cache_dir,
-                                        data=[rows.ids, aug_ids] if len(aug_ids) else rows.ids,
-                                        teachers=list(self.teachers))
-
-    def _honest_rows(self, ts: TeacherSet, train: CTRData, valid: CTRData, student_train: CTRData,
-                     monitor: CTRData, cache: TeacherCache):
-        """``(fit rows, monitor rows)`` for a stacked gate: rows whose teacher logits are honest."""
-        cfg = self.config
-        hidden = self.gate == "hidden"
-
-        def rows_of(data: CTRData) -> GateRows:
-            z, h = ts.outputs(data, hidden, cfg.eval_batch_size)
-            return GateRows(data.ids, z, data.labels, h)
-
-        if ts.folds > 1:  # every student training row has an out-of-fold logit
-            n = len(student_train)
-            idx = torch.arange(n)
-            z, h = cache.gather(idx)
-            fit = GateRows(student_train.ids, z.numpy(), np.asarray(student_train.labels),
-                           None if h is None else h.numpy())
-            return fit, rows_of(monitor)
-        if ts.saw_validation or (self.teacher_rows == "merged" and cfg.merge_validation):
-            # teachers trained on the merged rows too: the monitor rows' halves are all that is left
-            half = len(monitor) // 2
-            if half < 1:
-                raise ValueError("a stacked gate of teachers trained on the merged validation rows needs >= 2 "
-                                 "monitor rows")
-            return rows_of(monitor.subset(np.arange(half))), rows_of(monitor.subset(np.arange(half, len(monitor))))
-        if cfg.merge_validation:  # the merged validation rows: in the student's rows, unseen by teachers
-            a, b = len(train), len(student_train)
-            # those rows are the validation split's last b - a (TrainConfig.split_validation); taken
-            # from it, they stay a view of memory-mapped data instead of a copy out of the Rows
-            merged = valid.subset(np.arange(len(valid) - (b - a), len(valid)))
-            z, h = cache.gather(torch.arange(a, b))
-            fit = GateRows(merged.ids, z.numpy(), merged.labels, None if h is None else h.numpy())
-            return fit, rows_of(monitor)
-        half = len(valid) // 2  # no merged rows: the validation split's halves
-        if half < 1:
-            raise ValueError("a stacked gate without folds or merged validation needs >= 2 validation rows")
-        return rows_of(valid.subset(np.arange(half))), rows_of(valid.subset(np.arange(half, len(valid))))
-
     def _targets(self, ts, train, valid, student_train, monitor, cache, aug_ids) -> Optional[torch.Tensor]:
         """Per-row ensemble logit ``[N, 1]`` for the cached rows (None with a joint gate)."""
         if self.joint_gate:
@@ -396,7 +346,9 @@ class Distiller:
         gate = None
         if self.gate != "mean":
             t0 = time.perf_counter()
-            fit, mon = self._honest_rows(ts, train, valid, student_train, monitor, cache)
+            fit, mon = honest_gate_rows(ts, train, valid, student_train, monitor, cache,
+                                        merge_validation=self.config.merge_validation,
+                                        hidden=self.gate == "hidden", batch_size=self.config.eval_batch_size)
             torch.manual_seed(self.config.seed)
             m = fit.logits.shape[1]
             gate = make_gate(self.gate, m, hidden_dim=self.hidden_dim, field_sizes=student_train.field_sizes)
@@ -479,7 +431,9 @@ class Distiller:
         aug_ids = swap_augment(student_train.ids, self.augment, self.augment_swap, seed=cfg.seed + _AUGMENT_SEED,
                                out=self._augmented_file(student_train))
         n_real = len(student_train)
-        self.cache = cache = self._build_cache(ts, student_train, aug_ids)
+        self.cache = cache = transfer_cache(ts, student_train, aug_ids, hidden=self.needs_hidden,
+                                            batch_size=cfg.eval_batch_size, path=self.cache_dir,
+                                            progress=cfg.show_progress)
         self.targets = targets = self._targets(ts, train, valid, student_train, monitor_data, cache, aug_ids)
         self.summary["cache_seconds"] = time.perf_counter() - t1
         self.summary["augmented_rows"] = int(len(aug_ids))
