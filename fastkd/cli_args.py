@@ -126,6 +126,10 @@ def add_training_args(p: argparse.ArgumentParser, *, max_epochs: int, batch_size
     p.add_argument("--steps-per-epoch", type=_positive_int, default=None,
                    help="at most this many batches an epoch, each epoch still a shuffle of every row (scale runs "
                         "and quick checks on data too large to pass over in full; default: all)")
+    p.add_argument("--row-blocks", type=_positive_int, default=None,
+                   help="cut the training rows into N contiguous blocks, each shuffled on its own; under torchrun "
+                        "N must be the number of ranks and each rank reads only its block (default: one shuffle of "
+                        "every row, dealt to ranks)")
     p.add_argument("--batch-size", type=_positive_int, default=None,
                    help=f"training batch size (default: {batch_size}, halved until an epoch has at least "
                         f"{MIN_STEPS_PER_EPOCH} steps, so small samples still train)")
@@ -135,9 +139,10 @@ def add_training_args(p: argparse.ArgumentParser, *, max_epochs: int, batch_size
     p.add_argument("--hidden-units", type=_csv(int), default=[400, 400, 400])
     p.add_argument("--dropout", type=float, default=0.3,
                    help="dropout of every model's DNN part (0.3: best validation AUC of the plain DNN on Frappe)")
-    p.add_argument("--student-dropout", type=float, default=None,
+    p.add_argument("--student-dropout", type=str, default=None,
                    help="dropout of the student network (distilled students and the plain DNN); default: "
-                        "--dropout")
+                        "--dropout. Several values ('0.1/0.3') are candidates: each student and the plain DNN is "
+                        "trained once per value and the best on the monitor rows kept")
     p.add_argument("--ablations", type=_csv(str), default=[],
                    help="comma list of: hint, cotrain, kd-stop, kd-stop-merge, merge, partition, segments "
                         "(one teacher per --segment-field value), or 'all' for these, or KEY=VALUE[+KEY=VALUE] "

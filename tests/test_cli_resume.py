@@ -221,7 +221,7 @@ def test_settings_added_later_leave_an_older_run_json_unchanged():
 
 def test_bad_student_options_are_refused_before_training(tmp_path, capsys):
     assert main([*ARGS, "--student-dropout", "1.5", "--out", str(tmp_path / "o")]) == 2
-    assert "student_dropout must be None or a number in [0, 1)" in capsys.readouterr().err
+    assert "student_dropout must be None, a number in [0, 1)" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: not one of the choices
         main([*ARGS, "--teacher-rows", "valid", "--out", str(tmp_path / "o")])
     assert "--teacher-rows" in capsys.readouterr().err

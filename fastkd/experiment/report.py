@@ -152,6 +152,22 @@ def _versions() -> str:
             f"Python {platform.python_version()}, {platform.machine()}, torch threads {torch.get_num_threads()}")
 
 
+def dropout_table(records: List[dict]) -> str:
+    """Markdown table of the student-dropout choices (rows trained with several candidates): per
+    model and variant, how many seeds chose each value ("" when no row had candidates)."""
+    counts: Dict[tuple, Dict[float, int]] = {}
+    for r in records:
+        if r.get("dropout_candidates"):
+            c = counts.setdefault((r["model"], r.get("variant", "")), {x["dropout"]: 0 for x in r["dropout_candidates"]})
+            c[r["student_dropout"]] = c.get(r["student_dropout"], 0) + 1
+    if not counts:
+        return ""
+    lines = ["| model | variant | seeds choosing each dropout |", "|---|---|---|"]
+    for (model, variant), c in counts.items():
+        lines.append(f"| {model} | {variant or '–'} | " + ", ".join(f"{p:g}: {k}" for p, k in c.items()) + " |")
+    return "\n".join(lines)
+
+
 def _settings(spec: ExperimentSpec) -> str:
     cfg = spec.config
     gate = spec.gate if spec.gate == "mean" else f"{spec.gate} ({spec.gate_fit or 'default fit'})"
@@ -171,7 +187,13 @@ def _settings(spec: ExperimentSpec) -> str:
            f"Teachers are cross-fitted in {spec.teacher_folds} folds on the students' training rows (each fold "
            "model stops on its held-out fold): every training row's soft label comes from a fold model that never "
            "saw it, other rows' from the fold models' mean; the monitor rows stay unseen by every teacher. ")
-        + f"Model settings: {spec.model_kwargs or 'defaults'}.",
+        + f"Model settings: {spec.model_kwargs or 'defaults'}."
+        + ("" if spec.student_dropout is None else
+           f" Student network (students and plain DNN) dropout: {spec.student_dropout}." if not isinstance(
+               spec.student_dropout, tuple) else
+           " Student network (students and plain DNN) dropout: each model is trained once with each of "
+           f"{', '.join(f'{p:g}' for p in spec.student_dropout)} and the one with the best stopping value on the "
+           "monitor rows is kept (its time is every candidate's)."),
     ]
     return "\n".join(lines)
 
@@ -220,6 +242,9 @@ def write_report(out: Path, result: ExperimentResult, *, command: str, data_desc
     seg = segment_table(records)
     if seg:
         lines += [f"Test AUC per segment (field `{spec.segment_field}`), mean over seeds:", "", seg, ""]
+    drop = dropout_table(records)
+    if drop:
+        lines += ["Student dropout chosen on the monitor rows:", "", drop, ""]
     serving = serving_table(records)
     if serving:
         lines += ["## Serving", "", serving]

@@ -59,6 +59,7 @@ from ..train import predict, scores, train_model
 from .resume import (_FINISHED_FORMAT, _FORMAT_VERSION, RUN_FILE, _read_json, _start,  # noqa: F401
                      _write_json, check_resume, run_manifest)
 from .resume import run_ids as _run_ids
+from .candidates import candidate_dir, choice_fields, choose
 from .experts import EXPERT_ABLATIONS
 from .spec import ExperimentSpec, expand_ablations, split_overrides
 
@@ -163,6 +164,7 @@ class _Run:
             st = summary.get("student", summary)
             rec["epochs"] = st["epochs"]
             rec["best_epoch"] = st["best_epoch"]
+            rec["monitor"] = st.get("best_monitor")  # the best stopping value on the monitor rows
             rates = [h["samples_per_s"] for h in st["history"]]
             rec["train_samples_per_s"] = float(np.median(rates)) if rates else None
             times = [h["train_seconds"] for h in st["history"]]
@@ -368,41 +370,34 @@ class _Run:
             gate, gate_fit = spec.gate, spec.gate_fit
         mode = spec.mode
         extra_rec: Dict[str, object] = {}
-        if mode == "cotrain":
-            tset = [self.build(n, teacher_seed(seed, i)) for i, n in enumerate(spec.teachers)]
-            tsecs = 0.0
-        elif teachers is not None:
-            tset, tsecs = teachers, teacher_seconds or 0.0
-        else:
+        # co-training: every candidate builds its own teachers (the Distiller trains them)
+        tset, tsecs = (None, 0.0) if mode == "cotrain" else (teachers, teacher_seconds or 0.0)
+        if mode != "cotrain" and teachers is None:
             entry = self.teacher_set(seed, spec)
             tset, tsecs = entry.set, entry.seconds
             if distill == "single":
                 best = int(np.argmax(entry.monitor_auc))
                 extra_rec = {"teacher": spec.teachers[best]}
                 tset = dataclasses.replace(tset, models=[tset.models[best]], summaries=[], seconds=0.0)
-        student = self.build(spec.student, seed * 100, spec.student_kwargs)
         udir = self.unit_dir(seed, unit)
-        # memory-mapped rows: the teacher outputs and augmented rows go to files too
-        cache_dir = udir / "cache" if udir is not None and is_file_backed(self.train.ids) else None
-        kd = Distiller(tset, student, mode=mode, gate=gate, gate_fit=gate_fit, ensemble=spec.ensemble,
-                       temperature=spec.temperature, hard_weight=spec.hard_weight, kd_weight=spec.kd_weight,
-                       teachers_trained=mode == "pretrain", augment=spec.augment, augment_swap=spec.augment_swap,
-                       teacher_rows=spec.teacher_rows if mode == "pretrain" else "train",
-                       config=_with_seed(cfg, seed), cache_dir=cache_dir, **extra)
-        t0 = time.perf_counter()
-        summ = kd.fit(self.train, self.valid, checkpoint_dir=udir, resume=self.resume)
-        secs = time.perf_counter() - t0
+        cands = spec.student_candidates()
+        fits = [self._distill(seed, c, tset, gate, gate_fit, extra, candidate_dir(udir, c, len(cands) > 1))
+                for c in cands]
+        pick = choose(cfg.early_stop, [f[2] for f in fits])
+        kd, student, summ, _ = fits[pick]
+        secs = sum(f[3] for f in fits)
         # the Distiller resolves the default gate fit; the label names the one it used
         gname = "single" if distill == "single" else "mean" if gate == "mean" else f"{kd.gate}/{kd.gate_fit}"
         rec = self.record(f"{spec.student} ({distill})", "student", distill, seed, kd.predict(self.test), student,
                           variant=variant, summary=summ, seconds=secs, gate=gname,
                           teacher_seconds=round(tsecs, 2), augmented_rows=summ.get("augmented_rows", 0),
-                          cache_seconds=round(summ.get("cache_seconds", 0.0), 2))
+                          cache_seconds=round(summ.get("cache_seconds", 0.0), 2),
+                          **choice_fields(cands, [f[2] for f in fits], [f[3] for f in fits], pick))
         rec.update(extra_rec)
         if "gate" in summ:
             rec["gate_fit_summary"] = {k: v for k, v in summ["gate"].items() if k != "history"}
         if serve:
-            self.serve(seed, spec, student, kd.teachers, rec)
+            self.serve(seed, cands[pick], student, kd.teachers, rec)
         alphas = []
         if distill == "gate" and gate != "mean" and mode == "pretrain":
             self.record("ensemble (gate)", "ensemble", "gate", seed, kd.ensemble_logits(self.test),
@@ -414,17 +409,42 @@ class _Run:
             self.finish(seed, unit, first, alphas)
         return rec
 
+    def _distill(self, seed: int, spec: ExperimentSpec, tset: Optional[TeacherSet], gate: str, gate_fit,
+                 extra: dict, udir: Optional[Path]):
+        """One student of one dropout candidate: ``(distiller, student, summary, seconds)``."""
+        cfg, mode = spec.config, spec.mode
+        if mode == "cotrain":
+            tset = [self.build(n, teacher_seed(seed, i)) for i, n in enumerate(spec.teachers)]
+        student = self.build(spec.student, seed * 100, spec.student_kwargs)
+        # memory-mapped rows: the teacher outputs and augmented rows go to files too
+        cache_dir = udir / "cache" if udir is not None and is_file_backed(self.train.ids) else None
+        kd = Distiller(tset, student, mode=mode, gate=gate, gate_fit=gate_fit, ensemble=spec.ensemble,
+                       temperature=spec.temperature, hard_weight=spec.hard_weight, kd_weight=spec.kd_weight,
+                       teachers_trained=mode == "pretrain", augment=spec.augment, augment_swap=spec.augment_swap,
+                       teacher_rows=spec.teacher_rows if mode == "pretrain" else "train",
+                       config=_with_seed(cfg, seed), cache_dir=cache_dir, **extra)
+        t0 = time.perf_counter()
+        summ = kd.fit(self.train, self.valid, checkpoint_dir=udir, resume=self.resume)
+        return kd, student, summ, time.perf_counter() - t0
+
     def plain(self, seed: int, spec: ExperimentSpec, *, unit: str, variant: str = ""):
         if self.finished(seed, unit) is not None:
             return
         first = len(self.records)
-        model = self.build(spec.student, seed * 100, spec.student_kwargs)
-        t0 = time.perf_counter()
-        ckpt = self.unit_dir(seed, unit)
-        summ = train_model(model, self.train, self.valid, _with_seed(spec.config, seed), desc="plain student",
-                           checkpoint=None if ckpt is None else ckpt / "model.pt", resume=self.resume)
+        cands = spec.student_candidates()
+        fits = []
+        for c in cands:
+            model = self.build(c.student, seed * 100, c.student_kwargs)
+            t0 = time.perf_counter()
+            ckpt = candidate_dir(self.unit_dir(seed, unit), c, len(cands) > 1)
+            summ = train_model(model, self.train, self.valid, _with_seed(c.config, seed), desc="plain student",
+                               checkpoint=None if ckpt is None else ckpt / "model.pt", resume=self.resume)
+            fits.append((model, summ, time.perf_counter() - t0))
+        pick = choose(spec.config.early_stop, [f[1] for f in fits])
+        model, summ, _ = fits[pick]
         self.record(spec.student, "student", "none", seed, predict(model, self.test), model,
-                    variant=variant, summary=summ, seconds=time.perf_counter() - t0)
+                    variant=variant, summary=summ, seconds=sum(f[2] for f in fits),
+                    **choice_fields(cands, [f[1] for f in fits], [f[2] for f in fits], pick))
         self.finish(seed, unit, first)
 
 

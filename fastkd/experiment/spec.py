@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from ..train import TrainConfig
 
@@ -28,7 +29,10 @@ class ExperimentSpec:
     The distillation settings are those of :class:`~fastkd.Distiller`; ``segment_field`` names a
     field whose values split the test rows into segments for a per-segment AUC table.
     ``student_dropout`` (None: ``model_kwargs``' dropout) is the dropout of the student network,
-    the distilled students and the plain DNN alike; teachers keep ``model_kwargs``'.
+    the distilled students and the plain DNN alike; teachers keep ``model_kwargs``'. Several values
+    (a tuple, or text ``"0.1/0.3"``) are candidates: every student and the plain DNN is trained once
+    per value and the one with the best stopping value on the monitor rows is kept (the same rule
+    for every model; cost: one training per candidate).
     """
 
     teachers: Sequence[str] = ("deepfm", "dcn", "xdeepfm")
@@ -44,7 +48,7 @@ class ExperimentSpec:
     augment: float = 1.0
     augment_swap: float = 0.2
     teacher_rows: str = "train"
-    student_dropout: Optional[float] = None
+    student_dropout: Union[None, float, Tuple[float, ...]] = None
     seeds: Sequence[int] = (0,)
     ablations: Sequence[str] = ()
     model_kwargs: Dict[str, object] = field(default_factory=dict)
@@ -69,17 +73,25 @@ class ExperimentSpec:
             raise ValueError(f"teacher_rows must be one of {TEACHER_ROWS}, got {self.teacher_rows!r}")
         if self.teacher_rows == "merged" and not self.config.merge_validation:
             raise ValueError("teacher_rows='merged' needs merged validation (merge_validation=True)")
-        if self.student_dropout is not None and (isinstance(self.student_dropout, bool) or not isinstance(
-                self.student_dropout, (int, float)) or not 0 <= self.student_dropout < 1):
-            raise ValueError(f"student_dropout must be None or a number in [0, 1), got {self.student_dropout!r}")
+        self.student_dropout = _dropouts(self.student_dropout)
         if self.augment < 0 or not 0 < self.augment_swap <= 1:
             raise ValueError(f"need augment >= 0 and 0 < augment_swap <= 1, got {self.augment}, {self.augment_swap}")
 
     @property
     def student_kwargs(self) -> Dict[str, object]:
-        """The student network's model arguments: ``model_kwargs`` with ``student_dropout``."""
+        """The student network's model arguments: ``model_kwargs`` with ``student_dropout``
+        (one value; with candidates, ask each of :meth:`student_candidates`)."""
+        if isinstance(self.student_dropout, tuple):
+            raise ValueError(f"student_dropout {self.student_dropout} names candidates, not one network: "
+                             "build from each of student_candidates()")
         extra = {} if self.student_dropout is None else {"dropout": self.student_dropout}
         return {**self.model_kwargs, **extra}
+
+    def student_candidates(self) -> List["ExperimentSpec"]:
+        """One spec per student-dropout candidate (just this spec when there is one value)."""
+        if not isinstance(self.student_dropout, tuple):
+            return [self]
+        return [dataclasses.replace(self, student_dropout=p) for p in self.student_dropout]
 
     def with_overrides(self, overrides: Dict[str, object]) -> "ExperimentSpec":
         """A copy with spec and config settings replaced (keys of :data:`SPEC_KEYS`/:data:`CONFIG_KEYS`)."""
@@ -101,6 +113,27 @@ class Ablation:
     label: str
     overrides: Dict[str, object]
     plain: bool = False
+
+
+def _dropouts(value) -> Union[None, float, Tuple[float, ...]]:
+    """``student_dropout`` checked: None, one number, or several distinct candidates (a sequence,
+    or text with ``/`` or ``,`` between them) as a tuple."""
+    if isinstance(value, str):
+        try:
+            value = tuple(float(v) for v in re.split(r"[/,]", value))
+        except ValueError:
+            value = (value,)
+    if isinstance(value, (list, tuple)) and len(value) == 1:
+        value = value[0]
+    many = isinstance(value, (list, tuple))
+    for v in value if many else [value]:
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1) \
+                or v is None and many:
+            raise ValueError("student_dropout must be None, a number in [0, 1) or several such numbers "
+                             f"(e.g. '0.1/0.3'), got {value!r}")
+    if many and len(set(value)) != len(value):
+        raise ValueError(f"student_dropout candidates must differ, got {value!r}")
+    return tuple(float(v) for v in value) if many else value
 
 
 def _value(text: str):
