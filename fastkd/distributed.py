@@ -30,7 +30,7 @@ import torch.distributed as dist
 __all__ = [
     "init_process_group", "destroy_process_group", "is_initialized", "get_rank", "get_world_size",
     "is_main_process", "launched_distributed", "default_backend", "barrier", "shard_bounds",
-    "shard_permutation", "gather_rows", "all_gather_object", "gather_object", "broadcast_object",
+    "shard_permutation", "block_order", "gather_rows", "all_gather_object", "gather_object", "broadcast_object",
     "all_gather_uneven", "all_reduce_sum",
     "broadcast_float", "broadcast_buffers", "sync_batch_norm", "rank_seed", "free_port",
 ]
@@ -372,6 +372,41 @@ def sync_batch_norm(modules: Iterable[torch.nn.Module]) -> Iterator[None]:
     finally:
         for m in patched:
             del m.forward
+
+
+def block_order(n: int, blocks: int, seed: int, epoch: int, rank: Optional[int] = None) -> torch.Tensor:
+    """One epoch's order of ``n`` rows cut into ``blocks`` contiguous blocks
+    (:func:`shard_bounds`), each permuted on its own (``TrainConfig.row_blocks``).
+
+    Row ``k`` of the output is block ``k``'s permutation (row indices into all ``n`` rows), padded
+    by repeating its head to the longest block's length, so every block gives the same number of
+    batches (DDP needs as many steps on every rank). ``rank=None``: every block (one process);
+    ``rank=r``: block ``r`` alone (the rank's own rows: no other block's index is made). Each
+    block's permutation comes from ``(seed, epoch, block)`` alone, so ranks need not share a
+    generator and a resumed run draws the same order.
+
+    Shape:
+        - output: ``[blocks, ceil(n / blocks)]``, or ``[1, ceil(n / blocks)]`` with ``rank``
+
+    Example::
+
+        >>> order = block_order(5, 2, seed=0, epoch=0)
+        >>> order.shape, sorted(order[0].tolist()), sorted(set(order[1].tolist()))
+        (torch.Size([2, 3]), [0, 1, 2], [3, 4])
+    """
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or not 1 <= blocks <= max(n, 1):
+        raise ValueError(f"cannot cut {n} rows into {blocks!r} non-empty blocks")
+    longest = -(-n // blocks)
+    dtype = torch.int32 if n < 2**31 else torch.int64
+    out = []
+    for r in range(blocks) if rank is None else [rank]:
+        a, b = shard_bounds(n, r, blocks)
+        g = torch.Generator().manual_seed(rank_seed(seed, epoch, r) ^ 0x5DEECE66D)
+        perm = torch.randperm(b - a, generator=g, dtype=dtype) + a
+        if perm.shape[0] < longest:
+            perm = torch.cat([perm, perm[:longest - perm.shape[0]]])
+        out.append(perm)
+    return torch.stack(out)
 
 
 def rank_seed(seed: int, epoch: int, rank: Optional[int] = None) -> int:

@@ -62,11 +62,12 @@ def _distiller(fs, out: Path) -> Distiller:
                      cache_dir=out / "student_cache")
 
 
-def _augmented_distiller(fs, cache_dir: Path) -> Distiller:
+def _augmented_distiller(fs, cache_dir: Path, row_blocks=None) -> Distiller:
     """The default pre-train path at scale: merged validation, teacher-labelled augmentation, a
     stacked feature gate, and the teacher cache, augmented rows and targets in files."""
     return Distiller([_model("deepfm", fs, 8), _model("dcn", fs, 9)], _model("dnn", fs, 10), augment=1.0,
-                     config=TrainConfig(**{**CFG, "max_epochs": 2, "early_stop": "auc", "merge_validation": True}),
+                     config=TrainConfig(**{**CFG, "max_epochs": 2, "early_stop": "auc", "merge_validation": True,
+                                           "row_blocks": row_blocks}),
                      teacher_config=TrainConfig(**{**CFG, "max_epochs": 1, "early_stop": "auc"}),
                      cache_dir=cache_dir)
 
@@ -135,6 +136,8 @@ def _worker(spec: dict) -> None:
             res["augmented"] = {"student": {k: v.clone() for k, v in aug.student.state_dict().items()},
                                 "test_auc": aug.evaluate(test)["auc"], "rows": aug.summary["augmented_rows"],
                                 "files": sorted(p.name for p in (out / "aug_cache").iterdir())}
+        if spec.get("row_blocks"):
+            res["row_blocks"] = _row_blocks_run(train, valid, test, out / "blocks_cache")
         kd = _distiller(train.field_sizes, out)
         if spec.get("kill_at") and rank == 1:
             calls = [0]
@@ -157,6 +160,26 @@ def _worker(spec: dict) -> None:
         torch.save(res, out / f"rank{rank}.pt")
     finally:
         distributed.destroy_process_group()
+
+
+def _row_blocks_run(train, valid, test, cache_dir: Path) -> dict:
+    """The augmented distillation with ``row_blocks=2``, every student epoch's order recorded as
+    the loop receives it (the teachers train with their own config)."""
+    real, orders = distributed.block_order, []
+
+    def spy(*args, **kwargs):
+        orders.append(real(*args, **kwargs))
+        return orders[-1]
+
+    distributed.block_order = spy
+    try:
+        kd = _augmented_distiller(train.field_sizes, cache_dir, row_blocks=2)
+        kd.fit(train, valid)
+    finally:
+        distributed.block_order = real
+    return {"student": {k: v.clone() for k, v in kd.student.state_dict().items()},
+            "test_auc": kd.evaluate(test)["auc"], "orders": orders,
+            "student_rows": len(train) + len(valid) - int(round(0.5 * len(valid))) + kd.summary["augmented_rows"]}
 
 
 def _launch(out: Path, world: int = 2, **spec):
@@ -203,7 +226,8 @@ def two_ranks(tmp_path_factory):
     killed = _launch(out, kill_at=9)
     rank0_saved_results = (out / "rank0.pt").exists()
     state = torch.load(out / "ckpt" / "student.pt", weights_only=False)
-    codes, logs = _launch(out, resume=True, cache=True, batch_norm_model=True, cotrain=True, augmented=True)
+    codes, logs = _launch(out, resume=True, cache=True, batch_norm_model=True, cotrain=True, augmented=True,
+                          row_blocks=True)
     assert codes == [0, 0], "\n".join(logs)
     return {"out": out, "killed": killed, "rank0_saved_results": rank0_saved_results,
             "checkpoint_after_kill": state, "ranks": [_load(out, 0), _load(out, 1)]}
@@ -225,6 +249,7 @@ def one_process(tmp_path_factory):
         aug.fit(train, valid)
         return {"augmented": {"student": aug.student.state_dict(), "test_auc": aug.evaluate(test)["auc"],
                               "rows": aug.summary["augmented_rows"]},
+                "row_blocks": _row_blocks_run(train, valid, test, out / "blocks_cache"),
                 "student": kd.student.state_dict(), "history": summary["student"]["history"],
                 "teacher_epochs": [s["epochs"] for s in summary["teachers"]],
                 "test_auc": kd.evaluate(test)["auc"], "batch_norm_model": bn.state_dict()}
@@ -477,6 +502,42 @@ def test_augmented_distillation_from_files_on_two_ranks_matches_one_process(two_
         torch.testing.assert_close(r0["student"][name], r1["student"][name], rtol=0, atol=0, msg=name)
         torch.testing.assert_close(r0["student"][name], p, rtol=1e-4, atol=1e-5, msg=name)
     assert r0["test_auc"] == pytest.approx(one["test_auc"], abs=AUC_TOL)
+
+
+def test_with_row_blocks_each_rank_reads_only_its_half_and_matches_one_process(two_ranks, one_process):
+    # row_blocks=2 (#16): every epoch of the student, rank r's order holds rows
+    # of block r alone and covers all of them; one process with row_blocks=2 takes the same steps.
+    # Mutation caught: block_order dealing the whole permutation (rows of both halves on a rank)
+    one = one_process["row_blocks"]
+    ranks = [r["row_blocks"] for r in two_ranks["ranks"]]
+    for rank, res in enumerate(ranks):
+        assert len(res["orders"]) == len(one["orders"]) == 2  # the student's two epochs
+        for order, whole in zip(res["orders"], one["orders"]):
+            n = int(whole.max()) + 1
+            a, b = distributed.shard_bounds(n, rank, 2)
+            assert order.shape[0] == 1 and set(order.flatten().tolist()) == set(range(a, b))
+            assert torch.equal(order[0], whole[rank])
+    # the student's epochs were over the real and augmented rows, each rank half of them
+    assert {int(o.max()) + 1 for o in one["orders"]} == {one["student_rows"]}
+    for name, p in one["student"].items():
+        torch.testing.assert_close(ranks[0]["student"][name], ranks[1]["student"][name], rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(ranks[0]["student"][name], p, rtol=1e-4, atol=1e-5, msg=name)
+    assert ranks[0]["test_auc"] == pytest.approx(one["test_auc"], abs=AUC_TOL)
+
+
+def test_block_order_cuts_rows_like_shard_bounds_and_permutes_each_block():
+    # each block a permutation of its shard_bounds rows, padded by its head; rank=r its row alone
+    for n, w in [(5, 2), (7, 3), (1, 1), (10, 1)]:
+        order = distributed.block_order(n, w, seed=3, epoch=1)
+        assert order.shape == (w, -(-n // w))
+        for r in range(w):
+            a, b = distributed.shard_bounds(n, r, w)
+            row = order[r].tolist()
+            assert sorted(row[:b - a]) == list(range(a, b)) and row[b - a:] == row[:len(row) - (b - a)]
+            assert torch.equal(distributed.block_order(n, w, seed=3, epoch=1, rank=r)[0], order[r])
+    assert not torch.equal(distributed.block_order(50, 2, 3, 1), distributed.block_order(50, 2, 3, 2))
+    with pytest.raises(ValueError, match="blocks"):
+        distributed.block_order(1, 2, 0, 0)
 
 
 def test_gathered_metrics_equal_whole_data_metrics(two_ranks):

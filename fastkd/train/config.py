@@ -55,6 +55,14 @@ class TrainConfig:
             ``torch.autocast(dtype=torch.bfloat16)`` (weights, optimizer and losses stay float32).
             On CPUs with AMX (Sapphire Rapids and later) this is several times faster; scoring
             for early stopping and evaluation always runs in float32.
+        row_blocks: None (default): each epoch permutes all training rows (under
+            ``torch.distributed``, dealt to ranks like ``DistributedSampler``). An int ``W``: the
+            rows are cut into ``W`` contiguous blocks (:func:`fastkd.distributed.shard_bounds`),
+            each epoch permutes every block on its own, and step ``k`` takes the ``k``-th
+            ``batch_size // W`` rows of every block. Under ``torch.distributed`` ``W`` must be the
+            world size and rank ``r`` reads block ``r`` only (its memory-mapped pages are its
+            share of the data, not all of it); one process with the same ``W`` takes the same
+            steps (``docs/distributed.md``).
     """
 
     max_epochs: int = 50
@@ -71,6 +79,7 @@ class TrainConfig:
     steps_per_epoch: Optional[int] = None
     progress: Optional[bool] = None
     precision: str = "fp32"
+    row_blocks: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.early_stop not in MONITORS:
@@ -87,6 +96,9 @@ class TrainConfig:
             raise ValueError(f"monitor_window must be an int >= 1, got {self.monitor_window!r}")
         if not 0.0 < self.monitor_fraction < 1.0:
             raise ValueError(f"monitor_fraction must be in (0, 1), got {self.monitor_fraction}")
+        if self.row_blocks is not None and (isinstance(self.row_blocks, bool) or not isinstance(self.row_blocks, int)
+                                            or self.row_blocks < 1):
+            raise ValueError(f"row_blocks must be None or an int >= 1, got {self.row_blocks!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
 

@@ -29,7 +29,9 @@ changes to the calling code (see ``docs/distributed.md``):
   never are; in co-training teachers, gate and student are one wrapped module);
 * each epoch's permutation is the single-process one, dealt to ranks as ``DistributedSampler``
   does, and ``batch_size`` is the *global* batch: each of W ranks takes ``batch_size // W`` rows a
-  step, so the rows of one step over all ranks are the rows of one single-process batch;
+  step, so the rows of one step over all ranks are the rows of one single-process batch; with
+  ``TrainConfig.row_blocks=W`` rank ``r`` permutes its own contiguous block of rows instead
+  (:func:`fastkd.distributed.block_order`) and reads no other rank's rows;
 * stopping quantities are computed on predictions gathered from every rank (AUC, logloss) or
   summed over ranks (distillation loss), and rank 0's value decides for everyone;
 * ``BatchNorm1d`` layers normalise with the statistics of the global batch
@@ -213,6 +215,12 @@ class _Loop:
             self._restore(load_checkpoint(self.checkpoint, manifest))
         n = ids.shape[0]
         bs = self.cfg.batch_size
+        blocks = self.cfg.row_blocks
+        if blocks is not None:
+            if world > 1 and blocks != world:
+                raise ValueError(f"row_blocks={blocks} under a process group of {world} ranks: it must be the "
+                                 "world size (each rank reads its own block)")
+            bs = max(1, bs // blocks)  # per block; under DDP the same as per rank
         done = self.stopper.should_stop
         if world > 1 and not done and self.epoch < self.cfg.max_epochs:
             from torch.nn.parallel import DistributedDataParallel
@@ -221,7 +229,8 @@ class _Loop:
                 raise ValueError(f"{type(self.opt.fused[0]).__name__} with fused_optimizer updates its rows inside backward, outside "
                                  "DDP's gradient all-reduce, so ranks would drift apart; train it with the "
                                  "default dense gradient under torch.distributed")
-            bs = max(1, bs // world)
+            if blocks is None:  # with row blocks already per rank
+                bs = max(1, bs // world)
             step = DistributedDataParallel(_Steps(self.modules, step))
         # one context object for every step (fp32 runs need none)
         amp = (torch.autocast(ids.device.type, dtype=torch.bfloat16) if self.cfg.precision == "bf16"
@@ -232,17 +241,20 @@ class _Loop:
                 t0 = time.perf_counter()
                 for m in self.modules.values():
                     m.train()
-                # int32 halves the permutation's memory (4 bytes a row on large data); randperm draws
-                # the same permutation for either dtype from the same generator state
-                perm = torch.randperm(n, generator=self.gen, dtype=torch.int32 if n < 2**31 else torch.int64)
-                if world > 1:
-                    # same permutation on every rank (self.gen), dealt like DistributedSampler; dropout
-                    # masks differ per rank and are reproducible on resume
+                if world > 1:  # dropout masks differ per rank and are reproducible on resume
                     torch.manual_seed(_dist.rank_seed(self.cfg.seed, self.epoch))
-                    perm = _dist.shard_permutation(perm)
-                rows = perm.shape[0]
+                if blocks is None:
+                    # int32 halves the permutation's memory (4 bytes a row on large data); randperm draws
+                    # the same permutation for either dtype from the same generator state
+                    perm = torch.randperm(n, generator=self.gen, dtype=torch.int32 if n < 2**31 else torch.int64)
+                    if world > 1:  # same permutation on every rank (self.gen), dealt like DistributedSampler
+                        perm = _dist.shard_permutation(perm)
+                    perm = perm[None]
+                else:  # [W, L] in one process, [1, L] (this rank's block) under DDP
+                    perm = _dist.block_order(n, blocks, self.cfg.seed, self.epoch, None if world == 1 else rank)
+                rows = perm.shape[1]
                 total, seen = torch.zeros((), dtype=torch.float64), 0
-                bar = tqdm(total=rows, desc=f"{self.desc} epoch {self.epoch + 1}", unit="sample",
+                bar = tqdm(total=rows * perm.shape[0], desc=f"{self.desc} epoch {self.epoch + 1}", unit="sample",
                            disable=not self.cfg.show_progress or rank != 0, leave=False)
                 # a final batch of one sample would break BatchNorm; fold it into the previous batch
                 stops = list(range(bs, rows, bs))
@@ -252,17 +264,17 @@ class _Loop:
                 for k, (a, b) in enumerate(bounds):
                     # gathered batch by batch: no permuted copy of the whole training set per epoch
                     # (ids may be memory-mapped rows: fastkd.data.rows.TensorRows)
-                    index = perm[a:b].long()
+                    index = perm[:, a:b].reshape(-1).long()
                     with amp:
                         loss = step(ids[index], labels[index], index)
                     self.opt.zero_grad()
                     loss.backward()
                     self.opt.step()
-                    total += loss.detach() * (b - a)
-                    seen += b - a
+                    total += loss.detach() * index.shape[0]
+                    seen += index.shape[0]
                     if bar.disable is False and (k % 10 == 0 or b == rows):
                         bar.set_postfix(loss=f"{float(total) / seen:.4f}")
-                    bar.update(b - a)
+                    bar.update(index.shape[0])
                 bar.close()
                 if world > 1:
                     _dist.broadcast_buffers(self.modules.values())

@@ -218,8 +218,9 @@ def resume_config(cfg, free=_FREE_CONFIG_FIELDS) -> Dict[str, Any]:
     wrote the checkpoint: every field except ``free`` (default ``max_epochs``, ``progress`` and
     ``eval_batch_size``; a run folder's manifest keeps ``max_epochs``)."""
     out = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in free}
-    if out.get("steps_per_epoch") is None:  # uncapped: as checkpoints written before the field existed
-        out.pop("steps_per_epoch", None)
+    for name in ("steps_per_epoch", "row_blocks"):  # at None: as checkpoints written before the field existed
+        if out.get(name) is None:
+            out.pop(name, None)
     return out
 
 
