@@ -381,18 +381,23 @@ class _Run:
                 tset = dataclasses.replace(tset, models=[tset.models[best]], summaries=[], seconds=0.0)
         udir = self.unit_dir(seed, unit)
         cands = spec.student_candidates()
-        fits = [self._distill(seed, c, tset, gate, gate_fit, extra, candidate_dir(udir, c, len(cands) > 1))
-                for c in cands]
-        pick = choose(cfg.early_stop, [f[2] for f in fits])
-        kd, student, summ, _ = fits[pick]
-        secs = sum(f[3] for f in fits)
+        summaries, times = [], []
+        for i, c in enumerate(cands):  # only the best so far is kept (a candidate's cache can be large)
+            fit = self._distill(seed, c, tset, gate, gate_fit, extra, candidate_dir(udir, c, len(cands) > 1))
+            summaries.append(fit[2])
+            times.append(fit[3])
+            if choose(cfg.early_stop, summaries) == i:
+                kd, student, summ, _ = fit
+            del fit
+        pick = choose(cfg.early_stop, summaries)
+        secs = sum(times)
         # the Distiller resolves the default gate fit; the label names the one it used
         gname = "single" if distill == "single" else "mean" if gate == "mean" else f"{kd.gate}/{kd.gate_fit}"
         rec = self.record(f"{spec.student} ({distill})", "student", distill, seed, kd.predict(self.test), student,
                           variant=variant, summary=summ, seconds=secs, gate=gname,
                           teacher_seconds=round(tsecs, 2), augmented_rows=summ.get("augmented_rows", 0),
                           cache_seconds=round(summ.get("cache_seconds", 0.0), 2),
-                          **choice_fields(cands, [f[2] for f in fits], [f[3] for f in fits], pick))
+                          **choice_fields(cands, summaries, times, pick))
         rec.update(extra_rec)
         if "gate" in summ:
             rec["gate_fit_summary"] = {k: v for k, v in summ["gate"].items() if k != "history"}
@@ -432,19 +437,21 @@ class _Run:
             return
         first = len(self.records)
         cands = spec.student_candidates()
-        fits = []
-        for c in cands:
-            model = self.build(c.student, seed * 100, c.student_kwargs)
+        summaries, times = [], []
+        for i, c in enumerate(cands):
+            candidate = self.build(c.student, seed * 100, c.student_kwargs)
             t0 = time.perf_counter()
             ckpt = candidate_dir(self.unit_dir(seed, unit), c, len(cands) > 1)
-            summ = train_model(model, self.train, self.valid, _with_seed(c.config, seed), desc="plain student",
-                               checkpoint=None if ckpt is None else ckpt / "model.pt", resume=self.resume)
-            fits.append((model, summ, time.perf_counter() - t0))
-        pick = choose(spec.config.early_stop, [f[1] for f in fits])
-        model, summ, _ = fits[pick]
+            summaries.append(train_model(candidate, self.train, self.valid, _with_seed(c.config, seed),
+                                         desc="plain student", checkpoint=None if ckpt is None else ckpt / "model.pt",
+                                         resume=self.resume))
+            times.append(time.perf_counter() - t0)
+            if choose(spec.config.early_stop, summaries) == i:
+                model = candidate
+        pick = choose(spec.config.early_stop, summaries)
         self.record(spec.student, "student", "none", seed, predict(model, self.test), model,
-                    variant=variant, summary=summ, seconds=sum(f[2] for f in fits),
-                    **choice_fields(cands, [f[1] for f in fits], [f[2] for f in fits], pick))
+                    variant=variant, summary=summaries[pick], seconds=sum(times),
+                    **choice_fields(cands, summaries, times, pick))
         self.finish(seed, unit, first)
 
 
