@@ -18,7 +18,8 @@ KEYS = ("auc", "logloss", "epochs", "best_epoch", "monitor")
 
 
 @pytest.mark.parametrize("given, parsed", [("0.1/0.3", (0.1, 0.3)), ("0.1,0.3", (0.1, 0.3)), ([0.2], 0.2),
-                                           ((0.3, 0.1), (0.3, 0.1)), (0, 0), (None, None)])
+                                           ((0.3, 0.1), (0.3, 0.1)), (0, 0), (None, None),
+                                           ("none", None)])
 def test_student_dropout_values_are_parsed(given, parsed):
     assert ExperimentSpec(student_dropout=given).student_dropout == parsed
 

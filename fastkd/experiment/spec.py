@@ -118,6 +118,8 @@ class Ablation:
 def _dropouts(value) -> Union[None, float, Tuple[float, ...]]:
     """``student_dropout`` checked: None, one number, or several distinct candidates (a sequence,
     or text with ``/`` or ``,`` between them) as a tuple."""
+    if isinstance(value, str) and value.strip().lower() in ("none", "default"):
+        value = None  # the teachers' dropout (model_kwargs)
     if isinstance(value, str):
         try:
             value = tuple(float(v) for v in re.split(r"[/,]", value))
