@@ -138,11 +138,11 @@ def add_training_args(p: argparse.ArgumentParser, *, max_epochs: int, batch_size
     p.add_argument("--embed-dim", type=_positive_int, default=16)
     p.add_argument("--hidden-units", type=_csv(int), default=[400, 400, 400])
     p.add_argument("--dropout", type=float, default=0.3,
-                   help="dropout of every model's DNN part (0.3: best validation AUC of the plain DNN on Frappe)")
-    p.add_argument("--student-dropout", type=str, default=None,
-                   help="dropout of the student network (distilled students and the plain DNN); default: "
-                        "--dropout. Several values ('0.1/0.3') are candidates: each student and the plain DNN is "
-                        "trained once per value and the best on the monitor rows kept")
+                   help="dropout of every teacher's DNN part (0.3: best validation AUC of the plain DNN on Frappe); the student's: --student-dropout")
+    p.add_argument("--student-dropout", type=str, default="0.1/0.3",
+                   help="dropout of the student network (distilled students and the plain DNN); several values are "
+                        "candidates: each student and the plain DNN is trained once per value and the best on the "
+                        "monitor rows kept (default 0.1/0.3, docs/accuracy.md round 10; 'none': --dropout)")
     p.add_argument("--ablations", type=_csv(str), default=[],
                    help="comma list of: hint, cotrain, kd-stop, kd-stop-merge, merge, partition, segments "
                         "(one teacher per --segment-field value), or 'all' for these, or KEY=VALUE[+KEY=VALUE] "

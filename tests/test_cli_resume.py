@@ -48,7 +48,8 @@ def scenario(tmp_path_factory):
         # the same command in a subprocess, killed once student-mean has a checkpoint (after its first
         # epoch of three): teachers and plain DNN finished, a student in training
         ckpt = run.joinpath(*SEED0)
-        wait = ckpt / "student-mean" / "student.pt"
+        # the first of the default student-dropout candidates (0.1/0.3)
+        wait = ckpt / "student-mean" / "dropout0.1" / "student.pt"
         proc = subprocess.Popen([sys.executable, "-m", "fastkd", *ARGS, "--out", str(run)], cwd=REPO,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         t0 = time.monotonic()
@@ -101,7 +102,7 @@ def scenario(tmp_path_factory):
 def test_kill_9_then_resume_gives_the_uninterrupted_results(scenario):
     at_kill = scenario["at_kill"]
     # killed where intended: teachers and plain DNN finished, student-mean between epochs
-    assert {"teachers.finished.json", "plain.finished.json", "student-mean/student.pt"} <= set(at_kill["ckpt"])
+    assert {"teachers.finished.json", "plain.finished.json", "student-mean/dropout0.1/student.pt"} <= set(at_kill["ckpt"])
     assert "student-mean.finished.json" not in at_kill["ckpt"]
     assert _metrics(scenario["run"]) == _metrics(scenario["ref"])
     assert len(_metrics(scenario["ref"])) == 7  # 2 teachers, ensemble, plain, mean and gate students, gate ensemble
@@ -112,9 +113,10 @@ def test_resume_retrains_no_finished_model(scenario):
     # teachers: loaded from their finished checkpoints (zero batches); the plain DNN: not even loaded
     assert [n for d, n in loops if d.startswith("teacher")] == [0, 0]
     assert not [d for d, _ in loops if d == "plain student"]
-    # student-mean resumed after its checkpointed epoch(s); student-gate trained from scratch
-    (mean, gate) = [n for d, n in loops if d == "student"]
-    assert 0 < mean < gate
+    # student-mean's first dropout candidate resumed after its checkpointed epoch(s); its second
+    # candidate and student-gate's two trained from scratch
+    (mean, mean_second, gate, gate_second) = [n for d, n in loops if d == "student"]
+    assert 0 < mean < gate and mean_second > 0 and gate_second > 0
     out = scenario["stdout"]
     assert out.count("(finished earlier: loaded)") == 4  # two teachers, their ensemble, the plain DNN
     ckpt = scenario["ckpt"]
@@ -200,8 +202,9 @@ def test_resume_adds_ablation_rows_after_the_saved_ones(scenario, tmp_path, caps
 
 
 def test_settings_added_later_leave_an_older_run_json_unchanged():
-    # teacher_rows and student_dropout came after format 1: at their defaults they are not in the
-    # manifest (a run started before them resumes), set they are (another run)
+    # teacher_rows and student_dropout came after format 1: at their old values (train, None) they
+    # are not in the manifest (a run started before them resumes), set they are (another run; the
+    # default student dropout candidates since round 10 too)
     from fastkd.data import make_synthetic
     from fastkd.experiment import ExperimentSpec
     from fastkd.experiment.resume import run_id, run_manifest
@@ -209,13 +212,16 @@ def test_settings_added_later_leave_an_older_run_json_unchanged():
 
     train, valid, test = make_synthetic(300, seed=0).split((0.8, 0.1, 0.1))
     cfg = TrainConfig(merge_validation=True)
-    base = run_manifest(ExperimentSpec(config=cfg), train, valid, test)
+    base = run_manifest(ExperimentSpec(config=cfg, student_dropout=None), train, valid, test)
     assert "teacher_rows" not in base and "student_dropout" not in base
-    for kw in ({"teacher_rows": "merged"}, {"student_dropout": 0.1}):
+    for kw in ({"teacher_rows": "merged", "student_dropout": None}, {"student_dropout": 0.1}, {}):
         m = run_manifest(ExperimentSpec(config=cfg, **kw), train, valid, test)
-        assert m[next(iter(kw))] == next(iter(kw.values())) and run_id(m) != run_id(base)
+        assert run_id(m) != run_id(base)
+        for k, v in kw.items():
+            assert m.get(k) == v
+    assert run_manifest(ExperimentSpec(config=cfg), train, valid, test)["student_dropout"] == [0.1, 0.3]
     # seeds and ablations are what a resumed run may add: the id leaves them out
-    grown = ExperimentSpec(config=cfg, seeds=[0, 1], ablations=["augment=0"])
+    grown = ExperimentSpec(config=cfg, seeds=[0, 1], ablations=["augment=0"], student_dropout=None)
     assert run_id(run_manifest(grown, train, valid, test)) == run_id(base)
 
 

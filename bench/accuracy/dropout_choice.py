@@ -54,8 +54,9 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     print(f"| dataset | seeds | plain: default / {args.variant} / chosen | student: default / {args.variant} / chosen "
           "| chosen student − chosen plain | default student − default plain | chosen student − default student "
-          f"| {args.variant} chosen (plain, student) |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"| {args.variant} chosen (plain, student) | mean ensemble | gain kept: chosen / default "
+          "| logloss chosen: student / plain |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for res in sorted(args.folder.glob("*/results.json")):
         recs = json.loads(res.read_text())
         t = dataset_table(recs, args.variant)
@@ -66,8 +67,13 @@ def main(argv=None) -> None:
         S = np.array([t["student"][s][:3] for s in seeds])
         cnt = (sum(t["plain"][s][3] for s in seeds), sum(t["student"][s][3] for s in seeds))
         fmt = lambda M: " / ".join(f"{v:.4f}" for v in M.mean(0))  # noqa: E731
+        ens = np.mean([r["auc"] for r in recs if r["model"] == "ensemble (mean)" and r["variant"] == ""
+                       and r["seed"] in seeds])
+        kept = [(S[:, j].mean() - P[:, j].mean()) / (ens - P[:, j].mean()) for j in (2, 0)]
+        ll = [np.mean([t[k][s][4] for s in seeds]) for k in ("student", "plain")]
         print(f"| {res.parent.name} | {len(seeds)} | {fmt(P)} | {fmt(S)} | {_ms(S[:, 2] - P[:, 2])} "
-              f"| {_ms(S[:, 0] - P[:, 0])} | {_ms(S[:, 2] - S[:, 0])} | {cnt[0]}/{len(seeds)}, {cnt[1]}/{len(seeds)} |")
+              f"| {_ms(S[:, 0] - P[:, 0])} | {_ms(S[:, 2] - S[:, 0])} | {cnt[0]}/{len(seeds)}, {cnt[1]}/{len(seeds)} "
+              f"| {ens:.4f} | {kept[0]:.0%} / {kept[1]:.0%} | {ll[0]:.4f} / {ll[1]:.4f} |")
 
 
 if __name__ == "__main__":
