@@ -49,7 +49,7 @@ def scenario(tmp_path_factory):
         # epoch of three): teachers and plain DNN finished, a student in training
         ckpt = run.joinpath(*SEED0)
         # the first of the default student-dropout candidates (0.1/0.3)
-        wait = ckpt / "student-mean" / "dropout0.1" / "student.pt"
+        wait = ckpt / "student-mean" / "candidate0-dropout0.1" / "student.pt"
         proc = subprocess.Popen([sys.executable, "-m", "fastkd", *ARGS, "--out", str(run)], cwd=REPO,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         t0 = time.monotonic()
@@ -102,7 +102,7 @@ def scenario(tmp_path_factory):
 def test_kill_9_then_resume_gives_the_uninterrupted_results(scenario):
     at_kill = scenario["at_kill"]
     # killed where intended: teachers and plain DNN finished, student-mean between epochs
-    assert {"teachers.finished.json", "plain.finished.json", "student-mean/dropout0.1/student.pt"} <= set(at_kill["ckpt"])
+    assert {"teachers.finished.json", "plain.finished.json", "student-mean/candidate0-dropout0.1/student.pt"} <= set(at_kill["ckpt"])
     assert "student-mean.finished.json" not in at_kill["ckpt"]
     assert _metrics(scenario["run"]) == _metrics(scenario["ref"])
     assert len(_metrics(scenario["ref"])) == 7  # 2 teachers, ensemble, plain, mean and gate students, gate ensemble

@@ -55,15 +55,16 @@ def chosen_run(tmp_path_factory):
                           ablations=[f"student_dropout={p}" for p in CANDIDATES],
                           config=TrainConfig(max_epochs=4, batch_size=256, merge_validation=True, patience=2))
     ckpt = tmp_path_factory.mktemp("ckpt")
-    res = run_experiment(train, valid, test, spec, log=lambda *a: None, checkpoint_dir=ckpt)
-    return train, valid, test, spec, ckpt, res
+    saved = tmp_path_factory.mktemp("student")
+    res = run_experiment(train, valid, test, spec, log=lambda *a: None, checkpoint_dir=ckpt, student_dir=saved)
+    return train, valid, test, spec, ckpt, res, saved
 
 
 def test_each_model_keeps_the_candidate_best_on_the_monitor_rows(chosen_run):
     # the chosen row equals the same model trained at the chosen value alone (the ablation rows),
     # and that value's monitored value is the best of the candidates'. Mutation caught: keeping
     # the worse candidate, or the last one
-    *_, res = chosen_run
+    *_, res, _ = chosen_run
     recs = res.records
     students = [r for r in recs if r["role"] == "student" and r["variant"] == ""]
     assert [r["model"] for r in students] == ["dnn", "dnn (mean)", "dnn (gate)"]
@@ -82,12 +83,12 @@ def test_each_model_keeps_the_candidate_best_on_the_monitor_rows(chosen_run):
         assert {k: r[k] for k in KEYS} == {k: fixed[k] for k in KEYS}
         # the cost of the choice is every candidate's training
         assert r["seconds"] >= sum(c["seconds"] for c in cands) - 0.05
-    # the run chose differently somewhere, or the test would not tell the values apart
-    assert len({r["student_dropout"] for r in students}) > 1
+    # the candidates' monitored values differ, or the test would not tell a choice from another
+    assert all(len({c["monitor"] for c in r["dropout_candidates"]}) == 2 for r in students)
 
 
 def test_a_run_with_candidates_resumes_from_its_finished_units(chosen_run):
-    train, valid, test, spec, ckpt, res = chosen_run
+    train, valid, test, spec, ckpt, res, _ = chosen_run
     again = run_experiment(train, valid, test, spec, log=lambda *a: None, checkpoint_dir=ckpt, resume=True)
     assert again.loaded == len(res.records)
     assert [{k: r.get(k) for k in ("model", "variant", "auc", "student_dropout")} for r in again.records] == \
@@ -98,7 +99,7 @@ def test_the_report_says_which_dropout_each_seed_chose(chosen_run, tmp_path):
     from fastkd.experiment import write_report
     from fastkd.experiment.report import dropout_table
 
-    *_, spec, _, res = chosen_run
+    *_, spec, _, res, _ = chosen_run
     text = write_report(tmp_path, res, command="x", data_desc="d", spec=spec, wall_seconds=1.0).read_text()
     assert "each of 0, 0.5" in text and "Student dropout chosen on the monitor rows" in text
     rows = {line.split(" | ")[0].strip("| "): line for line in dropout_table(res.records).splitlines()[2:]}
@@ -107,3 +108,25 @@ def test_the_report_says_which_dropout_each_seed_chose(chosen_run, tmp_path):
             other = [c["dropout"] for c in r["dropout_candidates"] if c["dropout"] != r["student_dropout"]][0]
             assert f"{r['student_dropout']:g}: 1" in rows[r["model"]] and f"{other:g}: 0" in rows[r["model"]]
     assert dropout_table([r for r in res.records if not r.get("dropout_candidates")]) == ""
+
+
+def test_the_saved_student_is_built_with_the_dropout_it_chose(chosen_run):
+    # dropout changes no shape, so only the saved settings tell a wrong candidate's kwargs apart
+    from fastkd.serving import load_student
+
+    *_, res, saved = chosen_run
+    (gate,) = [r for r in res.records if r["model"] == "dnn (gate)" and r["variant"] == ""]
+    assert load_student(saved).model_kwargs["dropout"] == gate["student_dropout"]
+
+
+def test_an_older_run_is_told_how_to_resume_under_the_new_default(tmp_path):
+    from fastkd.experiment import check_resume
+    from fastkd.experiment.resume import _start, run_manifest
+    from fastkd.train.manifest import ArtifactMismatchError
+
+    train, valid, test = make_synthetic(300, seed=0).split((0.8, 0.1, 0.1))
+    old = ExperimentSpec(student_dropout=None)
+    _start(tmp_path, run_manifest(old, train, valid, test), resume=False)
+    with pytest.raises(ArtifactMismatchError, match="--student-dropout none"):
+        check_resume(tmp_path, ExperimentSpec(), train, valid, test)
+    check_resume(tmp_path, old, train, valid, test)

@@ -9,6 +9,8 @@ plain DNN and the default (gated) student at each value and chosen, the per-seed
 chosen student over the chosen plain DNN (mean ± std), and how often each value was chosen.
 
 Usage: ``python bench/accuracy/dropout_choice.py runs/accuracy/dev14 [--variant student_dropout=0.1]``
+(a run made with ``EXTRA="--student-dropout 0.3" ABLATIONS="student_dropout=0.1"``: rows that chose
+their dropout themselves are refused)
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ import json
 from pathlib import Path
 
 import numpy as np
+
+from fastkd.experiment.candidates import choose
 
 MODELS = {"plain": "dnn", "student": "dnn (gate)"}
 
@@ -30,7 +34,7 @@ def _ms(x) -> str:
     return f"{x.mean():+.4f} ± {x.std(ddof=1) if len(x) > 1 else 0:.4f}"
 
 
-def dataset_table(records, variant: str):
+def dataset_table(records, variant: str, early_stop: str = "auc"):
     """Per model: {seed: (auc at default, auc at variant, chosen auc, chosen is variant, logloss chosen)}."""
     out = {}
     for key, model in MODELS.items():
@@ -40,7 +44,11 @@ def dataset_table(records, variant: str):
             a, b = base[s], alt[s]
             if a.get("monitor") is None or b.get("monitor") is None:
                 raise SystemExit(f"seed {s} {model}: no 'monitor' in the records (a run before it was recorded)")
-            pick_alt = b["monitor"] > a["monitor"]  # early_stop="auc" (the default); ties: the default row
+            if a.get("dropout_candidates") or b.get("dropout_candidates"):
+                raise SystemExit(f"seed {s} {model}: a row already chose its dropout; run the fixed values as rows "
+                                 "(EXTRA='--student-dropout 0.3' ABLATIONS='student_dropout=0.1')")
+            # the runner's own rule, candidates in the order of --student-dropout 0.1/0.3
+            pick_alt = choose(early_stop, [{"best_monitor": b["monitor"]}, {"best_monitor": a["monitor"]}]) == 0
             c = b if pick_alt else a
             per[s] = (a["auc"], b["auc"], c["auc"], pick_alt, c["logloss"])
         out[key] = per
@@ -51,6 +59,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("folder", type=Path)
     p.add_argument("--variant", default="student_dropout=0.1")
+    p.add_argument("--early-stop", default="auc", help="the run's stopping rule (its direction decides)")
     args = p.parse_args(argv)
     print(f"| dataset | seeds | plain: default / {args.variant} / chosen | student: default / {args.variant} / chosen "
           "| chosen student − chosen plain | default student − default plain | chosen student − default student "
@@ -59,7 +68,7 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for res in sorted(args.folder.glob("*/results.json")):
         recs = json.loads(res.read_text())
-        t = dataset_table(recs, args.variant)
+        t = dataset_table(recs, args.variant, args.early_stop)
         seeds = sorted(set(t["plain"]) & set(t["student"]))
         if not seeds:
             continue

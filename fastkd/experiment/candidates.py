@@ -19,11 +19,13 @@ from .spec import ExperimentSpec
 __all__ = ["candidate_dir", "best_monitor", "choose", "choice_fields"]
 
 
-def candidate_dir(unit_dir: Optional[Path], spec: ExperimentSpec, many: bool) -> Optional[Path]:
-    """The checkpoint folder of one candidate: the unit's own with one candidate, else a subfolder."""
+def candidate_dir(unit_dir: Optional[Path], spec: ExperimentSpec, index: int, many: bool) -> Optional[Path]:
+    """The checkpoint folder of candidate ``index``: the unit's own with one candidate, else a
+    subfolder named by position (two close values must not share one: a checkpoint's manifest
+    does not hold the dropout)."""
     if unit_dir is None or not many:
         return unit_dir
-    return unit_dir / f"dropout{spec.student_dropout:g}"
+    return unit_dir / f"candidate{index}-dropout{spec.student_dropout:g}"
 
 
 def best_monitor(summary: dict) -> Optional[float]:

@@ -96,7 +96,12 @@ def check_resume(checkpoint_dir: Union[str, Path], spec: ExperimentSpec, train: 
     legacy = found.pop(LEGACY_ID, None) or state_digest({k: v for k, v in found.items() if k != "seeds"})
     # more seeds or rows than the saved run: the saved ones' records stay valid (run_id leaves them out)
     grown = {k: found[k] for k in _GROWS if _grows(found.get(k), expected[k], k)}
-    check_fields(path, {**expected, **grown}, found, hint=_RESUME_HINT)
+    hint = _RESUME_HINT
+    if "student_dropout" in expected and "student_dropout" not in found:
+        # the default changed (round 10): a run started before it used the teachers' dropout
+        hint += "; a run started before the student-dropout candidates became the default resumes with " \
+                "--student-dropout none (ExperimentSpec(student_dropout=None))"
+    check_fields(path, {**expected, **grown}, found, hint=hint)
     expected[LEGACY_ID] = legacy
     if grown and _dist.is_main_process():
         _write_json(path, expected)

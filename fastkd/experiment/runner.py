@@ -382,8 +382,11 @@ class _Run:
         udir = self.unit_dir(seed, unit)
         cands = spec.student_candidates()
         summaries, times = [], []
-        for i, c in enumerate(cands):  # only the best so far is kept (a candidate's cache can be large)
-            fit = self._distill(seed, c, tset, gate, gate_fit, extra, candidate_dir(udir, c, len(cands) > 1))
+        for i, c in enumerate(cands):
+            fit = self._distill(seed, c, tset, gate, gate_fit, extra, candidate_dir(udir, c, i, len(cands) > 1))
+            # what scoring and serving need stays (student, teachers, gate); the transfer cache and
+            # targets (large at scale) go before the next candidate builds its own
+            fit[0].cache = fit[0].targets = None
             summaries.append(fit[2])
             times.append(fit[3])
             if choose(cfg.early_stop, summaries) == i:
@@ -441,7 +444,7 @@ class _Run:
         for i, c in enumerate(cands):
             candidate = self.build(c.student, seed * 100, c.student_kwargs)
             t0 = time.perf_counter()
-            ckpt = candidate_dir(self.unit_dir(seed, unit), c, len(cands) > 1)
+            ckpt = candidate_dir(self.unit_dir(seed, unit), c, i, len(cands) > 1)
             summaries.append(train_model(candidate, self.train, self.valid, _with_seed(c.config, seed),
                                          desc="plain student", checkpoint=None if ckpt is None else ckpt / "model.pt",
                                          resume=self.resume))

@@ -60,9 +60,9 @@ class TrainConfig:
             rows are cut into ``W`` contiguous blocks (:func:`fastkd.distributed.shard_bounds`),
             each epoch permutes every block on its own, and step ``k`` takes the ``k``-th
             ``batch_size // W`` rows of every block. Under ``torch.distributed`` ``W`` must be the
-            world size and rank ``r`` reads block ``r`` only (its memory-mapped pages are its
-            share of the data, not all of it); one process with the same ``W`` takes the same
-            steps (``docs/distributed.md``).
+            world size and rank ``r``'s epochs read block ``r`` only (the passes before them,
+            e.g. the gate's targets, still read every row); one process with the same ``W``
+            takes the same steps (``docs/distributed.md``).
     """
 
     max_epochs: int = 50
