@@ -7,6 +7,8 @@
 # Two datasets run at a time, one torch thread each (2-core machines). Environment: SEEDS,
 # DATASETS, ABLATIONS, EXTRA (more distill flags), OUT. Reports land in
 # runs/accuracy/<mode>/<dataset>/; `python bench/accuracy/summarize.py runs/accuracy/<mode>` tabulates them.
+# test mode takes 3+ hours on 2 cores (every student and plain DNN trains once per dropout candidate);
+# an interrupted dataset continues with DATASETS=<name> EXTRA="--resume" (a dataset not started: without it).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 MODE=${1:?usage: run_suite.sh dev|test}
