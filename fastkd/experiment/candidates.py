@@ -10,13 +10,13 @@ never read.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from ..train.config import MONITORS
 from ..train.early_stopping import improves
 from .spec import ExperimentSpec
 
-__all__ = ["candidate_dir", "best_monitor", "choose", "choice_fields"]
+__all__ = ["candidate_dir", "best_monitor", "choose", "train_candidates", "choice_fields"]
 
 
 def candidate_dir(unit_dir: Optional[Path], spec: ExperimentSpec, index: int, many: bool) -> Optional[Path]:
@@ -42,6 +42,23 @@ def choose(early_stop: str, summaries: Sequence[dict]) -> int:
         if v is not None and improves(v, best, MONITORS[early_stop]):
             best, pick = v, i
     return pick
+
+
+def train_candidates(candidates: Sequence[ExperimentSpec], early_stop: str,
+                     fit: Callable[[int, ExperimentSpec], Tuple[Any, dict, float]]) -> Tuple[Any, int, List[dict],
+                                                                                      List[float]]:
+    """Each candidate trained in turn by ``fit(index, spec) -> (model, summary, seconds)``, only
+    the best so far kept (a candidate's model may hold large data); returns ``(the chosen model,
+    its index, every summary, every candidate's seconds)``."""
+    kept, pick, summaries, seconds = None, 0, [], []
+    for i, c in enumerate(candidates):
+        model, summary, secs = fit(i, c)
+        summaries.append(summary)
+        seconds.append(secs)
+        if choose(early_stop, summaries) == i:
+            kept, pick = model, i
+        del model
+    return kept, pick, summaries, seconds
 
 
 def choice_fields(candidates: Sequence[ExperimentSpec], summaries: Sequence[dict], seconds: Sequence[float],

@@ -59,7 +59,7 @@ from ..train import predict, scores, train_model
 from .resume import (_FINISHED_FORMAT, _FORMAT_VERSION, RUN_FILE, _read_json, _start,  # noqa: F401
                      _write_json, check_resume, run_manifest)
 from .resume import run_ids as _run_ids
-from .candidates import candidate_dir, choice_fields, choose
+from .candidates import candidate_dir, choice_fields, train_candidates
 from .experts import EXPERT_ABLATIONS
 from .spec import ExperimentSpec, expand_ablations, split_overrides
 
@@ -381,19 +381,10 @@ class _Run:
                 tset = dataclasses.replace(tset, models=[tset.models[best]], summaries=[], seconds=0.0)
         udir = self.unit_dir(seed, unit)
         cands = spec.student_candidates()
-        summaries, times = [], []
-        for i, c in enumerate(cands):
-            fit = self._distill(seed, c, tset, gate, gate_fit, extra, candidate_dir(udir, c, i, len(cands) > 1))
-            # what scoring and serving need stays (student, teachers, gate); the transfer cache and
-            # targets (large at scale) go before the next candidate builds its own
-            fit[0].cache = fit[0].targets = None
-            summaries.append(fit[2])
-            times.append(fit[3])
-            if choose(cfg.early_stop, summaries) == i:
-                kd, student, summ, _ = fit
-            del fit
-        pick = choose(cfg.early_stop, summaries)
-        secs = sum(times)
+        (kd, student), pick, summaries, times = train_candidates(
+            cands, cfg.early_stop,
+            lambda i, c: self._distill(seed, c, tset, gate, gate_fit, extra, candidate_dir(udir, c, i, len(cands) > 1)))
+        summ, secs = summaries[pick], sum(times)
         # the Distiller resolves the default gate fit; the label names the one it used
         gname = "single" if distill == "single" else "mean" if gate == "mean" else f"{kd.gate}/{kd.gate_fit}"
         rec = self.record(f"{spec.student} ({distill})", "student", distill, seed, kd.predict(self.test), student,
@@ -419,7 +410,7 @@ class _Run:
 
     def _distill(self, seed: int, spec: ExperimentSpec, tset: Optional[TeacherSet], gate: str, gate_fit,
                  extra: dict, udir: Optional[Path]):
-        """One student of one dropout candidate: ``(distiller, student, summary, seconds)``."""
+        """One student of one dropout candidate: ``((distiller, student), summary, seconds)``."""
         cfg, mode = spec.config, spec.mode
         if mode == "cotrain":
             tset = [self.build(n, teacher_seed(seed, i)) for i, n in enumerate(spec.teachers)]
@@ -433,25 +424,27 @@ class _Run:
                        config=_with_seed(cfg, seed), cache_dir=cache_dir, **extra)
         t0 = time.perf_counter()
         summ = kd.fit(self.train, self.valid, checkpoint_dir=udir, resume=self.resume)
-        return kd, student, summ, time.perf_counter() - t0
+        secs = time.perf_counter() - t0
+        # what scoring and serving need stays (student, teachers, gate); the transfer cache and
+        # targets (large at scale) go before the next candidate builds its own
+        kd.cache = kd.targets = None
+        return (kd, student), summ, secs
 
     def plain(self, seed: int, spec: ExperimentSpec, *, unit: str, variant: str = ""):
         if self.finished(seed, unit) is not None:
             return
         first = len(self.records)
         cands = spec.student_candidates()
-        summaries, times = [], []
-        for i, c in enumerate(cands):
-            candidate = self.build(c.student, seed * 100, c.student_kwargs)
+
+        def fit(i: int, c: ExperimentSpec):
+            model = self.build(c.student, seed * 100, c.student_kwargs)
             t0 = time.perf_counter()
             ckpt = candidate_dir(self.unit_dir(seed, unit), c, i, len(cands) > 1)
-            summaries.append(train_model(candidate, self.train, self.valid, _with_seed(c.config, seed),
-                                         desc="plain student", checkpoint=None if ckpt is None else ckpt / "model.pt",
-                                         resume=self.resume))
-            times.append(time.perf_counter() - t0)
-            if choose(spec.config.early_stop, summaries) == i:
-                model = candidate
-        pick = choose(spec.config.early_stop, summaries)
+            summ = train_model(model, self.train, self.valid, _with_seed(c.config, seed), desc="plain student",
+                               checkpoint=None if ckpt is None else ckpt / "model.pt", resume=self.resume)
+            return model, summ, time.perf_counter() - t0
+
+        model, pick, summaries, times = train_candidates(cands, spec.config.early_stop, fit)
         self.record(spec.student, "student", "none", seed, predict(model, self.test), model,
                     variant=variant, summary=summaries[pick], seconds=sum(times),
                     **choice_fields(cands, summaries, times, pick))
