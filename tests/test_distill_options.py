@@ -11,6 +11,7 @@ from torch import nn
 from helpers import quick_config, small_model
 import fastkd.train.distiller as distiller_mod
 import fastkd.gates as gates_mod
+import fastkd.train.teacher_signal as signal_mod
 from fastkd import Distiller
 from fastkd.augment import swap_augment
 from fastkd.data import CTRData, make_synthetic
@@ -282,7 +283,7 @@ def test_stacked_gate_never_sees_training_row_logits(splits, monkeypatch, folds,
         seen["fit"], seen["monitor"] = fit, monitor
         return real_fit(gate, fit, monitor, **kw)
 
-    monkeypatch.setattr(distiller_mod, "fit_gate", spy)
+    monkeypatch.setattr(signal_mod, "fit_gate", spy)
     c = cfg(merge_validation=True)
     teachers = [Recorder(small("dnn", fs, 1)), Recorder(small("deepfm", fs, 2))]
     kd = Distiller(teachers, small("dnn", fs, 3), gate="features", teacher_folds=folds, config=c,
@@ -370,7 +371,7 @@ def test_teachers_said_to_have_seen_the_merged_rows_make_the_gate_fit_on_monitor
     fs = train.field_sizes
     seen = {}
     real_fit = gates_mod.fit_gate
-    monkeypatch.setattr(distiller_mod, "fit_gate",
+    monkeypatch.setattr(signal_mod, "fit_gate",
                         lambda gate, fit, monitor, **kw: seen.update(fit=fit) or real_fit(gate, fit, monitor, **kw))
     c = cfg(merge_validation=True)
     _, mon_rows = c.split_validation(train, valid)

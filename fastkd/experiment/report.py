@@ -168,6 +168,24 @@ def dropout_table(records: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def reuse_note(records: List[dict]) -> str:
+    """One sentence on gated students that are the mean student reused (their stacked gate was
+    not kept, so their targets equalled averaging's): per row, in how many seeds ("" if none)."""
+    counts: Dict[str, List[int]] = {}
+    for r in records:
+        if r["role"] == "student" and r["distill"] == "gate":
+            label = r["model"] + (f" [{r['variant']}]" if r.get("variant") else "")
+            c = counts.setdefault(label, [0, 0])
+            c[0] += "student_from" in r
+            c[1] += 1
+    used = [f"`{label}` in {k} of {n} seeds" for label, (k, n) in counts.items() if k]
+    if not used:
+        return ""
+    return ("Gated students whose stacked gate was not kept have exactly the mean student's targets, so they are "
+            "the mean student, trained once and reused (identical to training them again; their `epoch s` is "
+            "the mean student's): " + ", ".join(used) + ".")
+
+
 def _settings(spec: ExperimentSpec) -> str:
     cfg = spec.config
     gate = spec.gate if spec.gate == "mean" else f"{spec.gate} ({spec.gate_fit or 'default fit'})"
@@ -245,6 +263,9 @@ def write_report(out: Path, result: ExperimentResult, *, command: str, data_desc
     drop = dropout_table(records)
     if drop:
         lines += ["Student dropout chosen on the monitor rows:", "", drop, ""]
+    reused = reuse_note(records)
+    if reused:
+        lines += [reused, ""]
     serving = serving_table(records)
     if serving:
         lines += ["## Serving", "", serving]

@@ -19,6 +19,12 @@ plain DNN, one student or ablation row of one seed). Layout of ``checkpoint_dir`
   ``{unit}.alphas{i}.npy`` for gate weights. A resumed run loads a finished unit instead of
   training it; a finished teacher set's weights come back from its checkpoints (zero epochs run).
 
+Shared work: a student's dropout candidates share one prepared teacher signal (cache, gate,
+targets; ``Distiller.prepare`` and ``fit(signal_from=...)``), and a gated student whose targets
+equal this process's mean student's (same teachers, settings and candidates; the stacked gate was
+reset to averaging) reuses that student and records ``student_from``: training it again gives the
+same model, so only timings change.
+
 Serving (``student_dir=``, ``serving=True``): the first seed's default student (the gated one,
 or the mean one with ``gate="mean"``) is saved to ``student_dir`` when trained
 (:func:`fastkd.serving.save_student`), and its serving cost against the teacher ensemble goes to
@@ -35,6 +41,7 @@ format and checks live in :mod:`fastkd.experiment.resume`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 import shutil
 import time
@@ -129,6 +136,8 @@ class _Run:
         self.records: List[dict] = []
         self.gate_alphas: Dict[str, List[np.ndarray]] = {}
         self.teacher_sets: Dict[tuple, _Teachers] = {}
+        # this seed's mean students trained in this process, by _signal_key (for gated reuse)
+        self.mean_students: Dict[tuple, dict] = {}
         self.segments = None
         if spec.segment_field is not None:
             if spec.segment_field not in test.field_names:
@@ -251,6 +260,7 @@ class _Run:
 
     def seed_done(self, seed: int) -> None:
         """Delete the seed's remaining checkpoints (its teacher sets'); the finished records stay."""
+        self.mean_students.clear()
         if self.main and self.ckpt is not None and (self.ckpt / f"seed{seed}").is_dir():
             for p in (self.ckpt / f"seed{seed}").iterdir():
                 if p.is_dir():
@@ -381,10 +391,49 @@ class _Run:
                 tset = dataclasses.replace(tset, models=[tset.models[best]], summaries=[], seconds=0.0)
         udir = self.unit_dir(seed, unit)
         cands = spec.student_candidates()
-        (kd, student), pick, summaries, times = train_candidates(
-            cands, cfg.early_stop,
-            lambda i, c: self._distill(seed, c, tset, gate, gate_fit, extra, candidate_dir(udir, c, i, len(cands) > 1)))
-        summ, secs = summaries[pick], sum(times)
+        many = len(cands) > 1
+        # the teacher signal (cache, gate, targets) is prepared once and shared by every candidate
+        t0 = time.perf_counter()
+        source = self._distiller(seed, cands[0], tset, gate, gate_fit, extra, candidate_dir(udir, cands[0], 0, many))
+        if mode == "pretrain":
+            source.prepare(self.train, self.valid, checkpoint_dir=candidate_dir(udir, cands[0], 0, many),
+                           resume=self.resume)
+        prep_secs = time.perf_counter() - t0
+        key = _signal_key(seed, source, cands, extra) if _REUSE_SAME_SIGNAL else None
+        same = self.mean_students.get(key) if distill == "gate" and key is not None else None
+        if _dist.get_world_size() > 1 and distill == "gate":  # every rank reuses, or none
+            if float(_dist.all_reduce_sum(torch.tensor(0.0 if same is not None else 1.0))) > 0:
+                same = None
+        if same is not None:
+            # the gate was reset to averaging: the student would train exactly as the mean one did
+            kd, student = source, same["student"]
+            kd.student = student
+            pick, summaries, times, cands = same["pick"], same["summaries"], same["times"], same["cands"]
+            summ = {**summaries[pick], **{k: source.summary[k] for k in ("gate", "cache_seconds", "augmented_rows")
+                                          if k in source.summary}}
+            secs = prep_secs
+            extra_rec["student_from"] = same["label"]
+            self.log(f"  seed {seed}  {spec.student} ({distill}): its targets equal the mean student's "
+                     f"(the gate was not kept): that student is reused, not trained again")
+        else:
+            def fit(i: int, c: ExperimentSpec):
+                kd = source if i == 0 else self._distiller(seed, c, tset, gate, gate_fit, extra,
+                                                           candidate_dir(udir, c, i, many))
+                t = time.perf_counter()
+                summ = kd.fit(self.train, self.valid, checkpoint_dir=candidate_dir(udir, c, i, many),
+                              resume=self.resume, signal_from=source if mode == "pretrain" else None)
+                return (kd, kd.student), summ, time.perf_counter() - t + (prep_secs if i == 0 else 0.0)
+
+            (kd, student), pick, summaries, times = train_candidates(cands, cfg.early_stop, fit)
+            summ, secs = summaries[pick], sum(times)
+            if distill == "mean" and key is not None and spec.gate != "mean":
+                self.mean_students[key] = {"student": student, "pick": pick, "summaries": summaries, "times": times,
+                                           "cands": cands, "kd": kd,
+                                           "label": f"{spec.student} (mean)" + (f" [{variant}]" if variant else "")}
+        # what scoring and serving need stays (student, teachers, gate); the transfer cache and
+        # targets (large at scale) go
+        source.release()
+        kd.release()
         # the Distiller resolves the default gate fit; the label names the one it used
         gname = "single" if distill == "single" else "mean" if gate == "mean" else f"{kd.gate}/{kd.gate_fit}"
         rec = self.record(f"{spec.student} ({distill})", "student", distill, seed, kd.predict(self.test), student,
@@ -408,27 +457,20 @@ class _Run:
             self.finish(seed, unit, first, alphas)
         return rec
 
-    def _distill(self, seed: int, spec: ExperimentSpec, tset: Optional[TeacherSet], gate: str, gate_fit,
-                 extra: dict, udir: Optional[Path]):
-        """One student of one dropout candidate: ``((distiller, student), summary, seconds)``."""
+    def _distiller(self, seed: int, spec: ExperimentSpec, tset: Optional[TeacherSet], gate: str, gate_fit,
+                   extra: dict, udir: Optional[Path]) -> Distiller:
+        """The Distiller of one dropout candidate's student (not fitted)."""
         cfg, mode = spec.config, spec.mode
         if mode == "cotrain":
             tset = [self.build(n, teacher_seed(seed, i)) for i, n in enumerate(spec.teachers)]
         student = self.build(spec.student, seed * 100, spec.student_kwargs)
         # memory-mapped rows: the teacher outputs and augmented rows go to files too
         cache_dir = udir / "cache" if udir is not None and is_file_backed(self.train.ids) else None
-        kd = Distiller(tset, student, mode=mode, gate=gate, gate_fit=gate_fit, ensemble=spec.ensemble,
-                       temperature=spec.temperature, hard_weight=spec.hard_weight, kd_weight=spec.kd_weight,
-                       teachers_trained=mode == "pretrain", augment=spec.augment, augment_swap=spec.augment_swap,
-                       teacher_rows=spec.teacher_rows if mode == "pretrain" else "train",
-                       config=_with_seed(cfg, seed), cache_dir=cache_dir, **extra)
-        t0 = time.perf_counter()
-        summ = kd.fit(self.train, self.valid, checkpoint_dir=udir, resume=self.resume)
-        secs = time.perf_counter() - t0
-        # what scoring and serving need stays (student, teachers, gate); the transfer cache and
-        # targets (large at scale) go before the next candidate builds its own
-        kd.cache = kd.targets = None
-        return (kd, student), summ, secs
+        return Distiller(tset, student, mode=mode, gate=gate, gate_fit=gate_fit, ensemble=spec.ensemble,
+                         temperature=spec.temperature, hard_weight=spec.hard_weight, kd_weight=spec.kd_weight,
+                         teachers_trained=mode == "pretrain", augment=spec.augment, augment_swap=spec.augment_swap,
+                         teacher_rows=spec.teacher_rows if mode == "pretrain" else "train",
+                         config=_with_seed(cfg, seed), cache_dir=cache_dir, **extra)
 
     def plain(self, seed: int, spec: ExperimentSpec, *, unit: str, variant: str = ""):
         if self.finished(seed, unit) is not None:
@@ -449,6 +491,26 @@ class _Run:
                     variant=variant, summary=summaries[pick], seconds=sum(times),
                     **choice_fields(cands, summaries, times, pick))
         self.finish(seed, unit, first)
+
+
+def _signal_key(seed: int, kd: Distiller, cands, extra: dict) -> Optional[tuple]:
+    """What decides a prepared student's training besides its gate: equal keys (the targets'
+    digest among them) train equal students. None where targets are not all there is to it
+    (joint gate, co-training, the kd monitor, which reads the gate)."""
+    if kd.targets is None or kd.mode != "pretrain" or kd.config.early_stop == "kd":
+        return None
+    digest = hashlib.sha256()
+    t = kd.targets
+    for a in range(0, len(t), 1 << 20):  # in blocks: memory-mapped targets stay on disk
+        digest.update(t[a:a + (1 << 20)].numpy().tobytes())
+    settings = {k: v for k, v in kd._settings().items() if k not in ("gate", "gate_fit")}
+    # the teacher models themselves (the memo holds them, so their ids are not reused meanwhile)
+    return (seed, tuple(id(m) for m in kd.teachers), digest.hexdigest(), repr(sorted(settings.items())),
+            repr(sorted(extra.items())), tuple((c.student, repr(c.student_kwargs), repr(c.config)) for c in cands))
+
+
+# a gated student whose targets equal the mean student's reuses it (the gate was reset to averaging)
+_REUSE_SAME_SIGNAL = True
 
 
 def _with_seed(cfg, seed):

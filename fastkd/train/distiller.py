@@ -14,6 +14,9 @@ Pre-train mode, in order (each step optional where its setting says so):
    (``gate_fit="joint"``);
 4. the student's epochs, which read the cache by row index and never run a teacher.
 
+Steps 1–3 are :meth:`Distiller.prepare`; a second Distiller with the same settings and teachers
+skips them with ``fit(signal_from=first)`` (several students, one teacher signal).
+
 Over 400 lines on purpose: one class, whose pre-train and co-train paths share the loss terms,
 the checkpointed modules and the prediction methods; half the length is argument docs and checks.
 """
@@ -33,14 +36,15 @@ from .. import functional as FK
 from ..augment import augmented_rows, swap_augment
 from ..data.rows import Rows, as_tensor_rows
 from ..data import CTRData
-from ..gates import GATE_ALPHA_BATCH, GateRows, ensemble_logits, fit_gate, gate_alpha, make_gate
+from ..gates import GateRows, ensemble_logits, gate_alpha
 from ..losses import GatedDistillLoss, HintLoss
 from .config import TrainConfig, seed_everything
 from .evaluation import _as_tensors, _label_monitor, evaluate, predict
 from .loop import _freeze, _Loop, _plus_regularization
 from .manifest import data_fingerprint, models_manifest
 from .teacher_cache import TeacherCache
-from .teacher_signal import honest_gate_rows, transfer_cache
+from .teacher_signal import Prepared as _Prepared
+from .teacher_signal import check_shareable, ensemble_targets, rank_file, transfer_cache
 from .teachers import TeacherSet, fingerprint, train_teachers
 
 __all__ = ["Distiller", "GATES", "GATE_FITS"]
@@ -229,6 +233,7 @@ class Distiller:
         self.cache: Optional[TeacherCache] = None
         self.targets: Optional[torch.Tensor] = None
         self.summary: Dict[str, object] = {}
+        self._prepared: Optional[_Prepared] = None  # the rows prepare() built the signal on
 
     # -- pieces -------------------------------------------------------------------------------
     def _student_out(self, ids):
@@ -325,58 +330,6 @@ class Distiller:
         self.teacher_set = ts
         return ts
 
-    def _augmented_file(self, rows: CTRData) -> Optional[np.ndarray]:
-        """With ``cache_dir``, a memory-mapped file for the augmented rows (this rank's), else None."""
-        n_aug = augmented_rows(len(rows), self.augment)
-        if self.cache_dir is None or n_aug == 0:
-            return None
-        return self._rank_file("augmented_ids", np.int64, (n_aug, rows.ids.shape[1]))
-
-    def _rank_file(self, name: str, dtype, shape) -> np.ndarray:
-        """A new memory-mapped array ``<cache_dir>/<name>.rank<r>.npy`` (this rank's): remade on
-        every fit like the teacher cache, never read back from an earlier one."""
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        return np.lib.format.open_memmap(self.cache_dir / f"{name}.rank{_dist.get_rank()}.npy", mode="w+",
-                                         dtype=dtype, shape=shape)
-
-    def _targets(self, ts, train, valid, student_train, monitor, cache, aug_ids) -> Optional[torch.Tensor]:
-        """Per-row ensemble logit ``[N, 1]`` for the cached rows (None with a joint gate)."""
-        if self.joint_gate:
-            return None
-        gate = None
-        if self.gate != "mean":
-            t0 = time.perf_counter()
-            fit, mon = honest_gate_rows(ts, train, valid, student_train, monitor, cache,
-                                        merge_validation=self.config.merge_validation,
-                                        hidden=self.gate == "hidden", batch_size=self.config.eval_batch_size)
-            torch.manual_seed(self.config.seed)
-            m = fit.logits.shape[1]
-            gate = make_gate(self.gate, m, hidden_dim=self.hidden_dim, field_sizes=student_train.field_sizes)
-            self.summary["gate"] = fit_gate(gate, fit, mon, batch_size=self.config.batch_size, seed=self.config.seed)
-            self.summary["gate"].update(fit_rows=len(fit), monitor_rows=len(mon),
-                                        seconds=time.perf_counter() - t0)
-            self.stacked_gate = gate
-        # read block by block in place (no concatenated copy of the rows)
-        ids = Rows([student_train.ids, aug_ids]) if len(aug_ids) else student_train.ids
-        n = len(cache)
-        # beside the cached logits, memory-mapped, with cache_dir (large data)
-        out = torch.empty(n, 1) if self.cache_dir is None else \
-            torch.from_numpy(self._rank_file("targets", np.float32, (n, 1)))
-        # block by block: the cache's logits and the gate's α for every row at once would cost
-        # 2·M floats a row on top of the targets (large data); blocks are whole gate_alpha batches,
-        # so every row's α is computed in the batch it would be in a single pass
-        block = 4 * GATE_ALPHA_BATCH
-        for a in range(0, n, block):
-            b = min(a + block, n)
-            z, h = cache.gather(torch.arange(a, b))
-            if gate is None:
-                alpha = torch.full_like(z, 1.0 / z.shape[1])
-            else:
-                alpha = gate_alpha(gate, GateRows(ids[a:b], z.numpy(), None, None if h is None else h.numpy()),
-                                   GATE_ALPHA_BATCH)
-            out[a:b, 0] = ensemble_logits(z.float(), alpha.float(), self.ensemble, self.temperature)
-        return out
-
     # -- checkpoints ---------------------------------------------------------------------------
     def _settings(self) -> dict:
         """The distillation settings a resumed student checkpoint must share (its manifest's
@@ -402,21 +355,31 @@ class Distiller:
         return manifest
 
     # -- fit ----------------------------------------------------------------------------------
-    def fit(self, train: CTRData, valid: CTRData, *, checkpoint_dir: Optional[Union[str, Path]] = None,
-            resume: bool = False, stop_after_epoch: Optional[int] = None) -> dict:
-        """Train (teachers, then) the student. Returns a summary with per-phase histories.
+    def prepare(self, train: CTRData, valid: CTRData, *, checkpoint_dir: Optional[Union[str, Path]] = None,
+                resume: bool = False) -> "Distiller":
+        """Pre-train mode: everything before the student's epochs (teachers, transfer rows, teacher
+        cache, gate and ensemble targets), kept for :meth:`fit` on the same ``train``/``valid``
+        and for other Distillers' ``fit(signal_from=self)``. Returns ``self``.
 
-        ``checkpoint_dir``: per-model checkpoints, rewritten after every epoch: ``teacher{i}[.fold{k}].pt``,
-        then ``student.pt`` (``cotrain.pt`` in co-train mode). ``resume=True`` continues from them
-        (a finished model is not retrained) and gives the uninterrupted run's result; a checkpoint
-        written by another run (other rows, settings, shapes or teachers) raises
-        :class:`~fastkd.train.manifest.ArtifactMismatchError` naming the file and the field, an
-        unreadable one :class:`~fastkd.train.manifest.CorruptArtifactError`. The teacher cache is
-        rebuilt on every fit (into ``cache_dir`` when set), never reused from an earlier run.
+        Example::
+
+            >>> from fastkd import Distiller, TrainConfig
+            >>> from fastkd.data import make_synthetic
+            >>> from fastkd.models import build_model
+            >>> train, valid, test = make_synthetic(4000, seed=0).split((0.8, 0.1, 0.1))
+            >>> fs, cfg = train.field_sizes, TrainConfig(max_epochs=1, batch_size=512)
+            >>> teachers = [build_model(n, fs, hidden_units=(16,)) for n in ("deepfm", "dcn")]
+            >>> first = Distiller(teachers, build_model("dnn", fs, hidden_units=(16,)), config=cfg)
+            >>> first = first.prepare(train, valid)   # teachers trained, cache and targets built once
+            >>> second = Distiller(first.teacher_set, build_model("dnn", fs, hidden_units=(32,)), config=cfg)
+            >>> for kd in (first, second):   # two students, one teacher signal
+            ...     _ = kd.fit(train, valid, signal_from=first)
+            >>> second.summary["signal_shared"]
+            True
         """
+        if self.mode != "pretrain":
+            raise ValueError("prepare() is the pre-train mode's first half: co-training has no fixed teacher signal")
         ckpt = Path(checkpoint_dir) if checkpoint_dir else None
-        if self.mode == "cotrain":
-            return self._fit_cotrain(train, valid, ckpt, resume, stop_after_epoch)
         cfg = self.config
         student_train, monitor_data = cfg.split_validation(train, valid)
         t0 = time.perf_counter()
@@ -428,15 +391,78 @@ class Distiller:
         self.summary["teacher_folds"] = ts.folds
 
         t1 = time.perf_counter()
+        n_aug = augmented_rows(len(student_train), self.augment)
         aug_ids = swap_augment(student_train.ids, self.augment, self.augment_swap, seed=cfg.seed + _AUGMENT_SEED,
-                               out=self._augmented_file(student_train))
-        n_real = len(student_train)
+                               out=None if self.cache_dir is None or n_aug == 0 else
+                               rank_file(self.cache_dir, "augmented_ids", np.int64, (n_aug, student_train.ids.shape[1])))
         self.cache = cache = transfer_cache(ts, student_train, aug_ids, hidden=self.needs_hidden,
                                             batch_size=cfg.eval_batch_size, path=self.cache_dir,
                                             progress=cfg.show_progress)
-        self.targets = targets = self._targets(ts, train, valid, student_train, monitor_data, cache, aug_ids)
+        self._prepared = _Prepared(train, valid, student_train, monitor_data, aug_ids)
+        self.targets = None
+        if not self.joint_gate:  # a joint gate trains with the student: no target per row beforehand
+            self.targets, self.stacked_gate, gate_summary = ensemble_targets(
+                ts, self._prepared, cache, gate=self.gate, hidden_dim=self.hidden_dim, ensemble=self.ensemble,
+                temperature=self.temperature, config=cfg, cache_dir=self.cache_dir)
+            if gate_summary is not None:
+                self.summary["gate"] = gate_summary
         self.summary["cache_seconds"] = time.perf_counter() - t1
         self.summary["augmented_rows"] = int(len(aug_ids))
+        return self
+
+    def release(self) -> None:
+        """Drop the transfer cache, the targets and the prepared rows (large at scale); the
+        teachers, the gate and the student stay, so prediction still works."""
+        self.cache = self.targets = self._prepared = None
+
+    def _adopt(self, other: "Distiller", train: CTRData, valid: CTRData) -> None:
+        """Take ``other``'s prepared signal, after checking it is the one this fit would build."""
+        if other is self:
+            return
+        p = check_shareable(self, other, train, valid)
+        self.teacher_set = other.teacher_set
+        self.teachers = other.teachers
+        self.stacked_gate = other.stacked_gate
+        self.cache, self.targets, self._prepared = other.cache, other.targets, p
+        self.summary.update({k: other.summary[k] for k in ("teacher_folds", "cache_seconds", "augmented_rows",
+                                                           "gate") if k in other.summary})
+        self.summary["teacher_seconds"] = 0.0
+        self.summary["signal_shared"] = True
+
+    def fit(self, train: CTRData, valid: CTRData, *, checkpoint_dir: Optional[Union[str, Path]] = None,
+            resume: bool = False, stop_after_epoch: Optional[int] = None,
+            signal_from: Optional["Distiller"] = None) -> dict:
+        """Train (teachers, then) the student. Returns a summary with per-phase histories.
+
+        ``checkpoint_dir``: per-model checkpoints, rewritten after every epoch: ``teacher{i}[.fold{k}].pt``,
+        then ``student.pt`` (``cotrain.pt`` in co-train mode). ``resume=True`` continues from them
+        (a finished model is not retrained) and gives the uninterrupted run's result; a checkpoint
+        written by another run (other rows, settings, shapes or teachers) raises
+        :class:`~fastkd.train.manifest.ArtifactMismatchError` naming the file and the field, an
+        unreadable one :class:`~fastkd.train.manifest.CorruptArtifactError`. The teacher cache is
+        rebuilt on every fit (into ``cache_dir`` when set), never reused from an earlier run,
+        except one :meth:`prepare` kept for the same ``train``/``valid``.
+
+        ``signal_from``: another pre-train Distiller, prepared (:meth:`prepare`) or fitted on the
+        same ``train``/``valid`` objects with the same settings, config and teacher models: its
+        teacher cache, gate and targets are used as they are (the student trains exactly as with
+        its own), and only the student's epochs run. Any difference raises ``ValueError``.
+        """
+        ckpt = Path(checkpoint_dir) if checkpoint_dir else None
+        if self.mode == "cotrain":
+            if signal_from is not None:
+                raise ValueError("signal_from needs a pre-train Distiller: co-training has no fixed teacher signal")
+            return self._fit_cotrain(train, valid, ckpt, resume, stop_after_epoch)
+        cfg = self.config
+        if signal_from is not None:
+            self._adopt(signal_from, train, valid)
+        p = getattr(self, "_prepared", None)
+        if p is None or p.train is not train or p.valid is not valid:
+            self.prepare(train, valid, checkpoint_dir=ckpt, resume=resume)
+            p = self._prepared
+        student_train, monitor_data, aug_ids = p.student_train, p.monitor, p.aug_ids
+        cache, targets = self.cache, self.targets
+        n_real = len(student_train)
 
         def step(ids, y, index):
             real = index < n_real if len(aug_ids) else None

@@ -1,20 +1,48 @@
 """The teachers' outputs a :class:`~fastkd.train.distiller.Distiller` distils from: the transfer
-cache (real and augmented rows) and the rows a stacked gate may fit on (honest logits only)."""
+cache (real and augmented rows), the rows a stacked gate may fit on (honest logits only), the
+ensemble target per row, and the check that lets another Distiller share all of it."""
 from __future__ import annotations
 
+import dataclasses
+import time
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import numpy as np
 import torch
 
+from .. import distributed as _dist
 from ..data import CTRData
 from ..data.rows import Rows, as_tensor_rows
-from ..gates import GateRows
+from ..gates import GATE_ALPHA_BATCH, GateRows, ensemble_logits, fit_gate, gate_alpha, make_gate
+from .config import TrainConfig
 from .teacher_cache import TeacherCache
 from .teachers import TeacherSet
 
-__all__ = ["transfer_cache", "honest_gate_rows"]
+if TYPE_CHECKING:  # the Distiller imports this module
+    from .distiller import Distiller
+
+__all__ = ["transfer_cache", "honest_gate_rows", "ensemble_targets", "rank_file", "Prepared", "check_shareable"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """The rows a prepared signal belongs to: the ``train``/``valid`` objects it was built from,
+    the student's rows and monitor rows cut from them, and the augmented rows."""
+
+    train: CTRData
+    valid: CTRData
+    student_train: CTRData
+    monitor: CTRData
+    aug_ids: np.ndarray
+
+
+def rank_file(cache_dir: Path, name: str, dtype, shape) -> np.ndarray:
+    """A new memory-mapped array ``<cache_dir>/<name>.rank<r>.npy`` (this rank's): remade on
+    every fit like the teacher cache, never read back from an earlier one."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    return np.lib.format.open_memmap(cache_dir / f"{name}.rank{_dist.get_rank()}.npy", mode="w+",
+                                     dtype=dtype, shape=shape)
 
 
 def transfer_cache(ts: TeacherSet, rows: CTRData, aug_ids: np.ndarray, *, hidden: bool, batch_size: int,
@@ -74,3 +102,72 @@ def honest_gate_rows(ts: TeacherSet, train: CTRData, valid: CTRData, student_tra
         # from it, they stay a view of memory-mapped data instead of a copy out of the Rows
         return cached(valid.subset(np.arange(len(valid) - (b - a), len(valid))), a, b), rows_of(monitor)
     return halves(valid, "a stacked gate without folds or merged validation needs >= 2 validation rows")
+
+
+def ensemble_targets(ts: TeacherSet, rows: Prepared, cache: TeacherCache, *, gate: str, hidden_dim: int,
+                     ensemble: str, temperature: float, config: TrainConfig,
+                     cache_dir: Optional[Path]) -> Tuple[torch.Tensor, Optional[torch.nn.Module], Optional[dict]]:
+    """The ensemble's logit per cached row, ``[N, 1]``, from plain averaging (``gate="mean"``) or
+    a gate of kind ``gate`` fitted now on honest rows (:func:`honest_gate_rows`) and frozen.
+
+    Returns ``(targets, the fitted gate or None, its fit summary or None)``; with ``cache_dir``
+    the targets are a memory-mapped file there.
+    """
+    fitted, summary = None, None
+    student_train = rows.student_train
+    if gate != "mean":
+        t0 = time.perf_counter()
+        fit, mon = honest_gate_rows(ts, rows.train, rows.valid, student_train, rows.monitor, cache,
+                                    merge_validation=config.merge_validation, hidden=gate == "hidden",
+                                    batch_size=config.eval_batch_size)
+        torch.manual_seed(config.seed)
+        fitted = make_gate(gate, fit.logits.shape[1], hidden_dim=hidden_dim, field_sizes=student_train.field_sizes)
+        summary = fit_gate(fitted, fit, mon, batch_size=config.batch_size, seed=config.seed)
+        summary.update(fit_rows=len(fit), monitor_rows=len(mon), seconds=time.perf_counter() - t0)
+    # read block by block in place (no concatenated copy of the rows)
+    ids = Rows([student_train.ids, rows.aug_ids]) if len(rows.aug_ids) else student_train.ids
+    n = len(cache)
+    # beside the cached logits, memory-mapped, with cache_dir (large data)
+    out = torch.empty(n, 1) if cache_dir is None else torch.from_numpy(rank_file(cache_dir, "targets", np.float32,
+                                                                                  (n, 1)))
+    # block by block: the cache's logits and the gate's α for every row at once would cost
+    # 2·M floats a row on top of the targets (large data); blocks are whole gate_alpha batches,
+    # so every row's α is computed in the batch it would be in a single pass
+    block = 4 * GATE_ALPHA_BATCH
+    for a in range(0, n, block):
+        b = min(a + block, n)
+        z, h = cache.gather(torch.arange(a, b))
+        if fitted is None:
+            alpha = torch.full_like(z, 1.0 / z.shape[1])
+        else:
+            alpha = gate_alpha(fitted, GateRows(ids[a:b], z.numpy(), None, None if h is None else h.numpy()),
+                               GATE_ALPHA_BATCH)
+        out[a:b, 0] = ensemble_logits(z.float(), alpha.float(), ensemble, temperature)
+    return out, fitted, summary
+
+
+def check_shareable(mine: "Distiller", other: "Distiller", train: CTRData, valid: CTRData) -> Prepared:
+    """``other``'s prepared rows, after checking that its signal is the one ``mine`` would build
+    on ``train``/``valid`` (raises ``ValueError`` naming the first difference)."""
+    p = getattr(other, "_prepared", None)
+    if mine.mode != "pretrain" or other.mode != "pretrain":
+        raise ValueError("signal_from needs two pre-train Distillers: co-training has no fixed teacher signal")
+    if p is None:
+        raise ValueError("signal_from: that Distiller holds no prepared signal (call its prepare() or fit() "
+                         "first; release() drops it)")
+    if p.train is not train or p.valid is not valid:
+        raise ValueError("signal_from: that Distiller's signal was prepared on other train/valid data")
+    ours, theirs = mine._settings(), other._settings()
+    diff = next((k for k in ours if ours[k] != theirs.get(k)), None)
+    if diff is not None:
+        raise ValueError(f"signal_from: the Distillers' {diff!r} differs ({ours[diff]!r} vs {theirs.get(diff)!r})")
+    if mine.config != other.config:
+        raise ValueError("signal_from: the Distillers' TrainConfig differs (the signal depends on its seed, "
+                         "validation cut and batch sizes)")
+    same_teachers = len(mine.teachers) == len(other.teachers) and all(
+        a is b for a, b in zip(mine.teachers, other.teachers))
+    if mine.hidden_dim != other.hidden_dim or not (mine.teachers_trained or mine.teacher_set is not None) \
+            or not same_teachers:
+        raise ValueError("signal_from: the Distillers must hold the same trained teacher models (pass the "
+                         "other's teacher_set)")
+    return p
