@@ -7,8 +7,10 @@ students train on the training split plus half of the validation split and stop 
 other half):
 
 1. the teachers (DeepFM, DCN, xDeepFM) as ``fastkd distill`` trains them (same seeds);
-2. fastkd's student as ``fastkd distill --gate logit --gate-fit joint --augment 0`` trains it: the
-   paper's gate trained jointly, the loss the adapters use (no feature gate, no augmented rows);
+2. fastkd's student as ``fastkd distill --gate logit --gate-fit joint --augment 0 --student-dropout 0.3``
+   trains it: the paper's gate trained jointly, the loss the adapters use (no feature gate, no
+   augmented rows), one fixed dropout (the CLI's default now chooses 0.1 or 0.3 per model on the
+   monitor rows; the other trainers' students get 0.3 too);
 3. the teachers' logits on the students' training rows (a ``TeacherCache``), given to
 4. a DeepCTR-Torch 0.3.0 student (``DeepFM`` without FM and linear part = the same DNN) trained by
    its own ``fit``, early-stopped by its own ``EarlyStopping(val_auc, patience=2,
@@ -49,8 +51,10 @@ def cli_settings(quick: bool):
     """The settings ``fastkd distill`` would use, from its own parser and spec builder."""
     from fastkd.cli import _spec, build_parser
 
+    # one fixed student dropout (the teachers' 0.3) for every trainer: the CLI's default chooses
+    # between candidates on the monitor rows, which the other trainers' fits do not do
     argv = ["distill", "--data", FRAPPE_SPEC, "--out", "unused", "--gate", "logit", "--gate-fit", "joint",
-            "--augment", "0"]
+            "--augment", "0", "--student-dropout", "0.3"]
     if quick:
         argv += ["--hidden-units", "64,64", "--max-epochs", "3", "--teachers", "deepfm,dcn"]
     args = build_parser().parse_args(argv)
