@@ -87,6 +87,8 @@ def test_a_signal_that_is_not_this_fits_is_refused(data, teacher_set):
     for kd, rows, match in cases:
         with pytest.raises(ValueError, match=match):
             kd.fit(*rows, signal_from=first)
+    with pytest.raises(TypeError, match="signal_from must be a Distiller"):
+        _distiller(teacher_set, fs).fit(train, valid, signal_from=first.cache)
     unprepared = _distiller(teacher_set, fs)
     with pytest.raises(ValueError, match="no prepared signal"):
         _distiller(teacher_set, fs).fit(train, valid, signal_from=unprepared)

@@ -419,6 +419,8 @@ class Distiller:
         """Take ``other``'s prepared signal, after checking it is the one this fit would build."""
         if other is self:
             return
+        if not isinstance(other, Distiller):
+            raise TypeError(f"signal_from must be a Distiller, got {type(other).__name__}")
         p = check_shareable(self, other, train, valid)
         self.teacher_set = other.teacher_set
         self.teachers = other.teachers
