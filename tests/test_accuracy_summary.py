@@ -64,3 +64,18 @@ def test_readme_without_markers_is_refused(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="results:begin"):
         _summarize().main()
     assert readme.read_text() == "no markers\n"
+
+
+def test_an_ensemble_below_the_plain_dnn_has_no_gain_to_keep(tmp_path, monkeypatch):
+    # frappe_log's test split: the students beat an ensemble that is below the plain DNN; the
+    # share is then "–", not "nan%" or a negative ratio. Mutation caught: formatting the NaN
+    d = tmp_path / "results" / "frappe_log"
+    d.mkdir(parents=True)
+    (d / "results.json").write_text(json.dumps(_records(plain=[0.80, 0.80], ens=[0.79, 0.795],
+                                                        gate=[0.81, 0.812], mean=[0.81, 0.81])))
+    md = tmp_path / "results" / "SUMMARY.md"
+    monkeypatch.setattr(sys, "argv", ["summarize", str(tmp_path / "results"), "--markdown", str(md)])
+    _summarize().main()
+    text = md.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| frappe_log | 2 |"))
+    assert "| – |" in row and "nan" not in text

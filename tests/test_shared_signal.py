@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,7 +13,8 @@ import fastkd.experiment.runner as runner
 import fastkd.train.distiller as distiller_mod
 import fastkd.train.teacher_signal as signal_mod
 from fastkd import Distiller, TrainConfig
-from fastkd.data import make_synthetic
+from fastkd.data import CTRData, make_synthetic
+from fastkd.data.rows import is_file_backed
 from fastkd.experiment import ExperimentSpec, run_experiment
 from fastkd.experiment.report import reuse_note
 from fastkd.models import build_model
@@ -20,9 +22,19 @@ from fastkd.train import train_teachers
 
 _FIT_GATE = signal_mod.fit_gate
 SMALL = {"embed_dim": 4, "hidden_units": (16,)}
-# timing fields differ between runs; everything else of a record must not
+# timing fields differ between runs (also inside the candidates' and gate fit's entries);
+# everything else of a record must not
 TIMING = {"seconds", "cache_seconds", "epoch_seconds", "train_samples_per_s", "infer_samples_per_s",
-          "teacher_seconds", "student_from", "dropout_candidates", "gate_fit_summary"}
+          "teacher_seconds", "student_from"}
+
+
+def _untimed(rec: dict) -> dict:
+    out = {k: v for k, v in rec.items() if k not in TIMING}
+    if "dropout_candidates" in out:
+        out["dropout_candidates"] = [{k: v for k, v in c.items() if k != "seconds"} for c in out["dropout_candidates"]]
+    if "gate_fit_summary" in out:
+        out["gate_fit_summary"] = {k: v for k, v in out["gate_fit_summary"].items() if k != "seconds"}
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +72,9 @@ def test_a_shared_signal_trains_the_student_its_own_would(data, teacher_set, mon
     assert len(builds) == 2  # `own` and `first`: `second` built no cache
     assert second.summary["signal_shared"] and "signal_shared" not in first.summary
     assert second.targets is first.targets and second.cache is first.cache
+    assert torch.equal(own.targets, first.targets)
+    # a plain fit drops the rows it prepared; prepare() keeps them until release()
+    assert own._prepared is None and first._prepared is not None and second._prepared is None
     for a, b in zip(own.student.parameters(), second.student.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert torch.equal(own.predict(test), second.predict(test))
@@ -89,6 +104,11 @@ def test_a_signal_that_is_not_this_fits_is_refused(data, teacher_set):
             kd.fit(*rows, signal_from=first)
     with pytest.raises(TypeError, match="signal_from must be a Distiller"):
         _distiller(teacher_set, fs).fit(train, valid, signal_from=first.cache)
+    # a setting one side leaves out at its default: teachers said to have seen the merged rows
+    merged_cfg = TrainConfig(max_epochs=2, batch_size=256, seed=3, merge_validation=True)
+    merged = _distiller(teacher_set, fs, config=merged_cfg, teacher_rows="merged").prepare(train, valid)
+    with pytest.raises(ValueError, match="'teacher_rows' differs"):
+        _distiller(teacher_set, fs, config=merged_cfg).fit(train, valid, signal_from=merged)
     unprepared = _distiller(teacher_set, fs)
     with pytest.raises(ValueError, match="no prepared signal"):
         _distiller(teacher_set, fs).fit(train, valid, signal_from=unprepared)
@@ -134,8 +154,31 @@ def test_a_gated_student_with_the_mean_signal_is_the_mean_student_reused(data, m
         assert note == ""
     assert len(reused.records) == len(trained.records)
     for a, b in zip(reused.records, trained.records):
-        assert {k: v for k, v in a.items() if k not in TIMING} == {k: v for k, v in b.items() if k not in TIMING}
+        assert _untimed(a) == _untimed(b)
     mean = next(r for r in reused.records if r["model"] == "dnn (mean)")
     assert (gated["auc"] == mean["auc"]) is (not kept)
     for label, alphas in reused.gate_alphas.items():
         torch.testing.assert_close(torch.as_tensor(alphas[0]), torch.as_tensor(trained.gate_alphas[label][0]))
+
+
+def test_memory_mapped_rows_share_one_cache_file_and_match_in_memory_rows(data, tmp_path, monkeypatch):
+    # with memory-mapped rows the signal lives in files inside the first candidate's checkpoint
+    # folder; the second candidate reads them, and the run equals the in-memory one
+    train, valid, test = data
+    np.save(tmp_path / "ids.npy", train.ids)
+    np.save(tmp_path / "labels.npy", train.labels)
+    mapped = CTRData(np.load(tmp_path / "ids.npy", mmap_mode="c"), np.load(tmp_path / "labels.npy", mmap_mode="c"),
+                     train.field_names, train.field_sizes)
+    assert is_file_backed(mapped.ids)
+    builds = []
+    real = distiller_mod.transfer_cache
+    monkeypatch.setattr(distiller_mod, "transfer_cache", lambda *a, **k: builds.append(k["path"]) or real(*a, **k))
+    spec = ExperimentSpec(teachers=("dnn", "deepfm"), model_kwargs=SMALL, student_dropout=(0.1, 0.3), seeds=(0,),
+                          config=TrainConfig(max_epochs=2, batch_size=256, merge_validation=True))
+    on_disk = run_experiment(mapped, valid, test, spec, log=lambda *a: None, checkpoint_dir=tmp_path / "ckpt")
+    assert builds and all(p is not None and p.parent.name == "candidate0-dropout0.1" for p in builds)
+    builds.clear()
+    in_memory = run_experiment(train, valid, test, spec, log=lambda *a: None)
+    assert builds == [None] * len(builds)
+    for a, b in zip(on_disk.records, in_memory.records):
+        assert _untimed(a) == _untimed(b)

@@ -26,6 +26,12 @@ import numpy as np
 ORDER = ["frappe", "frappe_log", "synthetic", "segmented", "criteo", "avazu"]
 
 
+
+def _kept(share: float) -> str:
+    """The share of the ensemble's gain kept; "–" where the ensemble is not above the plain DNN
+    (no gain to keep)."""
+    return "–" if not np.isfinite(share) else f"{share:.0%}"
+
 def _records(folder: Path) -> List[dict]:
     for name in ("results.json", "results.partial.json"):
         if (folder / name).exists():
@@ -111,7 +117,7 @@ def headline(names: List[str], records: Dict[str, List[dict]]) -> List[str]:
         teacher_s = np.mean([r.get("teacher_seconds", float("nan")) for r in pick["ens"]])
         epoch_s = np.mean([r.get("epoch_seconds", float("nan")) for r in pick["gate"]])
         lines.append(f"| {n} | {len(pick['gate'])} | {_ms(auc['ens'])} | {_ms(auc['plain'])} | "
-                     f"**{_ms(auc['gate'])}** | {_ms(auc['mean'])} | {kept:.0%} | "
+                     f"**{_ms(auc['gate'])}** | {_ms(auc['mean'])} | {_kept(kept)} | "
                      f"{np.mean(ll['gate']):.4f} / {np.mean(ll['plain']):.4f} | {teacher_s:.0f} / {epoch_s:.2f} |")
     return lines
 
@@ -150,7 +156,8 @@ def main() -> None:
             if label not in labels:
                 labels.append(label)
     head = headline(names, records)
-    lines = ["Test AUC, mean ± std over seeds; gain kept = (default − plain) / (ensemble − plain) of the means", ""]
+    lines = ["Test AUC, mean ± std over seeds; gain kept = (default − plain) / (ensemble − plain) of the means "
+             "(–: the ensemble is not above the plain DNN)", ""]
     lines += head
     lines += ["", "AUC gain over the plain DNN (same rows, same stopping rule), mean ± std over seeds of the "
               "per-seed differences; in brackets the share of the teacher ensemble's gain kept (ratio of the means)", "",
@@ -165,7 +172,7 @@ def main() -> None:
             # ratio of means: per-seed ratios explode when one seed's ensemble gain is near 0
             gain = float(np.mean(row["gain"]))
             kept = float(np.mean(row["dauc"])) / gain if gain > 1e-4 else float("nan")
-            cells.append(f"{_cell(row['dauc'])} ({kept:.0%}, n={len(row['dauc'])})")
+            cells.append(f"{_cell(row['dauc'])} ({_kept(kept)}, n={len(row['dauc'])})")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Logloss difference to the plain DNN (negative: lower than the plain DNN's)", "",
               "| setting | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]

@@ -231,11 +231,14 @@ class _Run(RunRecords):
             source.prepare(self.train, self.valid, checkpoint_dir=candidate_dir(udir, cands[0], 0, many),
                            resume=self.resume)
         prep_secs = time.perf_counter() - t0
-        key = _signal_key(seed, source, cands, extra) if _REUSE_SAME_SIGNAL else None
+        # the key (a digest of every target) only where it can be used: a mean student a gated
+        # one of the same spec follows, or that gated student
+        wanted = _REUSE_SAME_SIGNAL and (distill == "gate" or (distill == "mean" and spec.gate != "mean"))
+        key = _signal_key(seed, source, cands, extra) if wanted else None
         same = self.mean_students.get(key) if distill == "gate" and key is not None else None
-        if _dist.get_world_size() > 1 and distill == "gate":  # every rank reuses, or none
-            if float(_dist.all_reduce_sum(torch.tensor(0.0 if same is not None else 1.0))) > 0:
-                same = None
+        # every rank reuses, or none (each rank sees every rank's answer)
+        if _dist.get_world_size() > 1 and distill == "gate" and not all(_dist.all_gather_object(same is not None)):
+            same = None
         if same is not None:
             # the gate was reset to averaging: the student would train exactly as the mean one did
             kd, student = source, same["student"]
@@ -258,9 +261,10 @@ class _Run(RunRecords):
 
             (kd, student), pick, summaries, times = train_candidates(cands, cfg.early_stop, fit)
             summ, secs = summaries[pick], sum(times)
-            if distill == "mean" and key is not None and spec.gate != "mean":
+            if distill == "mean" and key is not None:
+                # the teachers are held so that their ids in the key stay theirs
                 self.mean_students[key] = {"student": student, "pick": pick, "summaries": summaries, "times": times,
-                                           "cands": cands, "kd": kd,
+                                           "cands": cands, "teachers": tuple(kd.teachers),
                                            "label": f"{spec.student} (mean)" + (f" [{variant}]" if variant else "")}
         # what scoring and serving need stays (student, teachers, gate); the transfer cache and
         # targets (large at scale) go
@@ -366,7 +370,8 @@ def run_experiment(train: CTRData, valid: CTRData, test: CTRData, spec: Experime
     module docstring). A fresh run (``resume=False``) first deletes an earlier run's checkpoints and
     records there. ``resume=True`` continues the run recorded there: finished units are loaded, not
     trained, the rest resume from their checkpoints, and the result equals an uninterrupted run's
-    (timings aside); it raises when there is nothing to resume or the settings or data differ
+    (timings aside, and ``student_from``: a gated student reuses the mean student only when that
+    one trained in the same process); it raises when there is nothing to resume or the settings or data differ
     (:func:`check_resume`). ``on_finished(result so far)`` is called (rank 0) after every unit.
 
     ``student_dir``: the first seed's default student is saved there (``fastkd distill`` passes

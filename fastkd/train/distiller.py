@@ -234,6 +234,7 @@ class Distiller:
         self.targets: Optional[torch.Tensor] = None
         self.summary: Dict[str, object] = {}
         self._prepared: Optional[_Prepared] = None  # the rows prepare() built the signal on
+        self._keep_prepared = False  # kept after fit only when prepare() was called
 
     # -- pieces -------------------------------------------------------------------------------
     def _student_out(self, ids):
@@ -359,7 +360,8 @@ class Distiller:
                 resume: bool = False) -> "Distiller":
         """Pre-train mode: everything before the student's epochs (teachers, transfer rows, teacher
         cache, gate and ensemble targets), kept for :meth:`fit` on the same ``train``/``valid``
-        and for other Distillers' ``fit(signal_from=self)``. Returns ``self``.
+        and for other Distillers' ``fit(signal_from=self)`` until :meth:`release` (a plain
+        ``fit`` drops the rows it prepared when done). Returns ``self``.
 
         Example::
 
@@ -379,7 +381,11 @@ class Distiller:
         """
         if self.mode != "pretrain":
             raise ValueError("prepare() is the pre-train mode's first half: co-training has no fixed teacher signal")
-        ckpt = Path(checkpoint_dir) if checkpoint_dir else None
+        self._prepare(train, valid, Path(checkpoint_dir) if checkpoint_dir else None, resume)
+        self._keep_prepared = True
+        return self
+
+    def _prepare(self, train: CTRData, valid: CTRData, ckpt: Optional[Path], resume: bool) -> None:
         cfg = self.config
         student_train, monitor_data = cfg.split_validation(train, valid)
         t0 = time.perf_counter()
@@ -408,12 +414,12 @@ class Distiller:
                 self.summary["gate"] = gate_summary
         self.summary["cache_seconds"] = time.perf_counter() - t1
         self.summary["augmented_rows"] = int(len(aug_ids))
-        return self
 
     def release(self) -> None:
         """Drop the transfer cache, the targets and the prepared rows (large at scale); the
         teachers, the gate and the student stay, so prediction still works."""
         self.cache = self.targets = self._prepared = None
+        self._keep_prepared = False
 
     def _adopt(self, other: "Distiller", train: CTRData, valid: CTRData) -> None:
         """Take ``other``'s prepared signal, after checking it is the one this fit would build."""
@@ -445,7 +451,7 @@ class Distiller:
         rebuilt on every fit (into ``cache_dir`` when set), never reused from an earlier run,
         except one :meth:`prepare` kept for the same ``train``/``valid``.
 
-        ``signal_from``: another pre-train Distiller, prepared (:meth:`prepare`) or fitted on the
+        ``signal_from``: another pre-train Distiller, prepared (:meth:`prepare`) on the
         same ``train``/``valid`` objects with the same settings, config and teacher models: its
         teacher cache, gate and targets are used as they are (the student trains exactly as with
         its own), and only the student's epochs run. Any difference raises ``ValueError``.
@@ -458,9 +464,10 @@ class Distiller:
         cfg = self.config
         if signal_from is not None:
             self._adopt(signal_from, train, valid)
-        p = getattr(self, "_prepared", None)
+        p = self._prepared
         if p is None or p.train is not train or p.valid is not valid:
-            self.prepare(train, valid, checkpoint_dir=ckpt, resume=resume)
+            self._prepare(train, valid, ckpt, resume)
+            self._keep_prepared = False
             p = self._prepared
         student_train, monitor_data, aug_ids = p.student_train, p.monitor, p.aug_ids
         cache, targets = self.cache, self.targets
@@ -489,6 +496,8 @@ class Distiller:
                      ckpt / "student.pt" if ckpt else None, resume, "student", stop_after_epoch,
                      manifest=self._manifest(monitor_data, frozen_teachers=True))
         self.summary["student"] = loop.run(ids, labels, step, monitor)
+        if not self._keep_prepared:  # the rows a fit alone prepared (large at scale) go with it
+            self._prepared = None
         return self.summary
 
     def _kd_monitor(self, monitor_data: CTRData):

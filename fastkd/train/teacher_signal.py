@@ -153,14 +153,15 @@ def check_shareable(mine: "Distiller", other: "Distiller", train: CTRData, valid
     if mine.mode != "pretrain" or other.mode != "pretrain":
         raise ValueError("signal_from needs two pre-train Distillers: co-training has no fixed teacher signal")
     if p is None:
-        raise ValueError("signal_from: that Distiller holds no prepared signal (call its prepare() or fit() "
-                         "first; release() drops it)")
+        raise ValueError("signal_from: that Distiller holds no prepared signal (call its prepare() first; "
+                         "release() drops it)")
     if p.train is not train or p.valid is not valid:
         raise ValueError("signal_from: that Distiller's signal was prepared on other train/valid data")
     ours, theirs = mine._settings(), other._settings()
-    diff = next((k for k in ours if ours[k] != theirs.get(k)), None)
+    # both sides' keys: a setting at its default may be left out of one side's dict
+    diff = next((k for k in sorted(ours.keys() | theirs.keys()) if ours.get(k) != theirs.get(k)), None)
     if diff is not None:
-        raise ValueError(f"signal_from: the Distillers' {diff!r} differs ({ours[diff]!r} vs {theirs.get(diff)!r})")
+        raise ValueError(f"signal_from: the Distillers' {diff!r} differs ({ours.get(diff)!r} vs {theirs.get(diff)!r})")
     if mine.config != other.config:
         raise ValueError("signal_from: the Distillers' TrainConfig differs (the signal depends on its seed, "
                          "validation cut and batch sizes)")
