@@ -138,6 +138,8 @@ def _worker(spec: dict) -> None:
                                 "files": sorted(p.name for p in (out / "aug_cache").iterdir())}
         if spec.get("row_blocks"):
             res["row_blocks"] = _row_blocks_run(train, valid, test, out / "blocks_cache")
+        if spec.get("experiment"):
+            res["experiment"] = _experiment_run(train, valid, test)
         kd = _distiller(train.field_sizes, out)
         if spec.get("kill_at") and rank == 1:
             calls = [0]
@@ -180,6 +182,24 @@ def _row_blocks_run(train, valid, test, cache_dir: Path) -> dict:
     return {"student": {k: v.clone() for k, v in kd.student.state_dict().items()},
             "test_auc": kd.evaluate(test)["auc"], "orders": orders,
             "student_rows": len(train) + len(valid) - int(round(0.5 * len(valid))) + kd.summary["augmented_rows"]}
+
+
+def _experiment_run(train, valid, test) -> list:
+    """A tiny ``run_experiment`` whose stacked gate is never kept (its keep rule set out of
+    reach): the gated student must be the mean student reused, on every rank alike."""
+    from fastkd import gates
+    from fastkd.experiment import ExperimentSpec, run_experiment
+
+    saved = dict(gates.fit_gate.__kwdefaults__)
+    gates.fit_gate.__kwdefaults__["min_z"] = 1e9
+    try:
+        spec = ExperimentSpec(teachers=("dnn", "deepfm"), model_kwargs=SMALL, student_dropout=(0.0, 0.2),
+                              seeds=(0,), config=TrainConfig(max_epochs=2, batch_size=256, merge_validation=True))
+        res = run_experiment(train, valid, test, spec, log=lambda *a: None)
+    finally:
+        gates.fit_gate.__kwdefaults__.update(saved)
+    keep = ("model", "variant", "auc", "logloss", "epochs", "student_dropout", "student_from")
+    return [{k: r.get(k) for k in keep} for r in res.records]
 
 
 def _launch(out: Path, world: int = 2, **spec):
@@ -227,7 +247,7 @@ def two_ranks(tmp_path_factory):
     rank0_saved_results = (out / "rank0.pt").exists()
     state = torch.load(out / "ckpt" / "student.pt", weights_only=False)
     codes, logs = _launch(out, resume=True, cache=True, batch_norm_model=True, cotrain=True, augmented=True,
-                          row_blocks=True)
+                          row_blocks=True, experiment=True)
     assert codes == [0, 0], "\n".join(logs)
     return {"out": out, "killed": killed, "rank0_saved_results": rank0_saved_results,
             "checkpoint_after_kill": state, "ranks": [_load(out, 0), _load(out, 1)]}
@@ -523,6 +543,17 @@ def test_with_row_blocks_each_rank_reads_only_its_half_and_matches_one_process(t
         torch.testing.assert_close(ranks[0]["student"][name], ranks[1]["student"][name], rtol=0, atol=0, msg=name)
         torch.testing.assert_close(ranks[0]["student"][name], p, rtol=1e-4, atol=1e-5, msg=name)
     assert ranks[0]["test_auc"] == pytest.approx(one["test_auc"], abs=AUC_TOL)
+
+
+def test_a_gated_student_is_reused_on_every_rank_or_none(two_ranks):
+    # the reuse decision is taken on all ranks' answers; here every rank's targets equal the
+    # mean student's, so both reuse it and their records agree. Mutation caught: a rank deciding
+    # alone after a collective the other skipped (hangs or differs)
+    a, b = (r["experiment"] for r in two_ranks["ranks"])
+    assert a == b
+    gated = next(r for r in a if r["model"] == "dnn (gate)")
+    mean = next(r for r in a if r["model"] == "dnn (mean)")
+    assert gated["student_from"] == "dnn (mean)" and gated["auc"] == mean["auc"]
 
 
 def test_block_order_cuts_rows_like_shard_bounds_and_permutes_each_block():
