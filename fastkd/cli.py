@@ -38,7 +38,8 @@ def _spec(args):
                       early_stop=args.early_stop, patience=args.patience, progress=args.progress or None,
                       precision=args.precision, merge_validation=args.merge_validation,
                       monitor_fraction=args.monitor_fraction, monitor_window=args.monitor_window,
-                      steps_per_epoch=args.steps_per_epoch, row_blocks=args.row_blocks)
+                      steps_per_epoch=args.steps_per_epoch, row_blocks=args.row_blocks,
+                      average_window=args.average_window)
     spec = ExperimentSpec(
         teachers=args.teachers, student=args.student, mode=args.mode, gate=args.gate, gate_fit=args.gate_fit,
         ensemble=args.ensemble, temperature=args.temperature, hard_weight=args.hard_weight,

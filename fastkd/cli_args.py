@@ -120,6 +120,9 @@ def add_training_args(p: argparse.ArgumentParser, *, max_epochs: int, batch_size
     p.add_argument("--monitor-window", type=_positive_int, default=3,
                    help="decide early stopping on the mean of the last N epochs' monitored values (1: the "
                         "last epoch's alone)")
+    p.add_argument("--average-window", action="store_true",
+                   help="students and the plain DNN end with the mean of the weights of the best monitor "
+                        "window's epochs (checkpoint averaging) instead of its last epoch's")
     p.add_argument("--patience", type=_positive_int, default=None, help="default 2 (auc/logloss), 3 (kd)")
     p.add_argument("--seeds", type=_positive_int, default=1, help="number of seeds (0..N-1)")
     p.add_argument("--max-epochs", type=_positive_int, default=max_epochs)

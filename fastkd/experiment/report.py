@@ -196,7 +196,9 @@ def _settings(spec: ExperimentSpec) -> str:
         f"rows per row (swap probability {spec.augment_swap}); seeds: {list(spec.seeds)}", "",
         f"Training (every row unless its variant says otherwise): Adam lr {cfg.lr}, batch {cfg.batch_size}, "
         f"at most {cfg.max_epochs} epochs, early stopping on validation {cfg.early_stop} with patience "
-        f"{cfg.patience}, learning rate /10 on each epoch without improvement, best epoch restored. "
+        f"{cfg.patience}, learning rate /10 on each epoch without improvement, "
+        + (f"the mean of the weights of the best {cfg.monitor_window}-epoch monitor window restored (students and "
+           "plain DNN; teachers: their best epoch). " if cfg.average_window else "best epoch restored. ")
         + (f"Merged validation: students and the plain DNN train on the training split plus the validation "
            f"rows after its first {cfg.monitor_fraction:.0%}, and stop on the {cfg.early_stop} of that held-out "
            f"first {cfg.monitor_fraction:.0%}. " if cfg.merge_validation else "")

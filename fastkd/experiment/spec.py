@@ -16,10 +16,10 @@ ABLATIONS = ("single", "hint", "cotrain", "kd-stop", "kd-stop-merge", "merge", "
 SPEC_KEYS = ("mode", "gate", "gate_fit", "ensemble", "temperature", "hard_weight", "kd_weight", "teacher_folds",
              "augment", "augment_swap", "teacher_rows", "student_dropout")
 CONFIG_KEYS = ("early_stop", "patience", "monitor_fraction", "monitor_window", "merge_validation", "lr", "batch_size",
-               "max_epochs", "reduce_lr_on_plateau")
+               "max_epochs", "reduce_lr_on_plateau", "average_window")
 # settings that change the plain DNN too: an ablation of them adds a plain-DNN row
 PLAIN_KEYS = ("student_dropout", "early_stop", "patience", "monitor_fraction", "monitor_window", "merge_validation", "lr", "batch_size",
-              "max_epochs", "reduce_lr_on_plateau")
+              "max_epochs", "reduce_lr_on_plateau", "average_window")
 
 
 @dataclass

@@ -46,6 +46,10 @@ class TrainConfig:
             moves by noise as much as by learning, and one noisy dip would cut the learning
             rate or stop training early. The best epoch is the one whose smoothed value was best.
             Default 3 (docs/accuracy.md).
+        average_window: restore the mean of the weights of the epochs in the best monitor window
+            (checkpoint averaging over ``monitor_window`` epochs) instead of the window's last
+            epoch. Students and plain models only: :meth:`for_teachers` turns it off, so teachers
+            shared by every row of a run stay the same. Default False.
         seed: seeds initialisation and data order.
         steps_per_epoch: train at most this many batches an epoch (None: all). Each epoch's
             permutation still spans every row, so a capped epoch is a uniform sample of them: for
@@ -80,6 +84,7 @@ class TrainConfig:
     progress: Optional[bool] = None
     precision: str = "fp32"
     row_blocks: Optional[int] = None
+    average_window: bool = False
 
     def __post_init__(self) -> None:
         if self.early_stop not in MONITORS:
@@ -99,17 +104,20 @@ class TrainConfig:
         if self.row_blocks is not None and (isinstance(self.row_blocks, bool) or not isinstance(self.row_blocks, int)
                                             or self.row_blocks < 1):
             raise ValueError(f"row_blocks must be None or an int >= 1, got {self.row_blocks!r}")
+        if not isinstance(self.average_window, bool):
+            raise ValueError(f"average_window must be True or False, got {self.average_window!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
 
     def for_teachers(self) -> "TrainConfig":
         """The settings teachers train with: these, but stopped on validation AUC when these stop on
-        the distillation loss (teachers have none) and without merged validation."""
-        if self.early_stop != "kd" and not self.merge_validation:
+        the distillation loss (teachers have none), without merged validation and without
+        window averaging."""
+        if self.early_stop != "kd" and not self.merge_validation and not self.average_window:
             return self
         early_stop = "auc" if self.early_stop == "kd" else self.early_stop
         return dataclasses.replace(self, early_stop=early_stop, patience=None if early_stop != self.early_stop
-                                   else self.patience, merge_validation=False)
+                                   else self.patience, merge_validation=False, average_window=False)
 
     def split_validation(self, train: CTRData, valid: CTRData) -> Tuple[CTRData, CTRData]:
         """``(training data, monitor data)`` under these settings: ``(train, valid)``, or with

@@ -162,7 +162,7 @@ class _Loop:
         self.modules = modules
         self.cfg = cfg
         self.opt = _Optimizer(modules, params, cfg.lr)
-        self.stopper = EarlyStopper(monitor_name, cfg.patience)
+        self.stopper = EarlyStopper(monitor_name, cfg.patience, cfg.monitor_window if cfg.average_window else 1)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.checkpoint = checkpoint
         self.resume = resume

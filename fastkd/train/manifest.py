@@ -221,6 +221,8 @@ def resume_config(cfg, free=_FREE_CONFIG_FIELDS) -> Dict[str, Any]:
     for name in ("steps_per_epoch", "row_blocks"):  # at None: as checkpoints written before the field existed
         if out.get(name) is None:
             out.pop(name, None)
+    if out.get("average_window") is False:  # likewise at its default
+        out.pop("average_window")
     return out
 
 
