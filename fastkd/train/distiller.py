@@ -17,15 +17,16 @@ Pre-train mode, in order (each step optional where its setting says so):
 Steps 1–3 are :meth:`Distiller.prepare`; a second Distiller with the same settings and teachers
 skips them with ``fit(signal_from=first)`` (several students, one teacher signal).
 
-Over 400 lines on purpose: one class, whose pre-train and co-train paths share the loss terms,
-the checkpointed modules and the prediction methods; half the length is argument docs and checks.
+Over 400 lines on purpose: one class, whose pre-train and co-train paths share the checkpointed
+modules and the prediction methods; half the length is argument docs and checks. The student's
+per-batch loss terms are in :mod:`fastkd.train.student_terms`.
 """
 from __future__ import annotations
 
 import dataclasses
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -42,6 +43,7 @@ from .config import TrainConfig, seed_everything
 from .evaluation import _as_tensors, _label_monitor, evaluate, predict
 from .loop import _freeze, _Loop, _plus_regularization
 from .manifest import data_fingerprint, models_manifest
+from .student_terms import StudentTerms
 from .teacher_cache import TeacherCache
 from .teacher_signal import Prepared as _Prepared
 from .teacher_signal import check_shareable, ensemble_targets, rank_file, transfer_cache
@@ -58,7 +60,7 @@ _AUGMENT_SEED = 7919
 _AUG_LABEL_SLOT = 0.0
 
 
-class Distiller:
+class Distiller(StudentTerms):
     """Distil an ensemble of CTR teachers into a student, by pre-training or co-training.
 
     ``mode="pretrain"``: the teachers are trained first (unless ``teachers_trained=True``), frozen,
@@ -235,66 +237,6 @@ class Distiller:
         self.summary: Dict[str, object] = {}
         self._prepared: Optional[_Prepared] = None  # the rows prepare() built the signal on
         self._keep_prepared = False  # kept after fit only when prepare() was called
-
-    # -- pieces -------------------------------------------------------------------------------
-    def _student_out(self, ids):
-        if self.hints is not None:
-            return self.student(ids, return_hidden=True)
-        return self.student(ids), None
-
-    def _hint_term(self, h_s, t_hidden) -> torch.Tensor:
-        return sum(h(h_s, t_hidden[:, i]) for i, h in enumerate(self.hints)) / len(self.hints)
-
-    def _student_loss(self, ids, y, t_logits, t_hidden, real: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """One batch's loss. ``t_logits``: [B, M] (joint gate) or [B, 1] (precomputed target).
-        ``real``: bool [B], False on augmented rows, whose hard-label and gate terms are off."""
-        z_s, h_s = self._student_out(ids)
-        if real is None or bool(real.all()):
-            loss = self.loss(z_s, t_logits, y, t_hidden)
-        else:
-            loss = self._mixed_loss(z_s, t_logits, y, t_hidden, real)
-        if self.hints is not None:
-            loss = loss + self.hint_weight * self._hint_term(h_s, t_hidden)
-        return _plus_regularization(self.student, loss)
-
-    def _mixed_loss(self, z_s, t_logits, y, t_hidden, real) -> torch.Tensor:
-        """Mean over the batch of: full loss on real rows, KD term alone on augmented rows."""
-        crit = self.loss
-        n = z_s.shape[0]
-        fake = ~real
-        total = z_s.new_zeros(())
-        if bool(real.any()):
-            h = None if t_hidden is None else t_hidden[real]
-            total = total + crit(z_s[real], t_logits[real], y[real], h) * real.sum()
-        if self.joint_gate:
-            # the gate term needs labels: augmented rows use the gate's α as a constant
-            h = None if t_hidden is None else t_hidden[fake]
-            alpha = FK.gate_weights(t_logits[fake], crit.gate_arg, crit.weight.detach(), crit.bias.detach(), h)
-            target = ensemble_logits(t_logits[fake], alpha, crit.ensemble, crit.temperature)
-        else:
-            target = t_logits[fake, 0]
-        kd = FK.distill_loss(z_s[fake], target, None, crit.temperature, 0.0, crit.kd_weight, reduction="sum")
-        return (total + kd) / n
-
-    @torch.no_grad()
-    def _kd_term(self, z_s: torch.Tensor, t_logits: torch.Tensor, t_hidden) -> torch.Tensor:
-        """Summed distillation term ``CE(target, z_S/T)`` alone: what ``early_stop="kd"`` monitors."""
-        crit = self.loss
-        alpha = FK.gate_weights(t_logits, crit.gate_arg, crit.weight, crit.bias, t_hidden)
-        target = ensemble_logits(t_logits, alpha, crit.ensemble, crit.temperature)
-        return FK.distill_loss(z_s, target, None, crit.temperature, 0.0, 1.0, reduction="sum")
-
-    def _student_params(self) -> List[nn.Parameter]:
-        params = list(self.student.parameters()) + list(self.loss.parameters())
-        if self.hints is not None:
-            params += list(self.hints.parameters())
-        return params
-
-    def _student_modules(self) -> Dict[str, nn.Module]:
-        mods = {"student": self.student, "loss": self.loss}
-        if self.hints is not None:
-            mods["hints"] = self.hints
-        return mods
 
     # -- teachers and their signal ------------------------------------------------------------
     def _teachers(self, train: CTRData, valid: CTRData, student_train: CTRData, monitor: CTRData, ckpt,
