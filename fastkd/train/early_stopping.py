@@ -42,13 +42,11 @@ class EarlyStopper:
     def step(self, value: float, epoch: int, modules: Dict[str, nn.Module]) -> bool:
         """Record an epoch's value; returns True when it improved on the best so far."""
         if self.average > 1:
-            self.recent = (self.recent + [{k: copy.deepcopy(m.state_dict()) for k, m in modules.items()}])[
-                -self.average:]
+            self.recent = (self.recent + [_snapshot(modules)])[-self.average:]
         improved = improves(value, self.best, self.mode)
         if improved:
             self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
-            self.best_state = _mean_state(self.recent) if self.average > 1 else \
-                {k: copy.deepcopy(m.state_dict()) for k, m in modules.items()}
+            self.best_state = _mean_state(self.recent) if self.average > 1 else _snapshot(modules)
         else:
             self.bad_epochs += 1
         return improved
@@ -68,6 +66,11 @@ class EarlyStopper:
         self.best, self.best_epoch = sd["best"], sd["best_epoch"]
         self.bad_epochs, self.best_state = sd["bad_epochs"], sd["best_state"]
         self.recent = list(sd.get("recent", []))
+
+
+def _snapshot(modules: Dict[str, nn.Module]) -> dict:
+    """A copy of every module's weights, ``{name: state_dict}``."""
+    return {k: copy.deepcopy(m.state_dict()) for k, m in modules.items()}
 
 
 def _mean_state(states: List[dict]) -> dict:
