@@ -213,16 +213,19 @@ def read_json_object(path: Union[str, Path]) -> Dict[str, Any]:
     return obj
 
 
+# TrainConfig fields added after checkpoints were first written, with their defaults: left out of a
+# manifest at the default, so older checkpoints and run folders still resume
+_NEWER_FIELDS = {"steps_per_epoch": None, "row_blocks": None, "average_window": False}
+
+
 def resume_config(cfg, free=_FREE_CONFIG_FIELDS) -> Dict[str, Any]:
     """The :class:`~fastkd.train.TrainConfig` fields a resumed run must share with the run that
     wrote the checkpoint: every field except ``free`` (default ``max_epochs``, ``progress`` and
     ``eval_batch_size``; a run folder's manifest keeps ``max_epochs``)."""
     out = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in free}
-    for name in ("steps_per_epoch", "row_blocks"):  # at None: as checkpoints written before the field existed
-        if out.get(name) is None:
-            out.pop(name, None)
-    if out.get("average_window") is False:  # likewise at its default
-        out.pop("average_window")
+    for name, default in _NEWER_FIELDS.items():  # at its default: as checkpoints written before the field existed
+        if name in out and out[name] is default:
+            out.pop(name)
     return out
 
 
