@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastkd.experiment.runner as runner
-import fastkd.train.distiller as distiller_mod
+import fastkd.train.distiller_signal as distiller_signal
 import fastkd.train.teacher_signal as signal_mod
 from fastkd import Distiller, TrainConfig
 from fastkd.data import CTRData, make_synthetic
@@ -61,8 +61,8 @@ def test_a_shared_signal_trains_the_student_its_own_would(data, teacher_set, mon
     train, valid, test = data
     fs = train.field_sizes
     builds = []
-    real = distiller_mod.transfer_cache
-    monkeypatch.setattr(distiller_mod, "transfer_cache", lambda *a, **k: builds.append(1) or real(*a, **k))
+    real = distiller_signal.transfer_cache
+    monkeypatch.setattr(distiller_signal, "transfer_cache", lambda *a, **k: builds.append(1) or real(*a, **k))
     own = _distiller(teacher_set, fs, dropout=0.3)
     own.fit(train, valid)
     first = _distiller(teacher_set, fs).prepare(train, valid)
@@ -171,8 +171,8 @@ def test_memory_mapped_rows_share_one_cache_file_and_match_in_memory_rows(data, 
                      train.field_names, train.field_sizes)
     assert is_file_backed(mapped.ids)
     builds = []
-    real = distiller_mod.transfer_cache
-    monkeypatch.setattr(distiller_mod, "transfer_cache", lambda *a, **k: builds.append(k["path"]) or real(*a, **k))
+    real = distiller_signal.transfer_cache
+    monkeypatch.setattr(distiller_signal, "transfer_cache", lambda *a, **k: builds.append(k["path"]) or real(*a, **k))
     spec = ExperimentSpec(teachers=("dnn", "deepfm"), model_kwargs=SMALL, student_dropout=(0.1, 0.3), seeds=(0,),
                           config=TrainConfig(max_epochs=2, batch_size=256, merge_validation=True))
     on_disk = run_experiment(mapped, valid, test, spec, log=lambda *a: None, checkpoint_dir=tmp_path / "ckpt")
