@@ -127,6 +127,7 @@ def _run(args, train, valid, test, data_desc: str, read_reports=None, encoder=No
     from . import distributed
     from .experiment import check_resume, command_line, run_experiment, table, write_report
     from .experiment.report import read_summary
+    from .experiment.resume import earlier_wall_seconds, save_wall_seconds
     from .train.manifest import ArtifactMismatchError
 
     from .allocator import tune_cpu_allocator
@@ -169,25 +170,34 @@ def _run(args, train, valid, test, data_desc: str, read_reports=None, encoder=No
         _clear_out(out, args.resume, log)
         if encoder is not None:  # beside the student the run will save: raw values -> the ids it was trained on
             encoder.save(out / STUDENT_DIR / ENCODER_FILE)
+    # a resumed run's wall time adds what its earlier processes spent up to their last finished model
+    earlier = earlier_wall_seconds(ckpt) if args.resume else 0.0
     if args.resume:
         log(f"resume: continuing the run saved in {ckpt} (finished models are loaded, not retrained)")
     command = command_line()
 
+    def wall_seconds() -> float:
+        return earlier + time.perf_counter() - t0
+
     def notes(result) -> str:
         return (f"Resumed (`--resume`): {result.loaded} of these rows were loaded from models an interrupted run "
-                "had finished (their timings are that run's)." if result.loaded else "")
+                "had finished (their timings are that run's); the wall time adds each earlier process's time up "
+                "to its last finished model." if result.loaded else "")
 
     def partial_report(result) -> None:  # after every finished model: report.md marked partial
+        wall = wall_seconds()
+        save_wall_seconds(ckpt, wall)
         write_report(out, result, command=command, data_desc=data_desc, spec=spec, notes=notes(result),
-                     wall_seconds=time.perf_counter() - t0, read_reports=read_reports, partial=True)
+                     wall_seconds=wall, read_reports=read_reports, partial=True)
 
     result = run_experiment(train, valid, test, spec, log=log,
                             partial=out / "results.partial.json" if main_rank else None,
                             checkpoint_dir=ckpt, resume=args.resume, on_finished=partial_report,
                             student_dir=out / STUDENT_DIR, serving=args.serving)
-    wall = time.perf_counter() - t0
+    wall = wall_seconds()
     if not main_rank:
         return 0
+    save_wall_seconds(ckpt, wall)
     report = write_report(out, result, command=command, data_desc=data_desc, spec=spec,
                           wall_seconds=wall, read_reports=read_reports, notes=notes(result))
     (out / "results.partial.json").unlink(missing_ok=True)

@@ -56,6 +56,7 @@ def scenario(tmp_path_factory):
         while not wait.exists() and proc.poll() is None and time.monotonic() - t0 < 120:
             time.sleep(0.002)
         os.kill(proc.pid, signal.SIGKILL)
+        lifetime = time.monotonic() - t0
         killed_out = proc.communicate()[0]
         assert proc.returncode == -signal.SIGKILL, killed_out
         at_kill = {
@@ -65,6 +66,8 @@ def scenario(tmp_path_factory):
             "partial_rows": len(json.loads((run / "results.partial.json").read_text())),
             "mtimes": {n: (ckpt / n).stat().st_mtime_ns for n in ("teachers.finished.json", "plain.finished.json")},
             "stdout": killed_out,
+            "wall": json.loads((ckpt.parent / "wall.json").read_text())["seconds"],
+            "lifetime": lifetime,
         }
         # --resume, in process: count the batches every training loop runs
         from fastkd.train.loop import _Loop
@@ -89,8 +92,10 @@ def scenario(tmp_path_factory):
             from contextlib import redirect_stdout
 
             buf = io.StringIO()
+            t1 = time.monotonic()
             with redirect_stdout(buf):
                 code = main([*ARGS, "--out", str(run), "--resume"])
+            at_kill["resumed_for"] = time.monotonic() - t1
         finally:
             mp.undo()
         assert code == 0, buf.getvalue()
@@ -131,6 +136,19 @@ def test_resume_retrains_no_finished_model(scenario):
     for name, mtime in scenario["at_kill"]["mtimes"].items():
         assert (ckpt / name).stat().st_mtime_ns == mtime, f"{name} rewritten"
     assert "4 of these rows were loaded" in (scenario["run"] / "report.md").read_text()
+
+
+def test_resumed_report_counts_the_killed_process_wall_time(scenario):
+    # mutation caught: the resumed report timing only its own process (the killed one's time lost)
+    at_kill = scenario["at_kill"]
+    # the killed process saved its time up to its last finished model: no more than it lived, and
+    # not the earlier complete run's (its wall.json went with its checkpoints)
+    assert 0 < at_kill["wall"] <= at_kill["lifetime"] + 1.0
+    wall = json.loads((scenario["ckpt"].parent / "wall.json").read_text())["seconds"]
+    assert wall >= at_kill["wall"] + at_kill["resumed_for"] - 0.5
+    report = (scenario["run"] / "report.md").read_text()
+    assert f"Wall time: {wall:.0f} s" in report
+    assert "adds each earlier process's time" in report
 
 
 def test_fresh_run_clears_an_earlier_run_and_marks_its_report_partial(scenario):

@@ -12,12 +12,17 @@ from typing import Union
 from .. import distributed as _dist
 from ..atomic import atomic_write_json
 from ..data import CTRData
-from ..train.manifest import check_fields, data_fingerprint, read_json_object, resume_config, state_digest
+from ..train.manifest import (CorruptArtifactError, check_fields, data_fingerprint, read_json_object,
+                              resume_config, state_digest)
 from .spec import ExperimentSpec
 
-__all__ = ["RUN_FILE", "run_manifest", "run_id", "run_ids", "check_resume"]
+__all__ = ["RUN_FILE", "WALL_FILE", "run_manifest", "run_id", "run_ids", "check_resume", "earlier_wall_seconds",
+           "save_wall_seconds"]
 
 RUN_FILE = "run.json"
+# the wall time the run's processes have spent, up to each one's last finished unit (a resumed
+# run's report adds the earlier processes' time to its own)
+WALL_FILE = "wall.json"
 _RUN_FORMAT, _FINISHED_FORMAT, _FORMAT_VERSION = "fastkd.run", "fastkd.finished", 1
 # TrainConfig fields that never change a row's numbers (as for a checkpoint's manifest)
 _FREE_CONFIG = ("progress", "eval_batch_size")
@@ -114,6 +119,23 @@ def _start(checkpoint_dir: Path, manifest: dict, resume: bool) -> None:
         return
     if checkpoint_dir.is_dir():
         for p in checkpoint_dir.iterdir():
-            if p.name == RUN_FILE or (p.is_dir() and re.fullmatch(r"seed\d+", p.name)):
+            if p.name in (RUN_FILE, WALL_FILE) or (p.is_dir() and re.fullmatch(r"seed\d+", p.name)):
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
     _write_json(checkpoint_dir / RUN_FILE, manifest)
+
+
+def earlier_wall_seconds(checkpoint_dir: Path) -> float:
+    """The wall time the earlier processes of a resumed run spent up to their last finished unit
+    (0 when none was saved; an unreadable file names itself)."""
+    path = Path(checkpoint_dir) / WALL_FILE
+    if not path.exists():
+        return 0.0
+    seconds = _read_json(path).get("seconds")
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= 0:
+        raise CorruptArtifactError(path, "corrupt", f"'seconds' must be a number >= 0, got {seconds!r}")
+    return float(seconds)
+
+
+def save_wall_seconds(checkpoint_dir: Path, seconds: float) -> None:
+    """Record the run's wall time so far (rank 0, after every finished unit)."""
+    atomic_write_json(Path(checkpoint_dir) / WALL_FILE, {"seconds": round(float(seconds), 3)})
