@@ -250,3 +250,40 @@ def test_wrong_kind_small_files(tmp_path):
     libfm = write(tmp_path / "d.libfm", "\n".join(libfm_lines(5)) + "\n")
     with pytest.raises(ValueError, match=r"d\.libfm: none of the 5 rows read as 'criteo'.*line 1: expected 40"):
         load(f"criteo:{libfm}")
+
+
+# ---------------------------------------------------------------------------------------------
+# gzip damaged past the start the readers sniff
+# ---------------------------------------------------------------------------------------------
+def _damaged_gzips(tmp_path: Path, kind: str):
+    """(truncated, flipped) gzip files whose first 64 KiB inflate fine: the damage is further in."""
+    rng = np.random.default_rng(0)
+    if kind == "criteo":
+        lines = ["\t".join([str(rng.integers(2))] + [str(v) for v in rng.integers(0, 50, 13)] +
+                           [f"{v:08x}" for v in rng.integers(0, 5000, 26)]) for _ in range(6000)]
+    else:
+        lines = ["label,a,b"] + [f"{rng.integers(2)},{rng.integers(5000)},{rng.random()}" for _ in range(60000)]
+    gz = gzip.compress(("\n".join(lines) + "\n").encode())
+    trunc, flip = tmp_path / f"trunc.{kind}.gz", tmp_path / f"flip.{kind}.gz"
+    trunc.write_bytes(gz[: len(gz) * 2 // 3])
+    bad = bytearray(gz)
+    bad[len(gz) * 2 // 3] ^= 0xFF
+    flip.write_bytes(bytes(bad))
+    return str(trunc), str(flip)
+
+
+@pytest.mark.parametrize("kind", ["csv", "criteo"])
+def test_gzip_damaged_mid_stream_names_the_file(tmp_path, kind):
+    # mutation caught: the readers' gzip streams opened with plain gzip.open (EOFError / BadGzipFile
+    # from deep inside, no file named)
+    trunc, flip = _damaged_gzips(tmp_path, kind)
+    kw = {"label": "label"} if kind == "csv" else {}
+    with pytest.raises(ValueError, match=r"trunc\.\w+\.gz: gzip data is truncated"):
+        load(f"{kind}:{trunc}", **kw)
+    with pytest.raises(ValueError, match=r"flip\.\w+\.gz: gzip data is corrupt"):
+        load(f"{kind}:{flip}", **kw)
+    if kind == "criteo":  # the native encoder of the on-disk cache reads the same way
+        from fastkd.data.encoded_cache import cached_split
+
+        with pytest.raises(ValueError, match=r"trunc\.criteo\.gz: gzip data is truncated"):
+            cached_split(f"criteo:{trunc}", tmp_path / "cache", kind="hash", num_buckets=1000)

@@ -8,6 +8,7 @@ import gzip
 import io
 import math
 import os
+import zlib
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -106,6 +107,40 @@ def parse_spec(spec: str) -> Tuple[str, List[str]]:
 _SNIFF_BYTES = 1 << 16
 
 
+class CheckedGzip(gzip.GzipFile):
+    """A gzip file whose read failures name it: a stream that ends early (a file cut off mid-copy)
+    says "truncated", a bad CRC or corrupt deflate data "corrupt", as ``ValueError``; any part of
+    the file can fail, not only the start the readers check before parsing."""
+
+    def _failed(self, exc: BaseException) -> ValueError:
+        what = "truncated (the compressed stream ends early)" if isinstance(exc, EOFError) else "corrupt"
+        return ValueError(f"{self.name}: gzip data is {what}: {exc}")
+
+    def read(self, size=-1):
+        try:
+            return super().read(size)
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+            raise self._failed(e) from None
+
+    def read1(self, size=-1):
+        try:
+            return super().read1(size)
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+            raise self._failed(e) from None
+
+    def readinto(self, b):
+        try:
+            return super().readinto(b)
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+            raise self._failed(e) from None
+
+    def peek(self, n):
+        try:
+            return super().peek(n)
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+            raise self._failed(e) from None
+
+
 def _open_text(path: str) -> io.TextIOBase:
     r"""Text of a (possibly gzip-compressed) file whose lines end at ``\n`` alone.
 
@@ -117,7 +152,7 @@ def _open_text(path: str) -> io.TextIOBase:
     with open(path, "rb") as fh:
         magic = fh.read(2)
     gz = magic == b"\x1f\x8b"
-    with (gzip.open(path, "rb") if gz else open(path, "rb")) as fh:
+    with (CheckedGzip(path, "rb") if gz else open(path, "rb")) as fh:
         try:
             head = fh.read(_SNIFF_BYTES)
         except (OSError, EOFError) as e:
@@ -126,7 +161,7 @@ def _open_text(path: str) -> io.TextIOBase:
         raise ValueError(f"{path}: lines end in a lone '\\r' (old Mac line ends); only '\\n' and '\\r\\n' "
                          "end a line: convert the file (e.g. tr '\\r' '\\n')")
     if gz:
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", errors="replace", newline="\n")
+        return io.TextIOWrapper(CheckedGzip(path, "rb"), encoding="utf-8-sig", errors="replace", newline="\n")
     return open(path, "r", encoding="utf-8-sig", errors="replace", newline="\n")
 
 
