@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from .cli_args import (DIST_TIMEOUT_S, EXPORT_FORMATS, MIN_STEPS_PER_EPOCH, MODEL_NAMES, _bad_rows,  # noqa: F401
-                       _bucket_count, _csv, _export_formats, _positive_int, add_training_args)
+                       _bucket_count, _csv, _export_formats, _positive_int, _seed, add_training_args)
 
 
 def auto_batch_size(n_train: int, cap: int = 2048) -> int:
@@ -78,6 +78,63 @@ def _check_out(args) -> None:
         if not run.is_file():
             raise FileNotFoundError(f"--resume: nothing to resume in --out {out} ({run} does not exist: no run "
                                     "with this --out has started); run without --resume")
+    else:
+        taken = _run_names(out)
+        if taken and not _is_run_folder(out):
+            raise FileExistsError(f"--out {out} holds {', '.join(taken)}, which no fastkd run wrote (no "
+                                  "checkpoints/run.json, and neither report.md nor results.json is a fastkd "
+                                  "report): a fresh run would remove them; choose another --out, or move them")
+
+
+def _run_names(out: Path) -> List[str]:
+    """The names in ``out`` that a fresh run removes (results, saved student, checkpoints)."""
+    from .experiment.report import RESULT_FILES
+    from .serving import STUDENT_DIR
+
+    names = [n for n in RESULT_FILES if (out / n).exists()]
+    names += [f"{d}/" for d in (STUDENT_DIR, "checkpoints") if (out / d).is_dir() and any((out / d).iterdir())]
+    return names
+
+
+def _is_run_folder(out: Path) -> bool:
+    """Whether ``out`` holds a fastkd run: its ``checkpoints/run.json``, a report whose first line
+    is fastkd's title, or a records file of fastkd's shape (a list of records with a role)."""
+    import json
+
+    from .experiment.runner import RUN_FILE
+
+    if (out / "checkpoints" / RUN_FILE).is_file():
+        return True
+    try:
+        with open(out / "report.md", encoding="utf-8", errors="replace") as fh:
+            if fh.readline().startswith("# fastkd distillation report"):
+                return True
+    except OSError:
+        pass
+    for name in ("results.json", "results.partial.json"):
+        try:
+            records = json.loads((out / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(records, list) and records and all(isinstance(r, dict) and "role" in r for r in records):
+            return True
+    return False
+
+
+def _check_classes(spec, train, valid, test) -> None:
+    """Every split the run scores by AUC holds both labels (else AUC is undefined, and the run
+    would stop there after training models), checked before anything is trained or removed."""
+    import numpy as np
+
+    splits = [("training", train), ("validation", valid), ("test", test)]
+    if spec.config.merge_validation and len(valid) >= 2:
+        splits.append(("monitor (the validation rows students stop on)", spec.config.split_validation(train, valid)[1]))
+    for name, d in splits:
+        labels = np.unique(np.asarray(d.labels))
+        if len(labels) < 2:
+            held = "no rows" if len(labels) == 0 else f"only label {labels[0]:g}"
+            raise ValueError(f"the {name} split ({len(d):,} rows) holds {held}: AUC needs both classes; use more "
+                             "rows or another split (--split-seed)")
 
 
 def _mismatch(args, e) -> ValueError:
@@ -106,17 +163,29 @@ def _clear_out(out: Path, resume: bool, log) -> None:
     from .experiment.report import RESULT_FILES
     from .serving import STUDENT_DIR
 
+    from .serving.export import ONNX_FILE, SERVING_FILE, TORCHSCRIPT_FILE
+    from .serving.raw_rows import ENCODER_FILE
+    from .serving.student import STUDENT_FILE
+
     stale = [out / n for n in RESULT_FILES if (out / n).exists()]
     ckpt = out / "checkpoints"
     names = [p.name for p in stale] + (["checkpoints/"] if not resume and ckpt.is_dir() and any(ckpt.iterdir())
                                        else [])
-    if not resume and (out / STUDENT_DIR).exists():
-        stale.append(out / STUDENT_DIR)
-        names.append(f"{STUDENT_DIR}/")
+    student = out / STUDENT_DIR
+    kept = []
+    if not resume and student.is_dir():
+        # only what a run (or fastkd export) writes there; anything else stays, and is named
+        own = [student / n for n in (STUDENT_FILE, ENCODER_FILE, TORCHSCRIPT_FILE, ONNX_FILE, SERVING_FILE)]
+        stale += [p for p in own if p.exists()]
+        kept = sorted(p.name for p in student.iterdir() if p not in own)
+        if any(p.exists() for p in own):
+            names.append(f"{STUDENT_DIR}/")
     if names:
         log(f"out: removing {'the interrupted' if resume else 'an earlier'} run's {', '.join(names)} from {out} "
             + ("(rewritten as the run goes on)" if resume else
                "first (--resume continues an interrupted run instead)"))
+    if kept:
+        log(f"out: keeping {', '.join(kept)} in {student} (not written by fastkd)")
     for p in stale:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
@@ -144,6 +213,10 @@ def _run(args, train, valid, test, data_desc: str, read_reports=None, encoder=No
         args.batch_size = auto_batch_size(len(train), args.batch_size_cap)
         data_desc += f"; batch size {args.batch_size} (auto)"
     spec = _spec(args)
+    _check_classes(spec, train, valid, test)
+    if spec.segment_field is not None and spec.segment_field not in train.field_names:
+        names = ", ".join(train.field_names[:20]) + (", ..." if len(train.field_names) > 20 else "")
+        raise ValueError(f"--segment-field {spec.segment_field!r} is not a field of the data (its fields: {names})")
     t0 = time.perf_counter()
     # under torchrun every rank runs the whole experiment; rank 0 alone prints and writes
     main_rank = distributed.is_main_process()
@@ -286,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="teachers, plain DNN and distilled students on built-in synthetic data")
     demo.add_argument("--rows", type=_positive_int, default=100_000)
-    demo.add_argument("--data-seed", type=int, default=0)
+    demo.add_argument("--data-seed", type=_seed, default=0)
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--synthetic", choices=("default", "segmented"), default="default",
                       help="segmented: segments with different interaction structures, where teachers of "
@@ -300,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--train")
     d.add_argument("--valid")
     d.add_argument("--test")
-    d.add_argument("--split-seed", type=int, default=0)
+    d.add_argument("--split-seed", type=_seed, default=0)
     d.add_argument("--label", default=None, help="label column (csv/parquet)")
     d.add_argument("--numeric", type=_csv(str), default=None, help="numeric columns (bucketised)")
     d.add_argument("--encoder", choices=("vocab", "hash"), default="vocab",

@@ -28,6 +28,13 @@ def _models(text: str):
     return names
 
 
+def _one_model(text: str) -> str:
+    names = _models(text)
+    if len(names) != 1:
+        raise argparse.ArgumentTypeError(f"expected one model, got {len(names)}: {', '.join(names)}")
+    return names[0]
+
+
 def _number(kind, ok, what: str):
     """An argparse type: ``kind(text)`` accepted when ``ok(value)``, else the error says ``what``."""
     def parse(text: str):
@@ -42,6 +49,7 @@ def _number(kind, ok, what: str):
 
 
 _positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+_seed = _number(int, lambda v: v >= 0, "a seed, an integer >= 0")
 # a hashed field's ids: id 0 is the missing value, so at least one more
 _bucket_count = _number(int, lambda v: v >= 2, "a bucket count >= 2")
 _positive_seconds = _number(float, lambda v: 0 < v < float("inf"), "a positive number of seconds")
@@ -83,7 +91,7 @@ DIST_TIMEOUT_S = 1800.0
 
 def add_training_args(p: argparse.ArgumentParser, *, max_epochs: int, batch_size: int) -> None:
     p.add_argument("--teachers", type=_models, default=["deepfm", "dcn", "xdeepfm"], help="teacher models")
-    p.add_argument("--student", type=lambda s: _models(s)[0], default="dnn", help="student model")
+    p.add_argument("--student", type=_one_model, default="dnn", help="student model (one)")
     p.add_argument("--mode", choices=("pretrain", "cotrain"), default="pretrain")
     p.add_argument("--gate", choices=("logit", "hidden", "mean", "features"), default="features",
                    help="ensemble signal: the paper's logit gate, a gate on the teachers' hidden vectors, plain "

@@ -202,6 +202,14 @@ class GatedDistillLoss(nn.Module):
         labels: Optional[torch.Tensor] = None,
         teacher_hidden: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
+        # types first: the shape checks below read .dim() and .shape
+        V.check_logits("student_logits", student_logits)
+        V.check_logits("teacher_logits", teacher_logits)
+        for name, t in (("labels", labels), ("teacher_hidden", teacher_hidden)):
+            if t is not None and not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if student_logits.dim() == 0:
+            raise ValueError("student_logits must be [B] or [B, C], got a 0-dim tensor")
         M = teacher_logits.shape[1] if teacher_logits.dim() >= 2 else None
         if M != self.num_teachers:
             raise ValueError(

@@ -318,3 +318,92 @@ def test_dist_timeout_bounds_the_wait_for_a_peer_that_never_comes(tmp_path):
     assert "fastkd: error: could not join the process group (rank 1 of 2, --dist-timeout 1 s)" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert time.monotonic() - t0 < 120
+
+
+def _foreign_out(out: Path) -> None:
+    (out / "student").mkdir(parents=True)
+    (out / "report.md").write_text("my notes\n")
+    (out / "results.json").write_text("{}")
+    (out / "student" / "thesis.txt").write_text("x")
+
+
+def test_fresh_run_refuses_an_out_holding_files_no_run_wrote(tmp_path, capsys):
+    # mutation caught: a fresh run clearing result-named files of a folder no run wrote
+    out = tmp_path / "mine"
+    _foreign_out(out)
+    assert main(["distill", "--data", "libfm:/nonexistent.gz", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "which no fastkd run wrote" in err and "report.md, results.json, student/" in err
+    assert "nonexistent" not in err  # refused before the data is read
+    assert (out / "report.md").read_text() == "my notes\n" and (out / "student" / "thesis.txt").exists()
+
+
+def test_clearing_a_run_folder_keeps_what_fastkd_did_not_write(tmp_path):
+    from fastkd.cli import _clear_out, _is_run_folder
+
+    out = tmp_path / "run"
+    _foreign_out(out)
+    assert not _is_run_folder(out)
+    (out / "report.md").write_text("# fastkd distillation report\n")
+    (out / "student" / "student.pt").write_bytes(b"x")
+    (out / "student" / "encoder.json").write_text("{}")
+    assert _is_run_folder(out)
+    said = []
+    _clear_out(out, resume=False, log=said.append)
+    assert not (out / "report.md").exists() and not (out / "results.json").exists()
+    assert sorted(p.name for p in (out / "student").iterdir()) == ["thesis.txt"]
+    assert "removing an earlier run's report.md, results.json, student/" in said[0]
+    assert "keeping thesis.txt" in said[1]
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--temperature", "0"], "temperature must be > 0"),
+    (["--lr", "nan"], "lr must be a finite number > 0"),
+    (["--dropout", "1.5"], "dropout must be in [0, 1)"),
+    (["--hidden-units", "0"], "hidden_units[0] must be a positive int"),
+    (["--ablations", "kd_weight=-1"], "--ablations"),
+    (["--ablations", "ensemble=foo"], "ensemble must be 'logit' or 'prob'"),
+    (["--segment-field", "nosuch"], "--segment-field 'nosuch' is not a field"),
+])
+def test_bad_settings_fail_before_an_earlier_run_is_removed(tmp_path, capsys, flags, needle):
+    # mutation caught: a setting checked only when a model or the Distiller is built (after the
+    # earlier run's results were removed, or after hours of training)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "report.md").write_text("# fastkd distillation report\nearlier\n")
+    assert main(["distill", "--data", "synthetic:600", "--teachers", "dnn", "--seeds", "1", "--out", str(out),
+                 *flags]) == 2
+    assert needle in capsys.readouterr().err
+    assert (out / "report.md").read_text().endswith("earlier\n")
+
+
+def test_negative_seeds_are_refused_naming_the_flag(capsys):
+    # mutation caught: type=int (numpy's "expected non-negative integer" later, no flag named)
+    for argv in (["distill", "--data", "synthetic:100", "--split-seed", "-1", "--out", "o"],
+                 ["demo", "--data-seed", "-1"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        err = capsys.readouterr().err
+        assert "seed, an integer >= 0" in err and ("--split-seed" in err or "--data-seed" in err)
+
+
+def test_one_student_and_each_ablation_key_once(capsys):
+    # mutation caught: the first of several students kept silently; the last of a repeated key winning
+    with pytest.raises(SystemExit):
+        main(["distill", "--data", "synthetic:100", "--student", "dnn,deepfm", "--out", "o"])
+    assert "expected one model, got 2" in capsys.readouterr().err
+    assert main(["distill", "--data", "synthetic:100", "--ablations", "augment=0+augment=1", "--out", "o"]) == 2
+    assert "sets augment twice" in capsys.readouterr().err
+
+
+def test_a_split_with_one_class_is_named_before_training(tmp_path, capsys):
+    # mutation caught: "AUC is undefined when only one class is present" after the teachers trained
+    path = tmp_path / "one.csv"
+    rows = ["label,a,b"] + [f"{int(i == 0)},{i % 7},{i % 5}" for i in range(200)]  # one click in 200 rows
+    path.write_text("\n".join(rows) + "\n")
+    code = main(["distill", "--data", f"csv:{path}", "--label", "label", "--teachers", "dnn",
+                 "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    # at most one split holds the click: the first split checked without it is named
+    assert code == 2 and "split (" in err and "holds only label 0" in err and "AUC needs both classes" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained

@@ -287,3 +287,28 @@ def test_gzip_damaged_mid_stream_names_the_file(tmp_path, kind):
 
         with pytest.raises(ValueError, match=r"trunc\.criteo\.gz: gzip data is truncated"):
             cached_split(f"criteo:{trunc}", tmp_path / "cache", kind="hash", num_buckets=1000)
+
+
+def test_damaged_parquet_names_the_file(tmp_path):
+    # mutation caught: pyarrow's ArrowInvalid / OSError reaching the caller with no file named
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    n = 20000
+    rng = np.random.default_rng(0)
+    table = pa.table({"label": rng.integers(0, 2, n), "a": [f"v{i % 500}" for i in range(n)],
+                      "b": [f"w{i % 77}" for i in range(n)]})
+    ok = tmp_path / "ok.parquet"
+    pq.write_table(table, ok, row_group_size=5000, compression="snappy")
+    data = ok.read_bytes()
+    half, flip, text = tmp_path / "half.parquet", tmp_path / "flip.parquet", tmp_path / "rows.parquet"
+    half.write_bytes(data[: len(data) // 2])
+    bad = bytearray(data)
+    for k in range(200, 2200):  # inside the first row group's pages
+        bad[k] ^= 0x5A
+    flip.write_bytes(bytes(bad))
+    text.write_text("label,a\n1,x\n")
+    for path, needle in ((half, "not a readable Parquet file"), (text, "not a readable Parquet file"),
+                         (flip, "corrupt Parquet data")):
+        with pytest.raises(ValueError, match=f"{path.name}: {needle}"):
+            load(f"parquet:{path}", label="label")
+    assert len(load(f"parquet:{ok}", label="label")) == n

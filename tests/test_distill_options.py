@@ -397,3 +397,61 @@ def test_every_option_together_is_deterministic_per_seed(splits):
     a, b, c = run(0), run(0), run(1)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not torch.equal(a, c)
+
+
+# ---------------------------------------------------------------------------------------------
+# settings refused when given, not when training reaches them
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kw,error,needle", [
+    ({"hint_weight": float("nan")}, ValueError, "hint_weight must be a finite number >= 0"),
+    ({"hint_weight": -1.0}, ValueError, "hint_weight must be a finite number >= 0"),
+    ({"augment": "1"}, ValueError, "augment must be a number"),
+    ({"temperature": None}, ValueError, "temperature must be a number"),
+    ({"config": {}}, TypeError, "config must be a TrainConfig"),
+])
+def test_distiller_refuses_bad_settings(kw, error, needle):
+    # mutation caught: hint_weight=nan silently switching hints off, augment='1' failing in numpy
+    fs = [5, 7]
+    with pytest.raises(error, match=needle):
+        Distiller([small_model("dnn", fs)], small_model("dnn", fs), **kw)
+
+
+@pytest.mark.parametrize("kw,needle", [
+    ({"lr": float("nan")}, "lr must be a finite number > 0"),
+    ({"lr": -1.0}, "lr must be a finite number > 0"),
+    ({"lr": "0.1"}, "lr must be a finite number > 0"),
+    ({"eval_batch_size": 0}, "eval_batch_size must be >= 1"),
+    ({"seed": 1.5}, "seed must be an int"),
+    ({"seed": None}, "seed must be an int"),
+    ({"seed": -1}, "seed must be >= 0"),
+    ({"max_epochs": 2.5}, "max_epochs must be an int"),
+    ({"max_epochs": True}, "max_epochs must be an int"),
+    ({"max_epochs": float("nan")}, "max_epochs must be an int"),
+    ({"batch_size": "64"}, "batch_size must be an int"),
+    ({"monitor_fraction": "0.5"}, "monitor_fraction must be a number"),
+    ({"reduce_lr_on_plateau": "no"}, "reduce_lr_on_plateau must be True or False"),
+])
+def test_train_config_refuses_bad_values(kw, needle):
+    from fastkd import TrainConfig
+
+    with pytest.raises(ValueError, match=needle):
+        TrainConfig(**kw)
+
+
+@pytest.mark.filterwarnings("ignore:every value of student_logits")  # an untrained tiny student's logits
+def test_a_student_without_return_hidden_distils_when_no_hints():
+    # mutation caught: predict() passing return_hidden=False to every model (a plain nn.Module
+    # student fails although it is never asked for hidden vectors)
+    class Plain(nn.Module):
+        def __init__(self, fs):
+            super().__init__()
+            self.inner = small_model("dnn", fs)
+
+        def forward(self, ids):
+            return self.inner(ids)
+
+    train, valid, test = make_synthetic(1200, n_fields=4, seed=0).split((0.8, 0.1, 0.1))
+    fs = train.field_sizes
+    kd = Distiller([small_model("dnn", fs)], Plain(fs), config=quick_config(max_epochs=1), augment=0.0)
+    kd.fit(train, valid)
+    assert 0.0 <= kd.evaluate(test)["auc"] <= 1.0

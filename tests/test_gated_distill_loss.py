@@ -600,3 +600,17 @@ def test_cuda_graph_capture():
 def test_compile_fullgraph_inductor_cuda(monkeypatch):
     monkeypatch.setattr(_common, "MAX_BLOCK_B", None)
     _compiled_step("inductor")
+
+
+@pytest.mark.parametrize("args,error,needle", [
+    ((torch.zeros(4), torch.zeros(4, 3).numpy(), torch.zeros(4)), TypeError, "teacher_logits must be a torch.Tensor"),
+    ((torch.zeros(()), torch.zeros(4, 3), torch.zeros(4)), ValueError, "0-dim"),
+    ((torch.zeros(4), torch.zeros(4, 3), torch.zeros(4).numpy()), TypeError, "labels must be a torch.Tensor"),
+    ((torch.zeros(4), torch.zeros(4, 3), "abc"), TypeError, "labels must be a torch.Tensor"),
+    ((torch.zeros(4, dtype=torch.int64), torch.zeros(4, 3), torch.zeros(4)), TypeError, "floating-point"),
+])
+def test_module_names_bad_input_types(args, error, needle):
+    # mutation caught: the module reading .dim()/.shape before any type check (AttributeError,
+    # IndexError, or a device message for a numpy label array)
+    with pytest.raises(error, match=needle):
+        GatedDistillLoss(3)(*args)

@@ -552,3 +552,14 @@ def test_cuda_runs_on_current_stream():
         out = hash_ints(v, 1000)
     s.synchronize()
     assert torch.equal(out.cpu(), hash_ints(v.cpu(), 1000))
+
+
+def test_unordered_or_keyed_columns_are_refused():
+    # mutation caught: a set hashed in its arbitrary order, a dict's keys hashed as its values
+    from fastkd.hashing import FeatureHasher, hash_strings
+
+    for column in ({"b", "a", "c"}, frozenset({"a"}), {"x": "a"}):
+        with pytest.raises(TypeError, match="in row order"):
+            hash_strings(column, 1000)
+    with pytest.raises(TypeError, match="field 0: expected a column of values in row order"):
+        FeatureHasher(100).transform({"s": {"k": "a"}})

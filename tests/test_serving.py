@@ -158,6 +158,9 @@ def test_raw_rows_encode_as_the_loader_did(tmp_path):
         back.encode([{"hour": "2014-10-21"}])
     with pytest.raises(ValueError, match="not fields"):
         back.encode([{"sitee_id": "s1"}])
+    # one row passed as a dict (not a list of dicts) is refused, not read as columns of characters
+    with pytest.raises(ValueError, match="pass one row as"):
+        back.encode({name: feats[0].get(name, "") or "x" for name in back.field_names})
 
 
 def test_criteo_rows_bucketise_their_integer_fields(tmp_path):
@@ -377,3 +380,31 @@ def test_cli_formats_are_the_exporters():
     from fastkd.cli_args import EXPORT_FORMATS
 
     assert tuple(EXPORT_FORMATS) == tuple(FORMATS)
+
+
+def test_export_into_an_earlier_export_leaves_none_of_its_files(run, tmp_path):
+    # mutation caught: an export writing beside an earlier export's files (another format, another
+    # run's encoder) without removing them first
+    to = tmp_path / "serve"
+    to.mkdir()
+    for name in ("student.onnx", "student.onnx.data", "encoder.json", "serving.json"):
+        (to / name).write_text("from an earlier export")
+    (to / "serving.json").write_text(json.dumps({"files": {"onnx": ["student.onnx", "old.extra"]}}))
+    (to / "old.extra").write_text("x")
+    (to / "notes.txt").write_text("mine")
+    doc = export_student(run["out"], to, formats="torchscript")  # one format as a string
+    assert set(doc["files"]) == {"torchscript", "encoder"}
+    assert sorted(p.name for p in to.iterdir()) == ["encoder.json", "notes.txt", "serving.json",
+                                                    "student.torchscript.pt"]
+    assert RawRowEncoder.load(to / "encoder.json").field_names == load_student(run["out"]).encoder.field_names
+
+
+def test_export_refuses_an_encoder_of_other_fields(run, tmp_path):
+    # mutation caught: only the field sizes compared (another run's encoder.json of the same sizes ships)
+    saved = load_student(run["out"])
+    enc = saved.encoder
+    st = enc.state_dict()
+    st["encoder"] = {**st["encoder"], "field_names": [n + "_x" for n in enc.field_names]}
+    other = RawRowEncoder.from_state_dict(st)
+    with pytest.raises(ValueError, match="encoder's fields .* are not the fields the student was trained on"):
+        export_student(run["out"], tmp_path / "x", formats=["torchscript"], encoder=other)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -69,8 +70,17 @@ class ExperimentSpec:
         if isinstance(self.teacher_folds, bool) or not isinstance(self.teacher_folds, int) or self.teacher_folds < 1:
             raise ValueError(f"teacher_folds must be an int >= 1, got {self.teacher_folds!r}")
         for name in ("augment", "augment_swap", "temperature", "hard_weight", "kd_weight"):
-            if not isinstance(getattr(self, name), (int, float)) or isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a number, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        for name in ("hard_weight", "kd_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.ensemble not in ("logit", "prob"):
+            raise ValueError(f"ensemble must be 'logit' or 'prob', got {self.ensemble!r}")
+        _check_model_kwargs(self.model_kwargs)
         if self.teacher_rows not in TEACHER_ROWS:
             raise ValueError(f"teacher_rows must be one of {TEACHER_ROWS}, got {self.teacher_rows!r}")
         if self.teacher_rows == "merged" and not self.config.merge_validation:
@@ -115,6 +125,24 @@ class Ablation:
     label: str
     overrides: Dict[str, object]
     plain: bool = False
+
+
+def _check_model_kwargs(kwargs: Dict[str, object]) -> None:
+    """The model arguments every model shares, checked when the spec is made (not when the first
+    model is built, after earlier rows have trained)."""
+    from ..models.base import _check_dropout, _check_hidden_units
+
+    if "dropout" in kwargs:
+        d = kwargs["dropout"]
+        if isinstance(d, bool) or not isinstance(d, (int, float)):
+            raise ValueError(f"dropout must be a number in [0, 1), got {d!r}")
+        _check_dropout(d)
+    if "hidden_units" in kwargs:
+        _check_hidden_units(kwargs["hidden_units"])
+    if "embed_dim" in kwargs:
+        e = kwargs["embed_dim"]
+        if isinstance(e, bool) or not isinstance(e, int) or e < 1:
+            raise ValueError(f"embed_dim must be an int >= 1, got {e!r}")
 
 
 def _dropouts(value) -> Union[None, float, Tuple[float, ...]]:
@@ -173,6 +201,8 @@ def parse_ablation(item: str, spec: ExperimentSpec) -> Ablation:
         if not eq or key not in SPEC_KEYS + CONFIG_KEYS:
             raise ValueError(f"unknown ablation {item!r}; give one of {', '.join(ABLATIONS)} or KEY=VALUE "
                              f"(joined by '+') with KEY in {', '.join(SPEC_KEYS + CONFIG_KEYS)}")
+        if key in overrides:
+            raise ValueError(f"ablation {item!r} sets {key} twice")
         overrides[key] = _value(value)
     spec.with_overrides(overrides)  # raises now for a bad value (TrainConfig checks its own)
     return Ablation(item, ", ".join(f"{k}={v}" for k, v in overrides.items()), overrides,

@@ -119,6 +119,9 @@ def _unpack(values: Any, want_int: bool) -> _Column:
     col.is_int = want_int
     if isinstance(values, (str, bytes, bytearray)):
         raise TypeError(f"expected a column of values, got a single {type(values).__name__}")
+    if isinstance(values, (set, frozenset, dict)):
+        # a set has no row order and a dict would hash its keys: neither gives ids aligned to rows
+        raise TypeError(f"expected a column of values in row order, got a {type(values).__name__}")
     mod = _module_of(values)
     if _is_torch(values):
         import torch

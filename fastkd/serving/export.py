@@ -2,6 +2,8 @@
 and ``serving.json``, each export checked against PyTorch on the same rows (:func:`export_student`)."""
 from __future__ import annotations
 
+import json
+
 import platform
 import warnings
 from pathlib import Path
@@ -84,7 +86,7 @@ def export_student(source: Union[str, Path, CTRModel], to: Union[str, Path], *,
         ValueError: an export differs from PyTorch by more than :data:`~fastkd.serving.check.TOLERANCE`
             (1e-5) on some logit (the files and ``serving.json`` are written first, so they can be looked at).
     """
-    formats = list(dict.fromkeys(formats))
+    formats = list(dict.fromkeys([formats] if isinstance(formats, str) else formats))  # "onnx" alone, too
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
         raise ValueError(f"unknown export format {bad[0] if bad else formats!r}; choose from {', '.join(FORMATS)}")
@@ -107,6 +109,10 @@ def export_student(source: Union[str, Path, CTRModel], to: Union[str, Path], *,
         raise ValueError(f"the encoder's field sizes {encoder.field_sizes} are not the model's {sizes}")
     if check is not None and list(check.field_sizes) != sizes:
         raise ValueError(f"the check rows' field sizes {check.field_sizes} are not the model's {sizes}")
+    if encoder is not None and check is not None and list(encoder.field_names) != list(check.field_names):
+        # same sizes, other columns (e.g. another run's encoder.json copied beside the student)
+        raise ValueError(f"the encoder's fields {list(encoder.field_names)} are not the fields the student was "
+                         f"trained on {list(check.field_names)}")
 
     model.eval()
     if check is not None and len(check):
@@ -123,6 +129,7 @@ def export_student(source: Union[str, Path, CTRModel], to: Union[str, Path], *,
         checks["pytorch_vs_saved"] = compare_logits(saved_logits, reference)
     to = Path(to)
     to.mkdir(parents=True, exist_ok=True)
+    _remove_earlier_export(to)
     serving = ServingModel(model)
     example = ids_t[: max(2, min(8, len(ids_t)))]
     files: Dict[str, Any] = {}
@@ -165,3 +172,22 @@ def export_student(source: Union[str, Path, CTRModel], to: Union[str, Path], *,
         raise ValueError(f"export to {to}: logits differ from PyTorch's by more than {TOLERANCE:g} "
                          f"({'; '.join(off)}; details in {to / SERVING_FILE})")
     return doc
+
+
+def _remove_earlier_export(to: Path) -> None:
+    """An earlier export's files go before this one writes: ``serving.json`` first (written last,
+    it names the files of one complete export, so a folder without it is an interrupted export),
+    then the model files and the encoder, so no file of another run or format stays beside
+    the new ones."""
+    earlier = to / SERVING_FILE
+    named = []
+    if earlier.is_file():
+        try:
+            files = json.loads(earlier.read_text()).get("files", {})
+            named = [n for v in files.values() for n in ([v] if isinstance(v, str) else v)
+                     if isinstance(n, str) and Path(n).name == n]
+        except (ValueError, AttributeError, OSError):
+            named = []
+        earlier.unlink()
+    for name in {TORCHSCRIPT_FILE, ONNX_FILE, ONNX_FILE + ".data", ENCODER_FILE, *named}:
+        (to / name).unlink(missing_ok=True)

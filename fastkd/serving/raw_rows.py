@@ -126,6 +126,11 @@ class RawRowEncoder:
             if unknown or absent:
                 raise ValueError(f"columns {unknown or absent} are not the fields {names}"
                                  if unknown else f"columns {absent} missing (fields: {names})")
+            scalar = [k for k in names if isinstance(rows[k], (str, bytes)) or not hasattr(rows[k], "__len__")]
+            if scalar:
+                # one row given as a dict of values would read each string as a column of characters
+                raise ValueError(f"a dict of columns needs a sequence of values per field; {scalar[:3]} hold a "
+                                 "single value: pass one row as [{field: value, ...}]")
             cols = [list(rows[n]) for n in names]
             n = len(cols[0]) if cols else 0
             if any(len(c) != n for c in cols):

@@ -87,6 +87,20 @@ class TrainConfig:
     average_window: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("max_epochs", "batch_size", "eval_batch_size", "seed") + (("patience",) if self.patience is not None else ()):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ValueError(f"{name} must be an int, got {value!r}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not (0 < self.lr < float("inf")):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if isinstance(self.monitor_fraction, bool) or not isinstance(self.monitor_fraction, (int, float)):
+            raise ValueError(f"monitor_fraction must be a number in (0, 1), got {self.monitor_fraction!r}")
+        if not isinstance(self.reduce_lr_on_plateau, bool):
+            raise ValueError(f"reduce_lr_on_plateau must be True or False, got {self.reduce_lr_on_plateau!r}")
         if self.early_stop not in MONITORS:
             raise ValueError(f"early_stop must be one of {tuple(MONITORS)}, got {self.early_stop!r}")
         if self.patience is None:

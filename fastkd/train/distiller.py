@@ -158,6 +158,17 @@ class Distiller(DistillerSignal, StudentTerms):
             raise ValueError("gate='features' is fitted on honest rows and frozen: pass gate_fit='stacked'")
         if isinstance(teacher_folds, bool) or not isinstance(teacher_folds, int) or teacher_folds < 1:
             raise ValueError(f"teacher_folds must be an int >= 1, got {teacher_folds!r}")
+        for key, value in (("temperature", temperature), ("hard_weight", hard_weight), ("kd_weight", kd_weight),
+                           ("gate_loss_weight", gate_loss_weight), ("hint_weight", hint_weight), ("augment", augment),
+                           ("augment_swap", augment_swap)):
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise ValueError(f"{key} must be a number, got {value!r}")
+        if not np.isfinite(hint_weight) or hint_weight < 0:
+            raise ValueError(f"hint_weight must be a finite number >= 0 (0: no hints), got {hint_weight}")
+        if config is not None and not isinstance(config, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+        if teacher_config is not None and not isinstance(teacher_config, TrainConfig):
+            raise TypeError(f"teacher_config must be a TrainConfig, got {type(teacher_config).__name__}")
         if not np.isfinite(augment) or augment < 0:
             raise ValueError(f"augment must be a finite number >= 0, got {augment}")
         if not 0.0 < augment_swap <= 1.0:

@@ -31,7 +31,8 @@ def predict(model: nn.Module, data: Union[CTRData, torch.Tensor], batch_size: in
     z = hidden = None
     try:
         for i in range(0, n, batch_size):
-            out = model(ids[i:i + batch_size], return_hidden=return_hidden)
+            # a model that has no hidden vectors to give need not know the keyword
+            out = model(ids[i:i + batch_size], return_hidden=True) if return_hidden else model(ids[i:i + batch_size])
             zi, hi = out if return_hidden else (out, None)
             # written into outputs allocated once: a list of per-batch outputs between the
             # batches' activations fragments the heap (measured: +1.3 GB over 900K rows)

@@ -285,6 +285,15 @@ def _avazu_hour(col: np.ndarray) -> Tuple[np.ndarray, Dict[int, str]]:
     return out, bad
 
 
+def _checked(path, batches, pa):
+    """``batches`` (a Parquet file's record batches) whose decoding errors (corrupt pages, bad
+    compression) name the file."""
+    try:
+        yield from batches
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"{path}: corrupt Parquet data ({e})") from None
+
+
 def _read_parquet(paths, chunk_rows, strict, label, numeric, columns, units):
     try:
         import pyarrow as pa
@@ -294,7 +303,10 @@ def _read_parquet(paths, chunk_rows, strict, label, numeric, columns, units):
     numeric = list(numeric)
     out_names: Optional[List[str]] = None
     for path in paths:
-        pf = pq.ParquetFile(path)
+        try:
+            pf = pq.ParquetFile(path)
+        except (pa.ArrowException, OSError) as e:
+            raise ValueError(f"{path}: not a readable Parquet file ({e})") from None
         file_cols = list(pf.schema_arrow.names)
         if label not in file_cols:
             raise ValueError(f"{path}: label column {label!r} not found in columns {file_cols}; pass label=NAME")
@@ -321,7 +333,7 @@ def _read_parquet(paths, chunk_rows, strict, label, numeric, columns, units):
         cols = [label] + out_names
         if units.world == 1:
             offset = 0
-            for batch in pf.iter_batches(batch_size=chunk_rows, columns=cols):
+            for batch in _checked(path, pf.iter_batches(batch_size=chunk_rows, columns=cols), pa):
                 units.take()
                 yield chunk(batch, offset, 0)
                 offset += batch.num_rows
@@ -332,7 +344,8 @@ def _read_parquet(paths, chunk_rows, strict, label, numeric, columns, units):
             rows = pf.metadata.row_group(g).num_rows
             if units.take():
                 part_offset = offset
-                for part, batch in enumerate(pf.iter_batches(batch_size=chunk_rows, row_groups=[g], columns=cols)):
+                for part, batch in enumerate(_checked(path, pf.iter_batches(batch_size=chunk_rows, row_groups=[g],
+                                                                            columns=cols), pa)):
                     yield chunk(batch, part_offset, part)
                     part_offset += batch.num_rows
             offset += rows
