@@ -37,7 +37,8 @@ declare -A DATA=(
 )
 # cross-fitting triples the teachers' cost: measured on the small samples only (Frappe-size runs
 # of it are in docs/accuracy.md, from the dev round)
-declare -A MORE=([criteo]="teacher_folds=3" [avazu]="teacher_folds=3")
+# segment experts: the check that a per-sample gate beats averaging where teachers do differ
+declare -A MORE=([criteo]="teacher_folds=3" [avazu]="teacher_folds=3" [segmented]="segments")
 ORDER=${DATASETS:-"frappe frappe_log synthetic segmented criteo avazu"}
 run_one() {
   local name=$1
