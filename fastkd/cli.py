@@ -39,12 +39,13 @@ def _spec(args):
                       precision=args.precision, merge_validation=args.merge_validation,
                       monitor_fraction=args.monitor_fraction, monitor_window=args.monitor_window,
                       steps_per_epoch=args.steps_per_epoch, row_blocks=args.row_blocks,
-                      average_window=args.average_window)
+                      average_window=args.average_window, grad_clip_norm=args.grad_clip_norm)
     spec = ExperimentSpec(
         teachers=args.teachers, student=args.student, mode=args.mode, gate=args.gate, gate_fit=args.gate_fit,
         ensemble=args.ensemble, temperature=args.temperature, hard_weight=args.hard_weight,
         kd_weight=args.kd_weight, teacher_folds=args.teacher_folds, augment=args.augment,
         augment_swap=args.augment_swap, teacher_rows=args.teacher_rows, student_dropout=args.student_dropout,
+        student_head_init=args.student_head_init,
         seeds=list(range(args.seeds)), ablations=abl,
         model_kwargs={"embed_dim": args.embed_dim, "hidden_units": tuple(args.hidden_units), "dropout": args.dropout},
         config=cfg, segment_field=getattr(args, "segment_field", None))

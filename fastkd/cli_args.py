@@ -53,6 +53,7 @@ _seed = _number(int, lambda v: v >= 0, "a seed, an integer >= 0")
 # a hashed field's ids: id 0 is the missing value, so at least one more
 _bucket_count = _number(int, lambda v: v >= 2, "a bucket count >= 2")
 _positive_seconds = _number(float, lambda v: 0 < v < float("inf"), "a positive number of seconds")
+_positive_float = _number(float, lambda v: 0 < v < float("inf"), "a finite number > 0")
 # `v >= 0` is False for NaN, so NaN is refused too
 _non_negative_float = _number(float, lambda v: v >= 0 and v != float("inf"), "a finite number >= 0")
 
@@ -131,6 +132,9 @@ def add_training_args(p: argparse.ArgumentParser, *, max_epochs: int, batch_size
     p.add_argument("--average-window", action="store_true",
                    help="students and the plain DNN end with the mean of the weights of the best monitor "
                         "window's epochs (checkpoint averaging) instead of its last epoch's")
+    p.add_argument("--grad-clip-norm", type=_positive_float, default=None,
+                   help="clip the gradients of every trained model to this total 2-norm before each step "
+                        "(FuxiCTR's trainer: 10); default none")
     p.add_argument("--patience", type=_positive_int, default=None, help="default 2 (auc/logloss), 3 (kd)")
     p.add_argument("--seeds", type=_positive_int, default=1, help="number of seeds (0..N-1)")
     p.add_argument("--max-epochs", type=_positive_int, default=max_epochs)
@@ -154,6 +158,9 @@ def add_training_args(p: argparse.ArgumentParser, *, max_epochs: int, batch_size
                    help="dropout of the student network (distilled students and the plain DNN); several values are "
                         "candidates: each student and the plain DNN is trained once per value and the best on the "
                         "monitor rows kept (default 0.1/0.3, docs/accuracy.md round 10; 'none': --dropout)")
+    p.add_argument("--student-head-init", choices=("torch", "xavier"), default=None,
+                   help="output layer initialisation of the student network (students and plain DNN): torch's "
+                        "nn.Linear default, or xavier (Xavier-normal, zero bias, as FuxiCTR); default torch")
     p.add_argument("--ablations", type=_csv(str), default=[],
                    help="comma list of: hint, cotrain, kd-stop, kd-stop-merge, merge, partition, segments "
                         "(one teacher per --segment-field value), or 'all' for these, or KEY=VALUE[+KEY=VALUE] "

@@ -15,12 +15,13 @@ __all__ = ["ExperimentSpec", "Ablation", "parse_ablation", "ABLATIONS", "SPEC_KE
 ABLATIONS = ("single", "hint", "cotrain", "kd-stop", "kd-stop-merge", "merge", "partition", "segments")
 # settings an ablation item KEY=VALUE may change, on the spec or on its TrainConfig
 SPEC_KEYS = ("mode", "gate", "gate_fit", "ensemble", "temperature", "hard_weight", "kd_weight", "teacher_folds",
-             "augment", "augment_swap", "teacher_rows", "student_dropout")
+             "augment", "augment_swap", "teacher_rows", "student_dropout", "student_head_init")
 CONFIG_KEYS = ("early_stop", "patience", "monitor_fraction", "monitor_window", "merge_validation", "lr", "batch_size",
-               "max_epochs", "reduce_lr_on_plateau", "average_window")
+               "max_epochs", "reduce_lr_on_plateau", "average_window", "grad_clip_norm")
 # settings that change the plain DNN too: an ablation of them adds a plain-DNN row
-PLAIN_KEYS = ("student_dropout", "early_stop", "patience", "monitor_fraction", "monitor_window", "merge_validation", "lr", "batch_size",
-              "max_epochs", "reduce_lr_on_plateau", "average_window")
+PLAIN_KEYS = ("student_dropout", "student_head_init", "early_stop", "patience", "monitor_fraction", "monitor_window",
+              "merge_validation", "lr", "batch_size", "max_epochs", "reduce_lr_on_plateau", "average_window",
+              "grad_clip_norm")
 
 
 @dataclass
@@ -35,7 +36,9 @@ class ExperimentSpec:
     per value and the one with the best stopping value on the monitor rows is kept (the same rule
     for every model; cost: one training per candidate). Default ``(0.1, 0.3)``: on six datasets'
     dev splits the chosen student gained more over the equally chosen plain DNN than at a fixed
-    0.3 on every one (``docs/accuracy.md``, round 10).
+    0.3 on every one (``docs/accuracy.md``, round 10). ``student_head_init`` (None: the models'
+    default, "torch") is the student network's output-layer initialisation, students and plain
+    DNN alike (:class:`~fastkd.models.CTRModel`'s ``head_init``).
     """
 
     teachers: Sequence[str] = ("deepfm", "dcn", "xdeepfm")
@@ -52,6 +55,7 @@ class ExperimentSpec:
     augment_swap: float = 0.2
     teacher_rows: str = "train"
     student_dropout: Union[None, float, Tuple[float, ...]] = (0.1, 0.3)
+    student_head_init: Optional[str] = None
     seeds: Sequence[int] = (0,)
     ablations: Sequence[str] = ()
     model_kwargs: Dict[str, object] = field(default_factory=dict)
@@ -81,6 +85,10 @@ class ExperimentSpec:
         if self.ensemble not in ("logit", "prob"):
             raise ValueError(f"ensemble must be 'logit' or 'prob', got {self.ensemble!r}")
         _check_model_kwargs(self.model_kwargs)
+        from ..models.base import HEAD_INITS
+
+        if self.student_head_init is not None and self.student_head_init not in HEAD_INITS:
+            raise ValueError(f"student_head_init must be None or one of {HEAD_INITS}, got {self.student_head_init!r}")
         if self.teacher_rows not in TEACHER_ROWS:
             raise ValueError(f"teacher_rows must be one of {TEACHER_ROWS}, got {self.teacher_rows!r}")
         if self.teacher_rows == "merged" and not self.config.merge_validation:
@@ -97,6 +105,8 @@ class ExperimentSpec:
             raise ValueError(f"student_dropout {self.student_dropout} names candidates, not one network: "
                              "build from each of student_candidates()")
         extra = {} if self.student_dropout is None else {"dropout": self.student_dropout}
+        if self.student_head_init is not None:
+            extra["head_init"] = self.student_head_init
         return {**self.model_kwargs, **extra}
 
     def student_candidates(self) -> List["ExperimentSpec"]:

@@ -54,7 +54,7 @@ class AutoInt(CTRModel):
         self.attention_out_dim = self.num_fields * in_dim
         self.mlp = self._mlp(self.flat_embed_dim) if self.hidden_units else None
         self.hidden_dim = self.attention_out_dim + (self.mlp.output_dim if self.mlp is not None else 0)
-        self.head = nn.Linear(self.hidden_dim, 1)
+        self.head = self._head(self.hidden_dim)
 
     def _forward(self, flat_ids: torch.Tensor, emb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         hidden = self.attention(emb).flatten(1)

@@ -10,7 +10,10 @@ from torch import nn
 
 from ..embedding import DEFAULT_INIT_STD, MultiFieldEmbedding
 
-__all__ = ["CTRModel", "MLP", "FirstOrder", "FastDropout", "ReLUDropout"]
+__all__ = ["CTRModel", "MLP", "FirstOrder", "FastDropout", "ReLUDropout", "HEAD_INITS"]
+
+# the output layer's initialisation (CTRModel(head_init=...))
+HEAD_INITS = ("torch", "xavier")
 
 ForwardOut = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 
@@ -263,6 +266,8 @@ class CTRModel(nn.Module):
         sparse: sparse gradients for the embedding table and the first-order weights (pair
             those parameters with ``torch.optim.SparseAdam``; plain Adam rejects sparse grads).
         init_std: std of the normal embedding initialisation.
+        head_init: "torch" (default: ``nn.Linear``'s own) or "xavier" (Xavier-normal weights, zero
+            bias) for the output layer.
         embedding_options: further keyword arguments of :class:`~fastkd.MultiFieldEmbedding`,
             e.g. ``{"fused_optimizer": "adagrad", "lr": 0.01}`` to update the table inside
             backward (its ``.grad`` then stays ``None``, so the model's Adam skips it).
@@ -298,8 +303,12 @@ class CTRModel(nn.Module):
         sparse: bool = False,
         init_std: float = DEFAULT_INIT_STD,
         embedding_options: Optional[dict] = None,
+        head_init: str = "torch",
     ) -> None:
         super().__init__()
+        if head_init not in HEAD_INITS:
+            raise ValueError(f"head_init must be one of {HEAD_INITS}, got {head_init!r}")
+        self.head_init = head_init
         if embed_reg < 0:
             raise ValueError(f"embed_reg must be >= 0, got {embed_reg}")
         # sparse= and init_std= may also come in embedding_options (where the other
@@ -316,6 +325,16 @@ class CTRModel(nn.Module):
         self.embed_reg = float(embed_reg)
         self.hidden_dim: int = 0  # set by subclasses
         self._last_emb: Optional[torch.Tensor] = None
+
+    def _head(self, in_dim: int) -> nn.Linear:
+        """The output layer ``in_dim -> 1``: torch's default initialisation, or with
+        ``head_init="xavier"`` Xavier-normal weights and a zero bias, as the MLP's layers (and
+        FuxiCTR's every Linear) start."""
+        head = nn.Linear(in_dim, 1)
+        if self.head_init == "xavier":
+            nn.init.xavier_normal_(head.weight)
+            nn.init.zeros_(head.bias)
+        return head
 
     @property
     def field_sizes(self) -> Tuple[int, ...]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-from torch import nn
 
 from .base import CTRModel
 from .layers import CrossNet, CrossNetV2
@@ -39,7 +38,7 @@ class DCN(CTRModel):
         self.cross = CrossNet(self.flat_embed_dim, num_cross_layers)
         self.mlp = self._mlp(self.flat_embed_dim)
         self.hidden_dim = self.flat_embed_dim + self.mlp.output_dim
-        self.head = nn.Linear(self.hidden_dim, 1)
+        self.head = self._head(self.hidden_dim)
 
     def _forward(self, flat_ids: torch.Tensor, emb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         x0 = emb.flatten(1)
@@ -83,7 +82,7 @@ class DCNv2(CTRModel):
             self.hidden_dim = self.flat_embed_dim + self.mlp.output_dim
         else:
             self.hidden_dim = self.mlp.output_dim
-        self.head = nn.Linear(self.hidden_dim, 1)
+        self.head = self._head(self.hidden_dim)
 
     def _forward(self, flat_ids: torch.Tensor, emb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         x0 = emb.flatten(1)

@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Tuple
 
 import torch
-from torch import nn
 
 from .base import CTRModel, FirstOrder
 from .layers import fm_interaction
@@ -39,7 +38,7 @@ class DNN(CTRModel):
         super().__init__(*args, **kwargs)
         self.mlp = self._mlp(self.flat_embed_dim)
         self.hidden_dim = self.mlp.output_dim
-        self.head = nn.Linear(self.hidden_dim, 1)
+        self.head = self._head(self.hidden_dim)
 
     def _forward(self, flat_ids: torch.Tensor, emb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         hidden = self.mlp(emb.flatten(1))

@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Sequence, Tuple
 
 import torch
-from torch import nn
 
 from .base import CTRModel, FirstOrder
 from .layers import CIN
@@ -48,7 +47,7 @@ class xDeepFM(CTRModel):  # noqa: N801 (the paper's spelling)
         self.cin = CIN(self.num_fields, cin_layer_units, cin_activation)
         self.mlp = self._mlp(self.flat_embed_dim)
         self.hidden_dim = self.cin.output_dim + self.mlp.output_dim
-        self.head = nn.Linear(self.hidden_dim, 1)
+        self.head = self._head(self.hidden_dim)
 
     def _forward(self, flat_ids: torch.Tensor, emb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         hidden = torch.cat([self.cin(emb), self.mlp(emb.flatten(1))], dim=1)

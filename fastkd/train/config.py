@@ -50,6 +50,9 @@ class TrainConfig:
             (checkpoint averaging over ``monitor_window`` epochs) instead of the window's last
             epoch. Students and plain models only: :meth:`for_teachers` turns it off, so teachers
             shared by every row of a run stay the same. Default False.
+        grad_clip_norm: clip the dense parameters' gradients to this total 2-norm before each
+            step (FuxiCTR's trainer clips at 10); None (default): no clipping. Not yet a default:
+            docs/accuracy.md has the first measurements.
         seed: seeds initialisation and data order.
         steps_per_epoch: train at most this many batches an epoch (None: all). Each epoch's
             permutation still spans every row, so a capped epoch is a uniform sample of them: for
@@ -85,6 +88,7 @@ class TrainConfig:
     precision: str = "fp32"
     row_blocks: Optional[int] = None
     average_window: bool = False
+    grad_clip_norm: Optional[float] = None
 
     def __post_init__(self) -> None:
         for name in ("max_epochs", "batch_size", "eval_batch_size", "seed") + (("patience",) if self.patience is not None else ()):
@@ -118,6 +122,9 @@ class TrainConfig:
         if self.row_blocks is not None and (isinstance(self.row_blocks, bool) or not isinstance(self.row_blocks, int)
                                             or self.row_blocks < 1):
             raise ValueError(f"row_blocks must be None or an int >= 1, got {self.row_blocks!r}")
+        if self.grad_clip_norm is not None and (isinstance(self.grad_clip_norm, bool) or not isinstance(
+                self.grad_clip_norm, (int, float)) or not 0 < self.grad_clip_norm < float("inf")):
+            raise ValueError(f"grad_clip_norm must be None or a finite number > 0, got {self.grad_clip_norm!r}")
         if not isinstance(self.average_window, bool):
             raise ValueError(f"average_window must be True or False, got {self.average_window!r}")
         if self.precision not in ("fp32", "bf16"):

@@ -120,6 +120,15 @@ class _Optimizer:
         for o in self.opts:
             o.step()
 
+    def clip(self, max_norm: float) -> None:
+        """Scale the dense parameters' gradients to a total 2-norm of at most ``max_norm``
+        (FuxiCTR clips at 10); sparse-gradient and fused tables are left as they are. Under DDP
+        the gradients are already all-reduced, so every rank scales alike. No host sync."""
+        if self.dense is not None:
+            grads = [p for g in self.dense.param_groups for p in g["params"] if p.grad is not None]
+            if grads:
+                nn.utils.clip_grad_norm_(grads, max_norm, foreach=True)
+
     def scale_lr(self, factor: float) -> None:
         for o in self.opts:
             for g in o.param_groups:
@@ -269,6 +278,8 @@ class _Loop:
                         loss = step(ids[index], labels[index], index)
                     self.opt.zero_grad()
                     loss.backward()
+                    if self.cfg.grad_clip_norm is not None:
+                        self.opt.clip(self.cfg.grad_clip_norm)
                     self.opt.step()
                     total += loss.detach() * index.shape[0]
                     seen += index.shape[0]

@@ -215,7 +215,7 @@ def read_json_object(path: Union[str, Path]) -> Dict[str, Any]:
 
 # TrainConfig fields added after checkpoints were first written, with their defaults: left out of a
 # manifest at the default, so older checkpoints and run folders still resume
-_NEWER_FIELDS = {"steps_per_epoch": None, "row_blocks": None, "average_window": False}
+_NEWER_FIELDS = {"steps_per_epoch": None, "row_blocks": None, "average_window": False, "grad_clip_norm": None}
 
 
 def resume_config(cfg, free=_FREE_CONFIG_FIELDS) -> Dict[str, Any]:
