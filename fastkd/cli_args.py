@@ -133,8 +133,8 @@ def add_training_args(p: argparse.ArgumentParser, *, max_epochs: int, batch_size
                    help="students and the plain DNN end with the mean of the weights of the best monitor "
                         "window's epochs (checkpoint averaging) instead of its last epoch's")
     p.add_argument("--grad-clip-norm", type=_positive_float, default=None,
-                   help="clip the gradients of every trained model to this total 2-norm before each step "
-                        "(FuxiCTR's trainer: 10); default none")
+                   help="clip the gradients of the students and the plain DNN to this total 2-norm before "
+                        "each step (FuxiCTR's trainer: 10; teachers are not clipped); default none")
     p.add_argument("--patience", type=_positive_int, default=None, help="default 2 (auc/logloss), 3 (kd)")
     p.add_argument("--seeds", type=_positive_int, default=1, help="number of seeds (0..N-1)")
     p.add_argument("--max-epochs", type=_positive_int, default=max_epochs)

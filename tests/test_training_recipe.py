@@ -61,3 +61,11 @@ def test_student_head_init_reaches_students_and_the_plain_dnn_only():
     assert abl.plain and abl.overrides == {"student_head_init": "xavier", "grad_clip_norm": 10}
     with pytest.raises(ValueError, match="student_head_init must be None or one of"):
         ExperimentSpec(student_head_init="he")
+
+
+def test_teachers_are_not_clipped():
+    # the student network's option: an ablation row of it shares the run's teachers
+    from fastkd import TrainConfig
+
+    assert TrainConfig(grad_clip_norm=10.0).for_teachers().grad_clip_norm is None
+    assert TrainConfig(grad_clip_norm=10.0).grad_clip_norm == 10.0

@@ -51,8 +51,9 @@ class TrainConfig:
             epoch. Students and plain models only: :meth:`for_teachers` turns it off, so teachers
             shared by every row of a run stay the same. Default False.
         grad_clip_norm: clip the dense parameters' gradients to this total 2-norm before each
-            step (FuxiCTR's trainer clips at 10); None (default): no clipping. Not yet a default:
-            docs/accuracy.md has the first measurements.
+            step (FuxiCTR's trainer clips at 10); None (default): no clipping. Students and plain
+            models only (:meth:`for_teachers` turns it off). Not yet a default: docs/accuracy.md
+            has the first measurements.
         seed: seeds initialisation and data order.
         steps_per_epoch: train at most this many batches an epoch (None: all). Each epoch's
             permutation still spans every row, so a capped epoch is a uniform sample of them: for
@@ -132,13 +133,16 @@ class TrainConfig:
 
     def for_teachers(self) -> "TrainConfig":
         """The settings teachers train with: these, but stopped on validation AUC when these stop on
-        the distillation loss (teachers have none), without merged validation and without
-        window averaging."""
-        if self.early_stop != "kd" and not self.merge_validation and not self.average_window:
+        the distillation loss (teachers have none), without merged validation, window averaging
+        and gradient clipping (the student network's options: a run's teachers stay the same
+        whatever its student rows set)."""
+        if (self.early_stop != "kd" and not self.merge_validation and not self.average_window
+                and self.grad_clip_norm is None):
             return self
         early_stop = "auc" if self.early_stop == "kd" else self.early_stop
         return dataclasses.replace(self, early_stop=early_stop, patience=None if early_stop != self.early_stop
-                                   else self.patience, merge_validation=False, average_window=False)
+                                   else self.patience, merge_validation=False, average_window=False,
+                                   grad_clip_norm=None)
 
     def split_validation(self, train: CTRData, valid: CTRData) -> Tuple[CTRData, CTRData]:
         """``(training data, monitor data)`` under these settings: ``(train, valid)``, or with
