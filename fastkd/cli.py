@@ -127,15 +127,24 @@ def _check_classes(spec, train, valid, test) -> None:
     would stop there after training models), checked before anything is trained or removed."""
     import numpy as np
 
-    splits = [("training", train), ("validation", valid), ("test", test)]
-    if spec.config.merge_validation and len(valid) >= 2:
-        splits.append(("monitor (the validation rows students stop on)", spec.config.split_validation(train, valid)[1]))
-    for name, d in splits:
-        labels = np.unique(np.asarray(d.labels))
-        if len(labels) < 2:
-            held = "no rows" if len(labels) == 0 else f"only label {labels[0]:g}"
-            raise ValueError(f"the {name} split ({len(d):,} rows) holds {held}: AUC needs both classes; use more "
-                             "rows or another split (--split-seed)")
+    splits = [("training", train.labels), ("validation", valid.labels), ("test", test.labels)]
+    if spec.config.merge_validation and len(valid) >= 2:  # its first rows, as TrainConfig.split_validation cuts
+        k = max(1, int(round(spec.config.monitor_fraction * len(valid))))
+        splits.append(("monitor (the validation rows students stop on)", valid.labels[:k]))
+    for name, labels in splits:
+        # block by block (labels may be memory-mapped, tens of millions of rows): no copy, no sort,
+        # and usually done after the first block
+        lo = hi = None
+        for a in range(0, len(labels), 1 << 20):
+            block = np.asarray(labels[a:a + (1 << 20)])
+            lo = block.min() if lo is None else min(lo, block.min())
+            hi = block.max() if hi is None else max(hi, block.max())
+            if lo != hi:
+                break
+        if lo is None or lo == hi:
+            held = "no rows" if lo is None else f"only label {float(lo):g}"
+            raise ValueError(f"the {name} split ({len(labels):,} rows) holds {held}: AUC needs both classes; use "
+                             "more rows or another split (--split-seed)")
 
 
 def _mismatch(args, e) -> ValueError:
