@@ -23,12 +23,29 @@ def read_splits(args):
         raise ValueError("--num-buckets is for --encoder hash (the vocab encoder sizes fields from the data)")
     buckets = None if args.num_buckets is None else (
         args.num_buckets[0] if len(args.num_buckets) == 1 else args.num_buckets)
+    # flags that would otherwise be ignored without a word
+    kinds = {spec.split(":", 1)[0].lower() for spec in (args.data, args.train, args.valid, args.test) if spec}
+    if args.label is not None and not kinds & {"csv", "tsv", "parquet"}:
+        raise ValueError(f"--label names a column of csv/tsv/parquet data; {', '.join(sorted(kinds))} data has its "
+                         "label in a fixed place")
+    if args.cache_dir and not args.data:
+        raise ValueError("--cache-dir works with --data (one source split 80/10/10); with --train/--valid/--test "
+                         "nothing would be cached")
+    if args.cache_dir and kinds & {"synthetic", "segmented"}:
+        raise ValueError("--cache-dir caches encoded files; generated data (synthetic/segmented) is made in "
+                         "memory and has nothing to cache: drop --cache-dir")
+    if args.data:
+        paths = [p for p in args.data.split(":", 1)[-1].split(",") if p]
+        twice = sorted({p for p in paths if paths.count(p) > 1})
+        if twice:
+            raise ValueError(f"--data names {', '.join(twice)} more than once: its rows would be in training and "
+                             "test splits alike")
     common = dict(kind=args.encoder, min_count=args.min_count, num_buckets=buckets, label=args.label,
                   numeric=numeric, sharded=sharded, **checks)
     if args.data:
         if args.train or args.valid or args.test:
             raise ValueError("give either --data or --train/--valid/--test, not both")
-        if args.cache_dir and not args.data.split(":", 1)[0].lower() in ("synthetic", "segmented"):
+        if args.cache_dir:
             (train, valid, test), enc, folder = _cached(args, common)
             whole = CTRData.concat([train, valid, test])  # a Rows view of the mapped parts, no copy
             n, rate, report = len(whole), whole.positive_rate, train.read_report

@@ -407,3 +407,16 @@ def test_a_split_with_one_class_is_named_before_training(tmp_path, capsys):
     # at most one split holds the click: the first split checked without it is named
     assert code == 2 and "split (" in err and "holds only label 0" in err and "AUC needs both classes" in err
     assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--data", "synthetic:300", "--label", "x"], "--label names a column of csv/tsv/parquet data"),
+    (["--data", "synthetic:300", "--cache-dir", "c"], "generated data (synthetic/segmented) is made in memory"),
+    (["--train", "synthetic:300", "--valid", "synthetic:100", "--test", "synthetic:100", "--cache-dir", "c"],
+     "--cache-dir works with --data"),
+    (["--data", "csv:a.csv,b.csv,a.csv"], "--data names a.csv more than once"),
+])
+def test_flags_that_would_be_ignored_are_refused(tmp_path, capsys, flags, needle):
+    # mutation caught: --label / --cache-dir accepted and ignored, a file read twice into train and test
+    assert main(["distill", *flags, "--teachers", "dnn", "--out", str(tmp_path / "run")]) == 2
+    assert needle in capsys.readouterr().err
