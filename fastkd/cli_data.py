@@ -25,8 +25,8 @@ def read_splits(args):
         args.num_buckets[0] if len(args.num_buckets) == 1 else args.num_buckets)
     # flags that would otherwise be ignored without a word
     kinds = {spec.split(":", 1)[0].lower() for spec in (args.data, args.train, args.valid, args.test) if spec}
-    if args.label is not None and not kinds & {"csv", "tsv", "parquet"}:
-        raise ValueError(f"--label names a column of csv/tsv/parquet data; {', '.join(sorted(kinds))} data has its "
+    if args.label is not None and not kinds & {"csv", "parquet", "avazu"}:
+        raise ValueError(f"--label names a column of csv, parquet or avazu data; {', '.join(sorted(kinds))} data has its "
                          "label in a fixed place")
     if args.cache_dir and not args.data:
         raise ValueError("--cache-dir works with --data (one source split 80/10/10); with --train/--valid/--test "

@@ -410,7 +410,7 @@ def test_a_split_with_one_class_is_named_before_training(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags,needle", [
-    (["--data", "synthetic:300", "--label", "x"], "--label names a column of csv/tsv/parquet data"),
+    (["--data", "synthetic:300", "--label", "x"], "--label names a column of csv, parquet or avazu data"),
     (["--data", "synthetic:300", "--cache-dir", "c"], "generated data (synthetic/segmented) is made in memory"),
     (["--train", "synthetic:300", "--valid", "synthetic:100", "--test", "synthetic:100", "--cache-dir", "c"],
      "--cache-dir works with --data"),
