@@ -69,6 +69,8 @@ def scenario(tmp_path_factory):
             "wall": json.loads((ckpt.parent / "wall.json").read_text())["seconds"],
             "lifetime": lifetime,
         }
+        # as if the killed process had run for 1000 s: the resumed report must add exactly that
+        (ckpt.parent / "wall.json").write_text(json.dumps({"seconds": 1000.0}))
         # --resume, in process: count the batches every training loop runs
         from fastkd.train.loop import _Loop
 
@@ -145,7 +147,7 @@ def test_resumed_report_counts_the_killed_process_wall_time(scenario):
     # not the earlier complete run's (its wall.json went with its checkpoints)
     assert 0 < at_kill["wall"] <= at_kill["lifetime"] + 1.0
     wall = json.loads((scenario["ckpt"].parent / "wall.json").read_text())["seconds"]
-    assert wall >= at_kill["wall"] + at_kill["resumed_for"] - 0.5
+    assert 1000.0 < wall <= 1000.0 + at_kill["resumed_for"]  # the planted earlier time, plus its own
     report = (scenario["run"] / "report.md").read_text()
     assert f"Wall time: {wall:.0f} s" in report
     assert "adds each earlier process's time" in report
