@@ -69,3 +69,15 @@ def test_teachers_are_not_clipped():
 
     assert TrainConfig(grad_clip_norm=10.0).for_teachers().grad_clip_norm is None
     assert TrainConfig(grad_clip_norm=10.0).grad_clip_norm == 10.0
+
+
+def test_the_report_states_the_recipe_when_set():
+    # mutation caught: a run trained with clipping or another output-layer start whose report is silent
+    from fastkd import TrainConfig
+    from fastkd.experiment.report import _settings
+
+    plain = _settings(ExperimentSpec())
+    assert "clipped" not in plain and "output layer" not in plain
+    text = _settings(ExperimentSpec(student_head_init="xavier", config=TrainConfig(grad_clip_norm=10.0)))
+    assert "gradients clipped to a total norm of 10 before each step (teachers: none)" in text
+    assert "output layer initialised xavier" in text

@@ -199,6 +199,10 @@ def _settings(spec: ExperimentSpec) -> str:
         f"{cfg.patience}, learning rate /10 on each epoch without improvement, "
         + (f"the mean of the weights of the best {cfg.monitor_window}-epoch monitor window restored (students and "
            "plain DNN; teachers: their best epoch). " if cfg.average_window else "best epoch restored. ")
+        + (f"Students' and the plain DNN's gradients clipped to a total norm of {cfg.grad_clip_norm:g} before each "
+           "step (teachers: none). " if cfg.grad_clip_norm is not None else "")
+        + (f"Student network output layer initialised {spec.student_head_init}. "
+           if spec.student_head_init not in (None, "torch") else "")
         + (f"Merged validation: students and the plain DNN train on the training split plus the validation "
            f"rows after its first {cfg.monitor_fraction:.0%}, and stop on the {cfg.early_stop} of that held-out "
            f"first {cfg.monitor_fraction:.0%}. " if cfg.merge_validation else "")
