@@ -65,8 +65,7 @@ def read_splits(args):
             raise ValueError("give --data KIND:PATH, or all three of --train, --valid and --test")
         train, enc = load(args.train, return_encoder=True, **common)
         rest = dict(encoder=enc, label=args.label, numeric=numeric, sharded=sharded, **checks)
-        valid = load(args.valid, **rest)
-        test = load(args.test, **rest)
+        valid, test = (_load_named(flag, spec, rest) for flag, spec in (("--valid", args.valid), ("--test", args.test)))
         desc = (f"train `{args.train}` ({len(train):,}), valid `{args.valid}` ({len(valid):,}), test "
                 f"`{args.test}` ({len(test):,}); {args.encoder} encoding fitted on train")
         reports = {"train": train.read_report, "valid": valid.read_report, "test": test.read_report}
@@ -78,6 +77,17 @@ def read_splits(args):
         encoder = RawRowEncoder(enc, field_rules(kind.split(":", 1)[0], enc.field_names, numeric))
     # generated data (synthetic:N) read no file: no report
     return train, valid, test, desc, {k: r.to_dict() for k, r in reports.items() if r is not None}, encoder
+
+
+def _load_named(flag: str, spec: str, settings: dict):
+    """``load(spec)`` with the encoder fitted on --train; a file that does not match it (other
+    columns, other field count) is named by its flag."""
+    from .data import load
+
+    try:
+        return load(spec, **settings)
+    except ValueError as e:
+        raise ValueError(f"{flag} {spec}: {e}") from None
 
 
 def _cached(args, common: dict):

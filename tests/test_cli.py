@@ -420,3 +420,13 @@ def test_flags_that_would_be_ignored_are_refused(tmp_path, capsys, flags, needle
     # mutation caught: --label / --cache-dir accepted and ignored, a file read twice into train and test
     assert main(["distill", *flags, "--teachers", "dnn", "--out", str(tmp_path / "run")]) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_a_split_file_with_other_columns_is_named_by_its_flag(tmp_path, capsys):
+    # mutation caught: "table fields ... differ" with no file or split named
+    (tmp_path / "t.csv").write_text("label,a,b\n1,x,y\n0,z,w\n1,x,w\n0,z,y\n")
+    (tmp_path / "v.csv").write_text("label,a,c\n1,x,y\n0,z,w\n")
+    t, v = f"csv:{tmp_path / 't.csv'}", f"csv:{tmp_path / 'v.csv'}"
+    assert main(["distill", "--train", t, "--valid", v, "--test", t, "--teachers", "dnn",
+                 "--out", str(tmp_path / "run")]) == 2
+    assert f"--valid {v}: table fields ['a', 'c'] differ" in capsys.readouterr().err
