@@ -158,6 +158,11 @@ def test_raw_rows_encode_as_the_loader_did(tmp_path):
         back.encode([{"hour": "2014-10-21"}])
     with pytest.raises(ValueError, match="not fields"):
         back.encode([{"sitee_id": "s1"}])
+    # a partial state names the problem (was: a bare KeyError 'vocabs')
+    state = back.state_dict()
+    del state["encoder"]["vocabs"]
+    with pytest.raises(ValueError, match="incomplete or malformed.*vocabs"):
+        RawRowEncoder.from_state_dict(state)
     # one row passed as a dict (not a list of dicts) is refused, not read as columns of characters
     with pytest.raises(ValueError, match="pass one row as"):
         back.encode({name: feats[0].get(name, "") or "x" for name in back.field_names})

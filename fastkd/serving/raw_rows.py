@@ -160,7 +160,10 @@ class RawRowEncoder:
         if state.get("format") != _FORMAT or state.get("format_version") != _FORMAT_VERSION:
             raise ValueError(f"not a fastkd raw-row encoder state (format {state.get('format')!r}, version "
                              f"{state.get('format_version')!r}; expected {_FORMAT!r}, {_FORMAT_VERSION})")
-        return cls(FeatureEncoder.from_state_dict(state["encoder"]), state["rules"])
+        try:
+            return cls(FeatureEncoder.from_state_dict(state["encoder"]), state["rules"])
+        except (KeyError, TypeError, AttributeError) as e:  # a hand-edited or partial state: name what is wrong
+            raise ValueError(f"raw-row encoder state is incomplete or malformed ({type(e).__name__}: {e})") from None
 
     def save(self, path: Union[str, Path]) -> None:
         """Write :meth:`state_dict` as JSON (atomically)."""
