@@ -413,3 +413,23 @@ def test_export_refuses_an_encoder_of_other_fields(run, tmp_path):
     other = RawRowEncoder.from_state_dict(st)
     with pytest.raises(ValueError, match="encoder's fields .* are not the fields the student was trained on"):
         export_student(run["out"], tmp_path / "x", formats=["torchscript"], encoder=other)
+
+
+def test_export_names_a_source_it_cannot_export(tmp_path):
+    # mutation caught: pathlib's "expected str, bytes or os.PathLike object, not Linear"
+    with pytest.raises(TypeError, match="source must be a fastkd CTRModel or the path of a run"):
+        export_student(torch.nn.Linear(3, 1), tmp_path / "x", formats="torchscript")
+
+
+def test_a_saved_student_missing_its_encoder_is_refused(run, tmp_path):
+    # mutation caught: an export of a file-data run whose encoder.json went missing shipping no encoder
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(run["out"] / "student", out / "student")
+    assert load_student(out).info.get("encoder_file") == "encoder.json"
+    (out / "student" / "encoder.json").unlink()
+    with pytest.raises(FileNotFoundError, match="encoder.json is missing: the run that saved"):
+        load_student(out)
+    with pytest.raises(FileNotFoundError, match="encoder.json is missing"):
+        export_student(out, tmp_path / "x", formats="torchscript")

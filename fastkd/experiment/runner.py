@@ -43,6 +43,7 @@ from ..train.distiller import Distiller
 from ..models import build_model
 from ..train.manifest import CorruptArtifactError
 from ..serving import save_student, serving_benchmark
+from ..serving.raw_rows import ENCODER_FILE
 from ..train.teachers import TeacherSet, fingerprint, teacher_seed, train_teachers
 from ..train import predict, scores, train_model
 from .resume import RUN_FILE, _start, check_resume, run_manifest
@@ -182,6 +183,8 @@ class _Run(RunRecords):
         if self.student_dir is not None:
             info = {"seed": seed, "row": rec["model"], "distill": rec["distill"], "gate": rec.get("gate"),
                     "test_auc": rec["auc"], "test_logloss": rec["logloss"]}
+            if (Path(self.student_dir) / ENCODER_FILE).is_file():  # written by the CLI for file data
+                info["encoder_file"] = ENCODER_FILE  # so a student found without it is refused, not shipped bare
             path = save_student(self.student_dir, student, name=spec.student, model_kwargs=spec.student_kwargs,
                                 check=self.test, info=info)
             self.log(f"  student saved to {path} (`fastkd export` writes it as TorchScript and ONNX)")

@@ -94,6 +94,9 @@ def export_student(source: Union[str, Path, CTRModel], to: Union[str, Path], *,
         _onnx.require_onnx()  # before anything is written
     info: Dict[str, Any] = {}
     saved_logits, check_of = None, 0
+    if not isinstance(source, (CTRModel, str, Path)):
+        raise TypeError(f"source must be a fastkd CTRModel or the path of a run / saved student, got "
+                        f"{type(source).__name__} (a model of another library: export it with its own tools)")
     if isinstance(source, CTRModel):
         model, model_name = source, name or type(source).__name__.lower()
     else:

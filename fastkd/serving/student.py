@@ -103,6 +103,9 @@ def load_student(source: Union[str, Path]) -> SavedStudent:
         logits, of = c["logits"], int(c["of_rows"])
     encoder = None
     enc_path = path.parent / ENCODER_FILE
+    if not enc_path.is_file() and m["info"].get("encoder_file"):
+        raise FileNotFoundError(f"{enc_path} is missing: the run that saved {path} encoded raw values with it, "
+                                "and without it the exported student could not serve raw rows")
     if enc_path.is_file():
         encoder = RawRowEncoder.load(enc_path)
         if encoder.field_sizes != list(m["field_sizes"]):
