@@ -107,6 +107,7 @@ class _Optimizer:
         skip = {id(m.weight) for m in fused}
         dense = [p for p in params if id(p) not in sparse and id(p) not in skip]
         self.fused = fused
+        self.dense_params = dense  # what clip() scales (clip_grad_norm_ skips those without a gradient)
         self.dense = torch.optim.Adam(dense, lr=lr) if dense else None
         sp = [p for p in params if id(p) in sparse]
         self.sparse = torch.optim.SparseAdam(sp, lr=lr) if sp else None
@@ -124,10 +125,8 @@ class _Optimizer:
         """Scale the dense parameters' gradients to a total 2-norm of at most ``max_norm``
         (FuxiCTR clips at 10); sparse-gradient and fused tables are left as they are. Under DDP
         the gradients are already all-reduced, so every rank scales alike. No host sync."""
-        if self.dense is not None:
-            grads = [p for g in self.dense.param_groups for p in g["params"] if p.grad is not None]
-            if grads:
-                nn.utils.clip_grad_norm_(grads, max_norm, foreach=True)
+        if self.dense_params:
+            nn.utils.clip_grad_norm_(self.dense_params, max_norm, foreach=True)
 
     def scale_lr(self, factor: float) -> None:
         for o in self.opts:
