@@ -129,8 +129,8 @@ def _check_classes(spec, train, valid, test) -> None:
 
     splits = [("training", train.labels), ("validation", valid.labels), ("test", test.labels)]
     if spec.config.merge_validation and len(valid) >= 2:  # its first rows, as TrainConfig.split_validation cuts
-        k = max(1, int(round(spec.config.monitor_fraction * len(valid))))
-        splits.append(("monitor (the validation rows students stop on)", valid.labels[:k]))
+        splits.append(("monitor (the validation rows students stop on)",
+                        valid.labels[:spec.config.monitor_rows(len(valid))]))
     for name, labels in splits:
         # block by block (labels may be memory-mapped, tens of millions of rows): no copy, no sort,
         # and usually done after the first block

@@ -144,13 +144,18 @@ class TrainConfig:
                                    else self.patience, merge_validation=False, average_window=False,
                                    grad_clip_norm=None)
 
+    def monitor_rows(self, n_valid: int) -> int:
+        """How many of ``n_valid`` validation rows (its first ones) are the monitor split under
+        ``merge_validation``: ``monitor_fraction`` of them, at least one."""
+        return max(1, int(round(self.monitor_fraction * n_valid)))
+
     def split_validation(self, train: CTRData, valid: CTRData) -> Tuple[CTRData, CTRData]:
         """``(training data, monitor data)`` under these settings: ``(train, valid)``, or with
         ``merge_validation`` the train split plus the validation rows after the first
         ``monitor_fraction``, and those first rows as the monitor split."""
         if not self.merge_validation:
             return train, valid
-        k = max(1, int(round(self.monitor_fraction * len(valid))))
+        k = self.monitor_rows(len(valid))
         if k >= len(valid):
             raise ValueError(f"merge_validation needs a validation split of at least 2 rows, got {len(valid)}")
         return CTRData.concat([train, valid.subset(np.arange(k, len(valid)))]), valid.subset(np.arange(k))
