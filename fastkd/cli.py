@@ -102,13 +102,14 @@ def _is_run_folder(out: Path) -> bool:
     is fastkd's title, or a records file of fastkd's shape (a list of records with a role)."""
     import json
 
+    from .experiment.report import REPORT_TITLE
     from .experiment.runner import RUN_FILE
 
     if (out / "checkpoints" / RUN_FILE).is_file():
         return True
     try:
         with open(out / "report.md", encoding="utf-8", errors="replace") as fh:
-            if fh.readline().startswith("# fastkd distillation report"):
+            if fh.readline().startswith(REPORT_TITLE):
                 return True
     except OSError:
         pass
@@ -173,8 +174,7 @@ def _clear_out(out: Path, resume: bool, log) -> None:
     from .experiment.report import RESULT_FILES
     from .serving import STUDENT_DIR
 
-    from .serving.export import ONNX_FILE, SERVING_FILE, TORCHSCRIPT_FILE
-    from .serving.raw_rows import ENCODER_FILE
+    from .serving.export import EXPORT_FILES
     from .serving.student import STUDENT_FILE
 
     stale = [out / n for n in RESULT_FILES if (out / n).exists()]
@@ -185,7 +185,7 @@ def _clear_out(out: Path, resume: bool, log) -> None:
     kept = []
     if not resume and student.is_dir():
         # only what a run (or fastkd export) writes there; anything else stays, and is named
-        own = [student / n for n in (STUDENT_FILE, ENCODER_FILE, TORCHSCRIPT_FILE, ONNX_FILE, SERVING_FILE)]
+        own = [student / n for n in (STUDENT_FILE, *EXPORT_FILES)]
         stale += [p for p in own if p.exists()]
         kept = sorted(p.name for p in student.iterdir() if p not in own)
         if any(p.exists() for p in own):

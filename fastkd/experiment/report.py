@@ -16,11 +16,12 @@ from .runner import ExperimentResult
 from .spec import ExperimentSpec
 
 __all__ = ["summarize", "table", "segment_table", "serving_table", "read_summary", "write_report", "command_line", "RESULT_FILES",
-           "PARTIAL_MARK"]
+           "PARTIAL_MARK", "REPORT_TITLE"]
 
 # what a run writes into its folder (besides checkpoints/): a fresh run removes an earlier run's first
 RESULT_FILES = ("report.md", "results.json", "results.partial.json", "auc.png", "gate_weights.png")
-# the first line of a report written before the run finished
+# every report's first line starts with the title (a partial one adds the mark after it)
+REPORT_TITLE = "# fastkd distillation report"
 PARTIAL_MARK = "PARTIAL"
 
 
@@ -244,11 +245,11 @@ def write_report(out: Path, result: ExperimentResult, *, command: str, data_desc
     if read_reports:
         records = [{**r, "read_report": read_reports} for r in records]
     if partial:
-        title = (f"# fastkd distillation report ({PARTIAL_MARK}: {len(records)} rows so far; the run is still "
+        title = (f"{REPORT_TITLE} ({PARTIAL_MARK}: {len(records)} rows so far; the run is still "
                  "running or was interrupted, `--resume` finishes it; records in results.partial.json)")
         plots = []
     else:
-        title = "# fastkd distillation report"
+        title = REPORT_TITLE
         _write_text(out / "results.json", json.dumps(records, indent=1))
         plots = _plots(out, records, result.gate_alphas)
     lines = [

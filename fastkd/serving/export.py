@@ -23,10 +23,12 @@ from .module import ServingModel
 from .raw_rows import ENCODER_FILE, RawRowEncoder
 from .student import load_student
 
-__all__ = ["export_student", "FORMATS", "TORCHSCRIPT_FILE", "ONNX_FILE", "SERVING_FILE"]
+__all__ = ["export_student", "FORMATS", "TORCHSCRIPT_FILE", "ONNX_FILE", "SERVING_FILE", "EXPORT_FILES"]
 
 FORMATS = ("torchscript", "onnx")
 TORCHSCRIPT_FILE, ONNX_FILE, SERVING_FILE = "student.torchscript.pt", "student.onnx", "serving.json"
+# every file an export may write (the ONNX weights go to a .data file beside it when large)
+EXPORT_FILES = (TORCHSCRIPT_FILE, ONNX_FILE, ONNX_FILE + ".data", ENCODER_FILE, SERVING_FILE)
 _FORMAT, _FORMAT_VERSION = "fastkd.serving", 1
 _RANDOM_ROWS = 1024
 
@@ -192,5 +194,5 @@ def _remove_earlier_export(to: Path) -> None:
         except (ValueError, AttributeError, OSError):
             named = []
         earlier.unlink()
-    for name in {TORCHSCRIPT_FILE, ONNX_FILE, ONNX_FILE + ".data", ENCODER_FILE, *named}:
+    for name in {*EXPORT_FILES, *named}:
         (to / name).unlink(missing_ok=True)
