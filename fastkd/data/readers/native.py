@@ -19,7 +19,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .criteo import criteo_chunk, criteo_fields
-from .raw import CheckedGzip, _open_text, _Units
+from .raw import _open_text, _Units, open_checked_gzip
 from .report import _MAX_BAD, ReadReport
 
 __all__ = ["iter_criteo_hashed", "native_available"]
@@ -50,7 +50,7 @@ def _blocks(path: str, block_bytes: int) -> Iterator[bytes]:
 
     def produce() -> None:
         try:
-            with (CheckedGzip(path, "rb") if gz else open(path, "rb", buffering=0)) as fh:
+            with (open_checked_gzip(path) if gz else open(path, "rb", buffering=0)) as fh:
                 carry = b""  # the unfinished line at the end of the previous block
                 while not stop.is_set():
                     buf = bytearray(block_bytes + len(carry))

@@ -107,38 +107,39 @@ def parse_spec(spec: str) -> Tuple[str, List[str]]:
 _SNIFF_BYTES = 1 << 16
 
 
-class CheckedGzip(gzip.GzipFile):
-    """A gzip file whose read failures name it: a stream that ends early (a file cut off mid-copy)
-    says "truncated", a bad CRC or corrupt deflate data "corrupt", as ``ValueError``; any part of
-    the file can fail, not only the start the readers check before parsing."""
+_GZIP_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
 
-    def _failed(self, exc: BaseException) -> ValueError:
-        what = "truncated (the compressed stream ends early)" if isinstance(exc, EOFError) else "corrupt"
-        return ValueError(f"{self.name}: gzip data is {what}: {exc}")
 
-    def read(self, size=-1):
+class _CheckedGzipRaw(io.RawIOBase):
+    """The decompressed bytes of a gzip file, read through one ``readinto`` whose failures name
+    the file: a stream that ends early (a file cut off mid-copy) says "truncated", a bad CRC or
+    corrupt deflate data "corrupt", as ``ValueError``. Any part of the file can fail, not only the
+    start the readers check before parsing."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.name = path
+        self._gz = gzip.GzipFile(path, "rb")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
         try:
-            return super().read(size)
-        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-            raise self._failed(e) from None
+            return self._gz.readinto(b)
+        except _GZIP_ERRORS as e:
+            what = "truncated (the compressed stream ends early)" if isinstance(e, EOFError) else "corrupt"
+            raise ValueError(f"{self.name}: gzip data is {what}: {e}") from None
 
-    def read1(self, size=-1):
-        try:
-            return super().read1(size)
-        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-            raise self._failed(e) from None
+    def close(self) -> None:
+        self._gz.close()
+        super().close()
 
-    def readinto(self, b):
-        try:
-            return super().readinto(b)
-        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-            raise self._failed(e) from None
 
-    def peek(self, n):
-        try:
-            return super().peek(n)
-        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-            raise self._failed(e) from None
+def open_checked_gzip(path: str) -> io.BufferedReader:
+    """A gzip file opened for reading whose every read (``read``, ``read1``, ``readinto``,
+    ``readline``, iteration) names the file when the data is truncated or corrupt."""
+    return io.BufferedReader(_CheckedGzipRaw(path))
 
 
 def _open_text(path: str) -> io.TextIOBase:
@@ -152,7 +153,7 @@ def _open_text(path: str) -> io.TextIOBase:
     with open(path, "rb") as fh:
         magic = fh.read(2)
     gz = magic == b"\x1f\x8b"
-    with (CheckedGzip(path, "rb") if gz else open(path, "rb")) as fh:
+    with (open_checked_gzip(path) if gz else open(path, "rb")) as fh:
         try:
             head = fh.read(_SNIFF_BYTES)
         except (OSError, EOFError) as e:
@@ -161,7 +162,7 @@ def _open_text(path: str) -> io.TextIOBase:
         raise ValueError(f"{path}: lines end in a lone '\\r' (old Mac line ends); only '\\n' and '\\r\\n' "
                          "end a line: convert the file (e.g. tr '\\r' '\\n')")
     if gz:
-        return io.TextIOWrapper(CheckedGzip(path, "rb"), encoding="utf-8-sig", errors="replace", newline="\n")
+        return io.TextIOWrapper(open_checked_gzip(path), encoding="utf-8-sig", errors="replace", newline="\n")
     return open(path, "r", encoding="utf-8-sig", errors="replace", newline="\n")
 
 
