@@ -24,7 +24,7 @@ import time
 import torch
 
 from fastkd.cli import _dev_split, auto_batch_size
-from fastkd.data import load, make_synthetic
+from fastkd.data import load
 from fastkd.models import build_model
 from fastkd.train import TrainConfig, predict, scores, train_model
 
@@ -34,17 +34,14 @@ RECIPES = {"fastkd": {"grad_clip_norm": None, "head_init": "torch"},
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", required=True, help="KIND:PATH[,...] as fastkd distill --data, or synthetic:N")
+    ap.add_argument("--data", required=True, help="KIND:PATH[,...] as fastkd distill --data, or synthetic:N / segmented:N")
     ap.add_argument("--label", default=None)
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=None, help="default: as fastkd distill chooses (auto)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    if a.data.startswith("synthetic:"):
-        data = make_synthetic(int(a.data.split(":")[1]), seed=0)
-    else:
-        data = load(a.data, label=a.label) if a.label else load(a.data)
+    data = load(a.data, label=a.label)  # files, or synthetic:N / segmented:N generated as fastkd distill does
     (train, valid, dev), _ = _dev_split(*data.split((0.8, 0.1, 0.1), seed=0), 0)
     base = TrainConfig(batch_size=a.batch_size or auto_batch_size(len(train)), merge_validation=True, progress=False)
     auc = {name: {} for name in RECIPES}
