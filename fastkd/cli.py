@@ -45,7 +45,8 @@ def _spec(args):
         ensemble=args.ensemble, temperature=args.temperature, hard_weight=args.hard_weight,
         kd_weight=args.kd_weight, teacher_folds=args.teacher_folds, augment=args.augment,
         augment_swap=args.augment_swap, teacher_rows=args.teacher_rows, student_dropout=args.student_dropout,
-        student_head_init=args.student_head_init,
+        student_head_init=args.student_head_init, hint_weight=args.hint_weight,
+        student_embed_init=args.student_embed_init,
         seeds=list(range(args.seeds)), ablations=abl,
         model_kwargs={"embed_dim": args.embed_dim, "hidden_units": tuple(args.hidden_units), "dropout": args.dropout},
         config=cfg, segment_field=getattr(args, "segment_field", None))

@@ -204,6 +204,9 @@ def _settings(spec: ExperimentSpec) -> str:
            "step (teachers: none). " if cfg.grad_clip_norm is not None else "")
         + (f"Student network output layer initialised {spec.student_head_init}. "
            if spec.student_head_init not in (None, "torch") else "")
+        + (f"Distilled students add the hint loss with weight {spec.hint_weight:g}. " if spec.hint_weight else "")
+        + ("Distilled students start from the embedding tables of the teacher with the best monitor AUC. "
+           if spec.student_embed_init == "teacher" else "")
         + (f"Merged validation: students and the plain DNN train on the training split plus the validation "
            f"rows after its first {cfg.monitor_fraction:.0%}, and stop on the {cfg.early_stop} of that held-out "
            f"first {cfg.monitor_fraction:.0%}. " if cfg.merge_validation else "")

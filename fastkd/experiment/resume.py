@@ -29,7 +29,8 @@ _FREE_CONFIG = ("progress", "eval_batch_size")
 _RESUME_HINT = "--resume / resume=True continues only the same run; start afresh without it"
 # spec settings added after format 1: written only when not at their default, so the run.json of a
 # run started before them still matches
-_LATER_SETTINGS = {"teacher_rows": "train", "student_dropout": None, "student_head_init": None}
+_LATER_SETTINGS = {"teacher_rows": "train", "student_dropout": None, "student_head_init": None, "hint_weight": 0.0,
+                   "student_embed_init": None}
 # what a resumed run may add to a finished one: seeds, and ablation rows after the saved ones
 _GROWS = ("seeds", "ablations")
 # run.json's record of the id that finished records written before ablations could be added carry

@@ -309,6 +309,7 @@ class _Run(RunRecords):
                          temperature=spec.temperature, hard_weight=spec.hard_weight, kd_weight=spec.kd_weight,
                          teachers_trained=mode == "pretrain", augment=spec.augment, augment_swap=spec.augment_swap,
                          teacher_rows=spec.teacher_rows if mode == "pretrain" else "train",
+                         hint_weight=spec.hint_weight, student_embed_init=spec.student_embed_init,
                          config=_with_seed(cfg, seed), cache_dir=cache_dir, **extra)
 
     def plain(self, seed: int, spec: ExperimentSpec, *, unit: str, variant: str = ""):

@@ -15,7 +15,8 @@ __all__ = ["ExperimentSpec", "Ablation", "parse_ablation", "ABLATIONS", "SPEC_KE
 ABLATIONS = ("single", "hint", "cotrain", "kd-stop", "kd-stop-merge", "merge", "partition", "segments")
 # settings an ablation item KEY=VALUE may change, on the spec or on its TrainConfig
 SPEC_KEYS = ("mode", "gate", "gate_fit", "ensemble", "temperature", "hard_weight", "kd_weight", "teacher_folds",
-             "augment", "augment_swap", "teacher_rows", "student_dropout", "student_head_init")
+             "augment", "augment_swap", "teacher_rows", "student_dropout", "student_head_init", "hint_weight",
+             "student_embed_init")
 CONFIG_KEYS = ("early_stop", "patience", "monitor_fraction", "monitor_window", "merge_validation", "lr", "batch_size",
                "max_epochs", "reduce_lr_on_plateau", "average_window", "grad_clip_norm")
 # settings that change the plain DNN too: an ablation of them adds a plain-DNN row
@@ -38,7 +39,8 @@ class ExperimentSpec:
     dev splits the chosen student gained more over the equally chosen plain DNN than at a fixed
     0.3 on every one (``docs/accuracy.md``, round 10). ``student_head_init`` (None: the models'
     default, "torch") is the student network's output-layer initialisation, students and plain
-    DNN alike (:class:`~fastkd.models.CTRModel`'s ``head_init``).
+    DNN alike (:class:`~fastkd.models.CTRModel`'s ``head_init``). ``hint_weight`` and
+    ``student_embed_init`` are :class:`~fastkd.Distiller`'s (distilled students only).
     """
 
     teachers: Sequence[str] = ("deepfm", "dcn", "xdeepfm")
@@ -56,6 +58,8 @@ class ExperimentSpec:
     teacher_rows: str = "train"
     student_dropout: Union[None, float, Tuple[float, ...]] = (0.1, 0.3)
     student_head_init: Optional[str] = None
+    hint_weight: float = 0.0
+    student_embed_init: Optional[str] = None
     seeds: Sequence[int] = (0,)
     ablations: Sequence[str] = ()
     model_kwargs: Dict[str, object] = field(default_factory=dict)
@@ -73,13 +77,13 @@ class ExperimentSpec:
             raise ValueError(f"gate_fit must be one of {GATE_FITS}, got {self.gate_fit!r}")
         if isinstance(self.teacher_folds, bool) or not isinstance(self.teacher_folds, int) or self.teacher_folds < 1:
             raise ValueError(f"teacher_folds must be an int >= 1, got {self.teacher_folds!r}")
-        for name in ("augment", "augment_swap", "temperature", "hard_weight", "kd_weight"):
+        for name in ("augment", "augment_swap", "temperature", "hard_weight", "kd_weight", "hint_weight"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        for name in ("hard_weight", "kd_weight"):
+        for name in ("hard_weight", "kd_weight", "hint_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.ensemble not in ("logit", "prob"):
@@ -89,6 +93,13 @@ class ExperimentSpec:
 
         if self.student_head_init is not None and self.student_head_init not in HEAD_INITS:
             raise ValueError(f"student_head_init must be None or one of {HEAD_INITS}, got {self.student_head_init!r}")
+        from ..train.embed_transfer import EMBED_INITS
+
+        if self.student_embed_init is not None and self.student_embed_init not in EMBED_INITS:
+            raise ValueError(f"student_embed_init must be None or one of {EMBED_INITS}, "
+                             f"got {self.student_embed_init!r}")
+        if self.student_embed_init is not None and self.mode != "pretrain":
+            raise ValueError("student_embed_init copies a trained teacher's embedding: it needs mode='pretrain'")
         if self.teacher_rows not in TEACHER_ROWS:
             raise ValueError(f"teacher_rows must be one of {TEACHER_ROWS}, got {self.teacher_rows!r}")
         if self.teacher_rows == "merged" and not self.config.merge_validation:
@@ -232,7 +243,7 @@ def _named(name: str, spec: ExperimentSpec) -> Ablation:
     if name == "cotrain":
         gate = spec.gate if spec.gate in ("logit", "hidden", "mean") else "logit"
         return Ablation(name, "co-train", {"mode": "cotrain", "gate": gate, "gate_fit": "joint", "augment": 0.0,
-                                           **no_folds})
+                                           "student_embed_init": None, **no_folds})
     if name == "kd-stop":
         return Ablation(name, "stop on kd loss", {"early_stop": "kd", "merge_validation": False})
     if name == "kd-stop-merge":

@@ -38,6 +38,7 @@ from .evaluation import _as_tensors, _label_monitor, evaluate, predict
 from .loop import _freeze, _Loop, _plus_regularization
 from .manifest import data_fingerprint, models_manifest
 from .distiller_signal import DistillerSignal
+from .embed_transfer import EMBED_INITS, copy_embedding, embedding_source
 from .student_terms import StudentTerms
 from .teacher_cache import TeacherCache
 from .teacher_signal import Prepared as _Prepared
@@ -100,6 +101,10 @@ class Distiller(DistillerSignal, StudentTerms):
             the merged validation rows, stopped on the monitor rows). With "merged" a stacked gate
             fits on one half of the monitor rows and stops on the other, the only rows no teacher
             saw. Cross-fitted teachers always use the student's rows.
+        student_embed_init: None (the student's own initialisation; default) or "teacher": the
+            student's embedding tables start as a copy of the trained teacher's with the best AUC
+            on the monitor rows, among teachers of the student's field sizes and embedding width
+            (:mod:`fastkd.train.embed_transfer`); pre-train mode only.
 
     Example::
 
@@ -139,6 +144,7 @@ class Distiller(DistillerSignal, StudentTerms):
         augment: Optional[float] = None,
         augment_swap: float = 0.2,
         teacher_rows: str = "train",
+        student_embed_init: Optional[str] = None,
     ) -> None:
         if mode not in ("pretrain", "cotrain"):
             raise ValueError(f"mode must be 'pretrain' or 'cotrain', got {mode!r}")
@@ -181,6 +187,11 @@ class Distiller(DistillerSignal, StudentTerms):
             raise ValueError("teacher_rows='merged' (or a TeacherSet trained on merged validation rows) needs "
                              "mode='pretrain' and config.merge_validation=True: the monitor rows are the only "
                              "rows its teachers never saw")
+        if student_embed_init is not None and student_embed_init not in EMBED_INITS:
+            raise ValueError(f"student_embed_init must be None or one of {EMBED_INITS}, got {student_embed_init!r}")
+        if student_embed_init is not None and mode != "pretrain":
+            raise ValueError("student_embed_init copies a trained teacher's embedding: it needs mode='pretrain'")
+        self.student_embed_init = student_embed_init
         self.teacher_rows = teacher_rows
         self.teacher_set: Optional[TeacherSet] = None
         if isinstance(teachers, TeacherSet):
@@ -251,7 +262,8 @@ class Distiller(DistillerSignal, StudentTerms):
                 "gate_loss_weight": float(crit.gate_loss_weight), "hint_weight": self.hint_weight,
                 "hint_normalize": None if self.hints is None else bool(self.hints[0].normalize),
                 "teacher_folds": self.teacher_folds, "augment": self.augment, "augment_swap": self.augment_swap,
-                **({"teacher_rows": self.teacher_rows} if self.teacher_rows != "train" else {})}
+                **({"teacher_rows": self.teacher_rows} if self.teacher_rows != "train" else {}),
+                **({"student_embed_init": self.student_embed_init} if self.student_embed_init else {})}
 
     def _manifest(self, monitor_data: CTRData, frozen_teachers: bool):
         """The fields beyond rows, config and shapes that ``student.pt`` / ``cotrain.pt`` must
@@ -310,6 +322,8 @@ class Distiller(DistillerSignal, StudentTerms):
             t_logits, t_hidden = cache.gather(index)
             return self._student_loss(ids, y, t_logits, t_hidden, real)
 
+        if self.student_embed_init == "teacher":  # before the loop: a resumed checkpoint overwrites it
+            self._start_embedding(monitor_data)
         if cfg.early_stop == "kd":
             monitor = self._kd_monitor(monitor_data)
         else:
@@ -328,6 +342,14 @@ class Distiller(DistillerSignal, StudentTerms):
         if not self._keep_prepared:  # the rows a fit alone prepared (large at scale) go with it
             self._prepared = None
         return self.summary
+
+    def _start_embedding(self, monitor_data: CTRData) -> None:
+        """The student's embedding from the teacher of the best monitor AUC (``student_embed_init``)."""
+        bs = self.config.eval_batch_size
+        logits = torch.stack([predict(t, monitor_data, bs) for t in self.teachers], 1)
+        src = embedding_source(self.student, list(self.teachers), logits, monitor_data.labels)
+        copy_embedding(self.student, self.teachers[src])
+        self.summary["embed_from"] = src
 
     def _fit_cotrain(self, train, valid, ckpt, resume, stop_after_epoch) -> dict:
         cfg = self.config
