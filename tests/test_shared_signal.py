@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import fastkd.experiment.runner as runner
+import fastkd.experiment.students as students
 import fastkd.train.distiller_signal as distiller_signal
 import fastkd.train.teacher_signal as signal_mod
 from fastkd import Distiller, TrainConfig
@@ -126,7 +126,7 @@ def _run(data, min_z: float, reuse: bool, monkeypatch):
     train, valid, test = data
     # the gate's keep rule moved so the test decides whether the gate is kept
     monkeypatch.setattr(signal_mod, "fit_gate", functools.partial(_FIT_GATE, min_z=min_z))
-    monkeypatch.setattr(runner, "_REUSE_SAME_SIGNAL", reuse)
+    monkeypatch.setattr(students, "_REUSE_SAME_SIGNAL", reuse)
     logs = []
     spec = ExperimentSpec(teachers=("dnn", "deepfm"), model_kwargs=SMALL, student_dropout=(0.1, 0.3), seeds=(0,),
                           config=TrainConfig(max_epochs=3, batch_size=256, merge_validation=True))
