@@ -53,7 +53,7 @@ def _spec(args):
     for item in abl:  # a bad ablation fails here, before any training
         try:
             parse_ablation(item, spec)
-        except ValueError as e:
+        except (ValueError, TypeError) as e:
             raise ValueError(f"--ablations: {e}") from None
     return spec
 

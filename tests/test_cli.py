@@ -357,7 +357,7 @@ def test_clearing_a_run_folder_keeps_what_fastkd_did_not_write(tmp_path):
 
 
 @pytest.mark.parametrize("flags,needle", [
-    (["--temperature", "0"], "temperature must be > 0"),
+    (["--temperature", "0"], "temperature must be finite and > 0"),
     (["--lr", "nan"], "lr must be a finite number > 0"),
     (["--dropout", "1.5"], "dropout must be in [0, 1)"),
     (["--hidden-units", "0"], "hidden_units[0] must be a positive int"),

@@ -403,10 +403,14 @@ def test_every_option_together_is_deterministic_per_seed(splits):
 # settings refused when given, not when training reaches them
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kw,error,needle", [
-    ({"hint_weight": float("nan")}, ValueError, "hint_weight must be a finite number >= 0"),
-    ({"hint_weight": -1.0}, ValueError, "hint_weight must be a finite number >= 0"),
-    ({"augment": "1"}, ValueError, "augment must be a number"),
-    ({"temperature": None}, ValueError, "temperature must be a number"),
+    ({"hint_weight": float("nan")}, ValueError, "hint_weight must be finite and >= 0"),
+    ({"hint_weight": -1.0}, ValueError, "hint_weight must be finite and >= 0"),
+    ({"augment": "1"}, TypeError, "augment must be a real number"),
+    ({"augment": -1}, ValueError, "augment must be finite and >= 0"),
+    ({"augment_swap": 1.5}, ValueError, r"augment_swap must be in \(0, 1\]"),
+    ({"temperature": None}, TypeError, "temperature must be a real number"),
+    ({"temperature": 0.0}, ValueError, "temperature must be finite and > 0"),
+    ({"kd_weight": float("inf")}, ValueError, "kd_weight must be finite and >= 0"),
     ({"config": {}}, TypeError, "config must be a TrainConfig"),
 ])
 def test_distiller_refuses_bad_settings(kw, error, needle):

@@ -81,7 +81,7 @@ def test_embed_init_bad_values():
     with pytest.raises(ValueError, match="needs mode='pretrain'"):
         ExperimentSpec(mode="cotrain", student_embed_init="teacher")
     for bad in (-1.0, float("nan")):
-        with pytest.raises(ValueError, match="hint_weight must be"):
+        with pytest.raises(ValueError, match="hint_weight must be finite and >= 0"):
             ExperimentSpec(hint_weight=bad)
 
 

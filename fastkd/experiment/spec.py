@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+from .._validate import check_temperature, check_weight
 from ..train import TrainConfig
 
 __all__ = ["ExperimentSpec", "Ablation", "parse_ablation", "ABLATIONS", "SPEC_KEYS", "CONFIG_KEYS"]
@@ -77,15 +77,9 @@ class ExperimentSpec:
             raise ValueError(f"gate_fit must be one of {GATE_FITS}, got {self.gate_fit!r}")
         if isinstance(self.teacher_folds, bool) or not isinstance(self.teacher_folds, int) or self.teacher_folds < 1:
             raise ValueError(f"teacher_folds must be an int >= 1, got {self.teacher_folds!r}")
-        for name in ("augment", "augment_swap", "temperature", "hard_weight", "kd_weight", "hint_weight"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        for name in ("hard_weight", "kd_weight", "hint_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        check_temperature(self.temperature)  # the Distiller's checks, made when the spec is
+        for name in ("augment", "augment_swap", "hard_weight", "kd_weight", "hint_weight"):
+            check_weight(name, getattr(self, name))
         if self.ensemble not in ("logit", "prob"):
             raise ValueError(f"ensemble must be 'logit' or 'prob', got {self.ensemble!r}")
         _check_model_kwargs(self.model_kwargs)
@@ -105,8 +99,8 @@ class ExperimentSpec:
         if self.teacher_rows == "merged" and not self.config.merge_validation:
             raise ValueError("teacher_rows='merged' needs merged validation (merge_validation=True)")
         self.student_dropout = _dropouts(self.student_dropout)
-        if self.augment < 0 or not 0 < self.augment_swap <= 1:
-            raise ValueError(f"need augment >= 0 and 0 < augment_swap <= 1, got {self.augment}, {self.augment_swap}")
+        if not 0 < self.augment_swap <= 1:
+            raise ValueError(f"augment_swap must be in (0, 1], got {self.augment_swap}")
 
     @property
     def student_kwargs(self) -> Dict[str, object]:

@@ -32,6 +32,7 @@ from torch import nn
 
 from ..data.rows import Rows, as_tensor_rows
 from ..data import CTRData
+from .._validate import check_temperature, check_weight
 from ..losses import GatedDistillLoss, HintLoss
 from .config import TrainConfig, seed_everything
 from .evaluation import _as_tensors, _label_monitor, evaluate, predict
@@ -164,19 +165,16 @@ class Distiller(DistillerSignal, StudentTerms):
             raise ValueError("gate='features' is fitted on honest rows and frozen: pass gate_fit='stacked'")
         if isinstance(teacher_folds, bool) or not isinstance(teacher_folds, int) or teacher_folds < 1:
             raise ValueError(f"teacher_folds must be an int >= 1, got {teacher_folds!r}")
-        for key, value in (("temperature", temperature), ("hard_weight", hard_weight), ("kd_weight", kd_weight),
-                           ("gate_loss_weight", gate_loss_weight), ("hint_weight", hint_weight), ("augment", augment),
-                           ("augment_swap", augment_swap)):
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-                raise ValueError(f"{key} must be a number, got {value!r}")
-        if not np.isfinite(hint_weight) or hint_weight < 0:
-            raise ValueError(f"hint_weight must be a finite number >= 0 (0: no hints), got {hint_weight}")
+        # the loss module's own checks, made here so a bad value fails before any teacher trains
+        temperature = check_temperature(temperature)
+        hard_weight, kd_weight, gate_loss_weight, hint_weight, augment, augment_swap = (
+            check_weight(k, v) for k, v in (("hard_weight", hard_weight), ("kd_weight", kd_weight),
+                                            ("gate_loss_weight", gate_loss_weight), ("hint_weight", hint_weight),
+                                            ("augment", augment), ("augment_swap", augment_swap)))
         if config is not None and not isinstance(config, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
         if teacher_config is not None and not isinstance(teacher_config, TrainConfig):
             raise TypeError(f"teacher_config must be a TrainConfig, got {type(teacher_config).__name__}")
-        if not np.isfinite(augment) or augment < 0:
-            raise ValueError(f"augment must be a finite number >= 0, got {augment}")
         if not 0.0 < augment_swap <= 1.0:
             raise ValueError(f"augment_swap must be in (0, 1], got {augment_swap}")
         if teacher_rows not in TEACHER_ROWS:
