@@ -8,6 +8,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from .._validate import check_temperature, check_weight
 from ..train import TrainConfig
+from ..train.embed_transfer import check_embed_init
 
 __all__ = ["ExperimentSpec", "Ablation", "parse_ablation", "ABLATIONS", "SPEC_KEYS", "CONFIG_KEYS"]
 
@@ -87,13 +88,7 @@ class ExperimentSpec:
 
         if self.student_head_init is not None and self.student_head_init not in HEAD_INITS:
             raise ValueError(f"student_head_init must be None or one of {HEAD_INITS}, got {self.student_head_init!r}")
-        from ..train.embed_transfer import EMBED_INITS
-
-        if self.student_embed_init is not None and self.student_embed_init not in EMBED_INITS:
-            raise ValueError(f"student_embed_init must be None or one of {EMBED_INITS}, "
-                             f"got {self.student_embed_init!r}")
-        if self.student_embed_init is not None and self.mode != "pretrain":
-            raise ValueError("student_embed_init copies a trained teacher's embedding: it needs mode='pretrain'")
+        check_embed_init(self.student_embed_init, self.mode)
         if self.teacher_rows not in TEACHER_ROWS:
             raise ValueError(f"teacher_rows must be one of {TEACHER_ROWS}, got {self.teacher_rows!r}")
         if self.teacher_rows == "merged" and not self.config.merge_validation:

@@ -39,7 +39,7 @@ from .evaluation import _as_tensors, _label_monitor, evaluate, predict
 from .loop import _freeze, _Loop, _plus_regularization
 from .manifest import data_fingerprint, models_manifest
 from .distiller_signal import DistillerSignal
-from .embed_transfer import EMBED_INITS, copy_embedding, embedding_source
+from .embed_transfer import check_embed_init, copy_embedding, embedding_source
 from .student_terms import StudentTerms
 from .teacher_cache import TeacherCache
 from .teacher_signal import Prepared as _Prepared
@@ -185,10 +185,7 @@ class Distiller(DistillerSignal, StudentTerms):
             raise ValueError("teacher_rows='merged' (or a TeacherSet trained on merged validation rows) needs "
                              "mode='pretrain' and config.merge_validation=True: the monitor rows are the only "
                              "rows its teachers never saw")
-        if student_embed_init is not None and student_embed_init not in EMBED_INITS:
-            raise ValueError(f"student_embed_init must be None or one of {EMBED_INITS}, got {student_embed_init!r}")
-        if student_embed_init is not None and mode != "pretrain":
-            raise ValueError("student_embed_init copies a trained teacher's embedding: it needs mode='pretrain'")
+        check_embed_init(student_embed_init, mode)
         self.student_embed_init = student_embed_init
         self.teacher_rows = teacher_rows
         self.teacher_set: Optional[TeacherSet] = None

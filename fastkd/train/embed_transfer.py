@@ -16,10 +16,18 @@ from torch import nn
 
 from ..metrics import roc_auc
 
-__all__ = ["EMBED_INITS", "embedding_source", "copy_embedding"]
+__all__ = ["EMBED_INITS", "check_embed_init", "embedding_source", "copy_embedding"]
 
 # None: the student's own initialisation; "teacher": the best fitting teacher's tables
 EMBED_INITS = ("teacher",)
+
+
+def check_embed_init(value: Optional[str], mode: str) -> None:
+    """``student_embed_init`` checked (the Distiller's and the experiment spec's one check)."""
+    if value is not None and value not in EMBED_INITS:
+        raise ValueError(f"student_embed_init must be None or one of {EMBED_INITS}, got {value!r}")
+    if value is not None and mode != "pretrain":
+        raise ValueError("student_embed_init copies a trained teacher's embedding: it needs mode='pretrain'")
 
 
 def _state(model: nn.Module) -> Optional[dict]:
