@@ -39,7 +39,7 @@ from .evaluation import _as_tensors, _label_monitor, evaluate, predict
 from .loop import _freeze, _Loop, _plus_regularization
 from .manifest import data_fingerprint, models_manifest
 from .distiller_signal import DistillerSignal
-from .embed_transfer import check_embed_init, copy_embedding, embedding_source
+from .embed_transfer import check_embed_init, copy_embedding
 from .student_terms import StudentTerms
 from .teacher_cache import TeacherCache
 from .teacher_signal import Prepared as _Prepared
@@ -317,8 +317,9 @@ class Distiller(DistillerSignal, StudentTerms):
             t_logits, t_hidden = cache.gather(index)
             return self._student_loss(ids, y, t_logits, t_hidden, real)
 
-        if self.student_embed_init == "teacher":  # before the loop: a resumed checkpoint overwrites it
-            self._start_embedding(monitor_data)
+        if p.embed_source is not None:  # before the loop: a resumed checkpoint overwrites it
+            copy_embedding(self.student, self.teachers[p.embed_source])
+            self.summary["embed_from"] = p.embed_source
         if cfg.early_stop == "kd":
             monitor = self._kd_monitor(monitor_data)
         else:
@@ -337,14 +338,6 @@ class Distiller(DistillerSignal, StudentTerms):
         if not self._keep_prepared:  # the rows a fit alone prepared (large at scale) go with it
             self._prepared = None
         return self.summary
-
-    def _start_embedding(self, monitor_data: CTRData) -> None:
-        """The student's embedding from the teacher of the best monitor AUC (``student_embed_init``)."""
-        bs = self.config.eval_batch_size
-        logits = torch.stack([predict(t, monitor_data, bs) for t in self.teachers], 1)
-        src = embedding_source(self.student, list(self.teachers), logits, monitor_data.labels)
-        copy_embedding(self.student, self.teachers[src])
-        self.summary["embed_from"] = src
 
     def _fit_cotrain(self, train, valid, ckpt, resume, stop_after_epoch) -> dict:
         cfg = self.config

@@ -23,6 +23,7 @@ from .. import functional as FK
 from ..augment import augmented_rows, swap_augment
 from ..data import CTRData
 from ..gates import GateRows, ensemble_logits, gate_alpha
+from .embed_transfer import embedding_source
 from .evaluation import predict
 from .loop import _freeze
 from .teacher_cache import TeacherCache
@@ -123,7 +124,9 @@ class DistillerSignal:
         self.cache = cache = transfer_cache(ts, student_train, aug_ids, hidden=self.needs_hidden,
                                             batch_size=cfg.eval_batch_size, path=self.cache_dir,
                                             progress=cfg.show_progress)
-        self._prepared = _Prepared(train, valid, student_train, monitor_data, aug_ids)
+        # once per signal: students sharing it (dropout candidates) start from the same teacher
+        embed_src = self._embedding_source(monitor_data) if self.student_embed_init else None
+        self._prepared = _Prepared(train, valid, student_train, monitor_data, aug_ids, embed_src)
         self.targets = None
         if not self.joint_gate:  # a joint gate trains with the student: no target per row beforehand
             self.targets, self.stacked_gate, gate_summary = ensemble_targets(
@@ -133,6 +136,12 @@ class DistillerSignal:
                 self.summary["gate"] = gate_summary
         self.summary["cache_seconds"] = time.perf_counter() - t1
         self.summary["augmented_rows"] = int(len(aug_ids))
+
+    def _embedding_source(self, monitor_data: CTRData) -> int:
+        """The teacher of the best monitor AUC whose embedding fits the student's (``student_embed_init``)."""
+        bs = self.config.eval_batch_size
+        logits = torch.stack([predict(t, monitor_data, bs) for t in self.teachers], 1)
+        return embedding_source(self.student, list(self.teachers), logits, monitor_data.labels)
 
     def release(self) -> None:
         """Drop the transfer cache, the targets and the prepared rows (large at scale); the

@@ -28,13 +28,15 @@ __all__ = ["transfer_cache", "honest_gate_rows", "ensemble_targets", "rank_file"
 @dataclasses.dataclass(frozen=True)
 class Prepared:
     """The rows a prepared signal belongs to: the ``train``/``valid`` objects it was built from,
-    the student's rows and monitor rows cut from them, and the augmented rows."""
+    the student's rows and monitor rows cut from them, the augmented rows, and (with
+    ``student_embed_init``) the teacher whose embedding students start from."""
 
     train: CTRData
     valid: CTRData
     student_train: CTRData
     monitor: CTRData
     aug_ids: np.ndarray
+    embed_source: Optional[int] = None
 
 
 def rank_file(cache_dir: Path, name: str, dtype, shape) -> np.ndarray:
