@@ -161,7 +161,7 @@ def add_training_args(p: argparse.ArgumentParser, *, max_epochs: int, batch_size
     p.add_argument("--student-head-init", choices=("torch", "xavier"), default=None,
                    help="output layer initialisation of the student network (students and plain DNN): torch's "
                         "nn.Linear default, or xavier (Xavier-normal, zero bias, as FuxiCTR); default torch")
-    p.add_argument("--hint-weight", type=float, default=0.0,
+    p.add_argument("--hint-weight", type=_non_negative_float, default=0.0,
                    help="weight of the hint loss (student hidden vector regressed on each teacher's; 0: off)")
     p.add_argument("--student-embed-init", choices=("teacher",), default=None,
                    help="teacher: distilled students start from the embedding tables of the teacher with the best "
